@@ -1,0 +1,56 @@
+"""jax_peft: parameter-efficient fine-tuning of Vision Transformers in JAX/Flax.
+
+Public API (see README and docs)::
+
+    params = jax_peft.load_checkpoint("ViT-B_16")          # or a path / https:// / gs:// URL
+    cfg = jax_peft.vit_config(params, num_classes=100)
+    model = jax_peft.ViT(cfg)
+    method = jax_peft.get_method("rlrr")
+    adapter = method.init(jax.random.PRNGKey(0), params)
+    logits = model.apply({"params": method.apply(params, adapter)}, images, train=False)
+    merged = jax_peft.merge(params, method, adapter)
+    jax_peft.save_checkpoint("merged.npz", merged)
+"""
+
+from importlib import import_module
+from typing import Any
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it (imported on first access, so `import jax_peft` is cheap)
+_EXPORTS = {
+    "ViT": "jax_peft.vit",
+    "ViTConfig": "jax_peft.vit",
+    "vit_config": "jax_peft.vit",
+    "init_params": "jax_peft.vit",
+    "param_shapes": "jax_peft.vit",
+    "NAMED_CONFIGS": "jax_peft.vit",
+    "load_checkpoint": "jax_peft.checkpoint",
+    "save_checkpoint": "jax_peft.checkpoint",
+    "validate_params": "jax_peft.checkpoint",
+    "drop_pre_logits": "jax_peft.checkpoint",
+    "reset_head": "jax_peft.checkpoint",
+    "resize_pos_embedding": "jax_peft.checkpoint",
+    "get_method": "jax_peft.methods.base",
+    "method_names": "jax_peft.methods.base",
+    "Method": "jax_peft.methods.base",
+    "merge": "jax_peft.merge",
+    "from_official": "jax_peft.convert",
+    "to_official": "jax_peft.convert",
+    "paths": "jax_peft.paths",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        module = import_module(_EXPORTS[name])
+        value = module if name == "paths" else getattr(module, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'jax_peft' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return __all__

@@ -1,0 +1,343 @@
+"""A Flax (linen) Vision Transformer whose parameter tree is the Google checkpoint's tree.
+
+Canonical parameter tree (Linen names; `load_checkpoint` normalizes the pre-Linen names of the
+original files to these), for width D, MLP width M, H heads of hd = D / H, patch P, depth L,
+C classes and N patch tokens::
+
+    cls                                                     (1, 1, D)     classifier="token" only
+    embedding/{kernel (P, P, 3, D), bias (D,)}
+    Transformer/posembed_input/pos_embedding                (1, N + 1, D) (N rows for "gap")
+    Transformer/encoderblock_{i}/LayerNorm_0/{scale, bias}                (D,)
+    Transformer/encoderblock_{i}/MultiHeadDotProductAttention_0/{query,key,value}/kernel (D, H, hd)
+    Transformer/encoderblock_{i}/MultiHeadDotProductAttention_0/{query,key,value}/bias   (H, hd)
+    Transformer/encoderblock_{i}/MultiHeadDotProductAttention_0/out/{kernel (H, hd, D), bias (D,)}
+    Transformer/encoderblock_{i}/LayerNorm_1/{scale, bias}                (D,)
+    Transformer/encoderblock_{i}/MlpBlock_0/Dense_0/{kernel (D, M), bias (M,)}
+    Transformer/encoderblock_{i}/MlpBlock_0/Dense_1/{kernel (M, D), bias (D,)}
+    Transformer/encoder_norm/{scale, bias}                                (D,)
+    pre_logits/{kernel (D, D), bias (D,)}                   only with representation_size
+    head/{kernel (D, C), bias (C,)}
+
+Images are NHWC floats (normally in [-1, 1]); `model.apply({"params": p}, x, train=False)` gives
+logits (B, C). LayerNorm eps is 1e-6 everywhere, as in vit_jax and the PEFT codebases.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, Literal, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+LN_EPS = 1e-6
+
+# name -> (patch, width, depth, heads, mlp_dim)
+NAMED_CONFIGS: dict[str, tuple[int, int, int, int, int]] = {
+    "ViT-Ti/16": (16, 192, 12, 3, 768),
+    "ViT-S/16": (16, 384, 12, 6, 1536),
+    "ViT-S/32": (32, 384, 12, 6, 1536),
+    "ViT-B/8": (8, 768, 12, 12, 3072),
+    "ViT-B/16": (16, 768, 12, 12, 3072),
+    "ViT-B/32": (32, 768, 12, 12, 3072),
+    "ViT-L/16": (16, 1024, 24, 16, 4096),
+    "ViT-L/32": (32, 1024, 24, 16, 4096),
+    "ViT-H/14": (14, 1280, 32, 16, 5120),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ViTConfig:
+    """Architecture and regularization of a ViT. All fields are plain Python values (hashable)."""
+
+    patch_size: int = 16
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    mlp_dim: int = 3072
+    num_classes: int = 1000
+    image_size: int = 224
+    classifier: Literal["token", "gap"] = "token"
+    representation_size: int | None = None
+    gelu: Literal["exact", "tanh"] = "exact"
+    dropout_rate: float = 0.0
+    attention_dropout_rate: float = 0.0
+    drop_path_rate: float = 0.0
+    # "sample": timm stochastic depth (FacT, EFFT, SSF); "element": RLRR's element-wise dropout.
+    drop_path_mode: Literal["sample", "element"] = "sample"
+    dtype: str = "float32"  # compute dtype; parameters stay float32
+    remat: bool = False  # rematerialize each block in the backward pass
+    name: str = "custom"
+
+    def __post_init__(self):
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}; "
+                "choose heads that divide the width (e.g. width 768 with 12 heads)."
+            )
+        if self.classifier not in ("token", "gap"):
+            raise ValueError(f"classifier must be 'token' or 'gap', got {self.classifier!r}")
+        if self.gelu not in ("exact", "tanh"):
+            raise ValueError(f"gelu must be 'exact' or 'tanh', got {self.gelu!r}")
+        if self.drop_path_mode not in ("sample", "element"):
+            raise ValueError(f"drop_path_mode must be 'sample' or 'element', got {self.drop_path_mode!r}")
+        if self.image_size % self.patch_size and self.image_size < self.patch_size:
+            raise ValueError(f"image_size {self.image_size} is smaller than patch_size {self.patch_size}")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def grid_size(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_tokens(self) -> int:
+        return self.grid_size**2 + (1 if self.classifier == "token" else 0)
+
+    def replace(self, **changes: Any) -> "ViTConfig":
+        return dataclasses.replace(self, **changes)
+
+
+def _canonical_name(name: str) -> str:
+    """'ViT-B_16', 'vit-b/16', 'B/16', 'B_16' -> 'ViT-B/16'."""
+    m = re.fullmatch(r"(?i)(?:vit[-_]?)?(ti|s|b|l|h)[-_/]?(\d+)", name.strip())
+    if not m:
+        return name
+    return f"ViT-{m.group(1).capitalize() if m.group(1).lower() != 'ti' else 'Ti'}/{m.group(2)}"
+
+
+def vit_config(
+    name_or_params: str | Mapping[str, Any] | None = "ViT-B/16",
+    *,
+    num_classes: int | None = None,
+    image_size: int | None = None,
+    **overrides: Any,
+) -> ViTConfig:
+    """Builds a `ViTConfig` from a model name or from a loaded parameter tree.
+
+    Args:
+      name_or_params: a name such as "ViT-B/16" (also "ViT-B_16", "B/16"), or a canonical parameter
+        tree, from which patch, width, depth, heads, MLP width, classes, image size, classifier and
+        `representation_size` are inferred.
+      num_classes: number of classes (default: 1000 for names, the head's size for trees).
+      image_size: input resolution (default 224 for names; for trees, from the position embedding).
+      **overrides: any other `ViTConfig` field (gelu="tanh", dropout_rate=..., custom widths ...).
+    """
+    fields = {f.name for f in dataclasses.fields(ViTConfig)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise TypeError(f"unknown ViT config option(s) {unknown}; valid options: {sorted(fields)}")
+    if name_or_params is None:
+        base = ViTConfig()
+    elif isinstance(name_or_params, str):
+        canon = _canonical_name(name_or_params)
+        if canon not in NAMED_CONFIGS:
+            raise ValueError(
+                f"unknown model name {name_or_params!r}; known: {sorted(NAMED_CONFIGS)}. "
+                "For a custom size pass None and set patch_size, hidden_size, num_layers, num_heads, mlp_dim."
+            )
+        p, d, l, h, m = NAMED_CONFIGS[canon]
+        base = ViTConfig(patch_size=p, hidden_size=d, num_layers=l, num_heads=h, mlp_dim=m, name=canon)
+    else:
+        base = infer_config(name_or_params)
+    changes = dict(overrides)
+    if num_classes is not None:
+        changes["num_classes"] = num_classes
+    if image_size is not None:
+        changes["image_size"] = image_size
+    return dataclasses.replace(base, **changes)
+
+
+def infer_config(params: Mapping[str, Any]) -> ViTConfig:
+    """Infers the architecture of a canonical parameter tree (see module docstring)."""
+    try:
+        emb = params["embedding"]["kernel"]
+        tr = params["Transformer"]
+        blocks = sorted(
+            (k for k in tr if re.fullmatch(r"encoderblock_\d+", k)), key=lambda k: int(k.split("_")[1])
+        )
+        if not blocks:
+            raise KeyError("Transformer/encoderblock_0")
+        blk = tr[blocks[0]]
+        q = blk["MultiHeadDotProductAttention_0"]["query"]["kernel"]
+        mlp = blk["MlpBlock_0"]["Dense_0"]["kernel"]
+        pe = tr["posembed_input"]["pos_embedding"]
+    except KeyError as e:
+        raise ValueError(
+            f"cannot infer the ViT architecture: the tree has no {e.args[0]!r}. Pass a tree from "
+            "jax_peft.load_checkpoint (canonical Linen names) or give a model name instead."
+        ) from None
+    patch, width = int(emb.shape[0]), int(emb.shape[-1])
+    heads = int(q.shape[1])
+    classifier = "token" if "cls" in params else "gap"
+    n_patches = int(pe.shape[1]) - (1 if classifier == "token" else 0)
+    grid = int(round(n_patches**0.5))
+    if grid * grid != n_patches:
+        raise ValueError(f"position embedding has {n_patches} patch rows, not a square grid")
+    num_classes = int(params["head"]["kernel"].shape[-1]) if "head" in params else 1000
+    rep = int(params["pre_logits"]["kernel"].shape[-1]) if "pre_logits" in params else None
+    name = "custom"
+    for n, cfg in NAMED_CONFIGS.items():
+        if cfg == (patch, width, len(blocks), heads, int(mlp.shape[-1])):
+            name = n
+    return ViTConfig(
+        patch_size=patch, hidden_size=width, num_layers=len(blocks), num_heads=heads,
+        mlp_dim=int(mlp.shape[-1]), num_classes=num_classes, image_size=grid * patch,
+        classifier=classifier, representation_size=rep, name=name,
+    )
+
+
+def _gelu(x: Array, kind: str) -> Array:
+    return nn.gelu(x, approximate=(kind == "tanh"))
+
+
+class DropPath(nn.Module):
+    """Residual-branch dropout: per-sample (timm stochastic depth) or element-wise (RLRR)."""
+
+    rate: float
+    mode: str = "sample"
+
+    @nn.compact
+    def __call__(self, x: Array, deterministic: bool) -> Array:
+        if deterministic or self.rate == 0.0:
+            return x
+        keep = 1.0 - self.rate
+        shape = (x.shape[0],) + (1,) * (x.ndim - 1) if self.mode == "sample" else x.shape
+        mask = jax.random.bernoulli(self.make_rng("dropout"), keep, shape)
+        return jnp.where(mask, x / keep, jnp.zeros_like(x))
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention with Google's parameter layout (query/key/value/out DenseGeneral)."""
+
+    num_heads: int
+    dropout_rate: float = 0.0
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, deterministic: bool) -> Array:
+        d = x.shape[-1]
+        hd = d // self.num_heads
+        dense = lambda name: nn.DenseGeneral((self.num_heads, hd), dtype=self.dtype, name=name)
+        q, k, v = dense("query")(x), dense("key")(x), dense("value")(x)  # (B, T, H, hd)
+        q = q / jnp.sqrt(hd).astype(q.dtype)
+        logits = jnp.einsum("bqhd,bkhd->bhqk", q, k)
+        weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
+        if not deterministic and self.dropout_rate > 0:
+            weights = nn.Dropout(self.dropout_rate)(weights, deterministic=False)
+        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+        return nn.DenseGeneral(d, axis=(-2, -1), dtype=self.dtype, name="out")(out)
+
+
+class MlpBlock(nn.Module):
+    mlp_dim: int
+    gelu: str = "exact"
+    dropout_rate: float = 0.0
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array, deterministic: bool) -> Array:
+        d = x.shape[-1]
+        h = nn.Dense(self.mlp_dim, dtype=self.dtype, name="Dense_0")(x)
+        h = _gelu(h, self.gelu)
+        h = nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
+        h = nn.Dense(d, dtype=self.dtype, name="Dense_1")(h)
+        return nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
+
+
+class Encoder1DBlock(nn.Module):
+    """Pre-norm block: x + MHA(LN_0(x)), then x + MLP(LN_1(x))."""
+
+    config: ViTConfig
+    drop_path: float = 0.0
+
+    @nn.compact
+    def __call__(self, x: Array, deterministic: bool) -> Array:
+        c = self.config
+        dt = jnp.dtype(c.dtype)
+        y = nn.LayerNorm(epsilon=LN_EPS, dtype=dt, name="LayerNorm_0")(x)
+        y = Attention(c.num_heads, c.attention_dropout_rate, dt, name="MultiHeadDotProductAttention_0")(
+            y, deterministic
+        )
+        y = nn.Dropout(c.dropout_rate)(y, deterministic=deterministic)
+        x = x + DropPath(self.drop_path, c.drop_path_mode)(y, deterministic)
+        y = nn.LayerNorm(epsilon=LN_EPS, dtype=dt, name="LayerNorm_1")(x)
+        y = MlpBlock(c.mlp_dim, c.gelu, c.dropout_rate, dt, name="MlpBlock_0")(y, deterministic)
+        return x + DropPath(self.drop_path, c.drop_path_mode)(y, deterministic)
+
+
+class AddPositionEmbs(nn.Module):
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        pe = self.param("pos_embedding", nn.initializers.normal(0.02), (1,) + x.shape[1:])
+        return x + pe.astype(x.dtype)
+
+
+class Encoder(nn.Module):
+    config: ViTConfig
+
+    @nn.compact
+    def __call__(self, x: Array, deterministic: bool) -> Array:
+        c = self.config
+        x = AddPositionEmbs(name="posembed_input")(x)
+        x = nn.Dropout(c.dropout_rate)(x, deterministic=deterministic)
+        block_cls = nn.remat(Encoder1DBlock, static_argnums=(2,)) if c.remat else Encoder1DBlock
+        for i in range(c.num_layers):
+            # Linear drop-path schedule p_l = rate * l / (L - 1), as timm and RLRR.
+            rate = c.drop_path_rate * i / max(c.num_layers - 1, 1)
+            x = block_cls(c, rate, name=f"encoderblock_{i}")(x, deterministic)
+        return nn.LayerNorm(epsilon=LN_EPS, dtype=jnp.dtype(c.dtype), name="encoder_norm")(x)
+
+
+class ViT(nn.Module):
+    """Vision Transformer. `__call__(images (B, H, W, 3), train=False) -> logits (B, C)`.
+
+    With `return_features=True` returns `(logits, features)`, where features (B, D) are the
+    pooled representation fed to the head (after `pre_logits` when present).
+    """
+
+    config: ViTConfig
+
+    @nn.compact
+    def __call__(self, images: Array, train: bool = False, return_features: bool = False):
+        c = self.config
+        dt = jnp.dtype(c.dtype)
+        x = images.astype(dt)
+        x = nn.Conv(
+            c.hidden_size, (c.patch_size, c.patch_size), strides=(c.patch_size, c.patch_size),
+            padding="VALID", dtype=dt, name="embedding",
+        )(x)
+        b, h, w, d = x.shape
+        x = x.reshape(b, h * w, d)
+        if c.classifier == "token":
+            cls = self.param("cls", nn.initializers.zeros, (1, 1, d))
+            x = jnp.concatenate([jnp.tile(cls.astype(dt), (b, 1, 1)), x], axis=1)
+        x = Encoder(c, name="Transformer")(x, deterministic=not train)
+        x = x[:, 0] if c.classifier == "token" else x.mean(axis=1)
+        if c.representation_size is not None:
+            x = jnp.tanh(nn.Dense(c.representation_size, dtype=dt, name="pre_logits")(x))
+        logits = nn.Dense(
+            c.num_classes, dtype=dt, name="head", kernel_init=nn.initializers.zeros
+        )(x)
+        logits = logits.astype(jnp.float32)
+        return (logits, x.astype(jnp.float32)) if return_features else logits
+
+
+def init_params(config: ViTConfig, rng: Array | int = 0) -> dict:
+    """Randomly initialized canonical parameter tree for `config` (float32)."""
+    if isinstance(rng, int):
+        rng = jax.random.PRNGKey(rng)
+    x = jnp.zeros((1, config.image_size, config.image_size, 3), jnp.float32)
+    return jax.jit(lambda r: ViT(config).init(r, x, train=False)["params"])(rng)
+
+
+def param_shapes(config: ViTConfig) -> dict:
+    """The parameter tree of `config` as `jax.ShapeDtypeStruct`s, without allocating anything."""
+    x = jax.ShapeDtypeStruct((1, config.image_size, config.image_size, 3), jnp.float32)
+    return jax.eval_shape(lambda r, x: ViT(config).init(r, x, train=False)["params"],
+                          jax.random.PRNGKey(0), x)
