@@ -1,0 +1,35 @@
+"""Import and export of adapters in the official PyTorch layouts (names and shapes in
+tests/data/README.md). Each method class implements `from_official(state_dict, params)` and
+`to_official(tree)`; these functions dispatch by name."""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import numpy as np
+
+from jax_peft.methods.base import get_method
+
+OFFICIAL = ("rlrr", "fact_tt", "fact_tk", "efft")
+
+
+def _check(name: str) -> None:
+    if name not in OFFICIAL:
+        raise ValueError(f"no official layout for method {name!r}; conversion supports {', '.join(OFFICIAL)}")
+
+
+def from_official(name: str, state_dict: Mapping[str, Any], params: Mapping[str, Any] | None = None,
+                  **hparams: Any) -> dict:
+    """Adapter tree from an official PyTorch state dict (flat {name: array}; torch tensors are
+    accepted). Names that are not the method's adapter tensors (backbone weights, `head.*`, an
+    optimizer prefix) are ignored; missing or mis-shaped adapter tensors raise one error listing all."""
+    _check(name)
+    sd = {k: np.asarray(v.detach().cpu().numpy() if hasattr(v, "detach") else v) for k, v in state_dict.items()}
+    return get_method(name, **hparams).from_official(sd, params)
+
+
+def to_official(name: str, adapter_or_grads: Mapping[str, Any], **hparams: Any) -> dict[str, np.ndarray]:
+    """Flat {official name: numpy array} in the official layout. Works on adapters and on gradient
+    pytrees of adapters alike (the maps are linear re-layouts)."""
+    _check(name)
+    return get_method(name, **hparams).to_official(adapter_or_grads)

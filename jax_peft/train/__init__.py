@@ -1,0 +1,1 @@
+"""Training: optimizer and freezing, jitted data-parallel steps, orbax checkpoints, the loop."""

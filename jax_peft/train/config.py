@@ -1,0 +1,95 @@
+"""The training configuration schema (ml_collections), shared by every file in `configs/`.
+
+Config files start from `default_config()` and change fields; the schema is locked, so a typo such
+as `--config.optimizer.lr_rate=...` fails with the list of valid keys. Shape of the schema:
+
+    model:     name, checkpoint, gelu, image_size, num_classes, drop_path_rate, drop_path_mode,
+               dropout_rate, remat, dtype
+    method:    name, and the method's own hyper-parameters (e.g. rank, scale), free-form
+    data:      name, data_dir, train_split, eval_split, image_size, interpolation, normalization,
+               hflip, random_resized_crop, shuffle_buffer, prefetch
+    optimizer: name (adamw|sgd), lr, weight_decay, b1, b2, eps, momentum, grad_clip_norm
+    schedule:  kind (cosine|timm_epoch|constant), warmup_steps, warmup_epochs, warmup_lr, min_lr,
+               cosine_epochs, steps_per_epoch, step_offset ("after_epoch" | "before_epoch")
+    batch_size, total_steps, num_epochs, seed, label_smoothing, eval_every, log_every,
+    checkpoint_every, keep_checkpoints, keep_best, export_merged, parallel (jit|pmap),
+    compute_dtype (float32|bfloat16)
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """All keys with their defaults. `method` stays unlocked for per-method hyper-parameters."""
+    c = ml_collections.ConfigDict()
+
+    c.model = ml_collections.ConfigDict(dict(
+        name="ViT-B/16",          # architecture name, or "" to infer it from the checkpoint
+        checkpoint="ViT-B_16",    # short name, path, https:// or gs:// URL (see load_checkpoint)
+        gelu="exact",             # "exact" (PEFT papers, PyTorch) or "tanh" (vit_jax)
+        image_size=224,
+        num_classes=-1,           # -1: taken from the dataset
+        drop_path_rate=0.0,
+        drop_path_mode="sample",  # "sample" (timm stochastic depth) or "element" (RLRR)
+        dropout_rate=0.0,
+        remat=False,
+    ))
+
+    c.method = ml_collections.ConfigDict(dict(name="rlrr"))
+
+    c.data = ml_collections.ConfigDict(dict(
+        name="vtab/cifar100",     # see jax_peft.data; "synthetic/..." for generated data
+        data_dir=ml_collections.FieldReference(None, field_type=str),
+        train_split="train800val200",
+        eval_split="test",
+        image_size=224,
+        interpolation="bicubic",  # "bilinear" | "bicubic"
+        normalization="minus_one_one",  # "minus_one_one" (= mean/std 0.5) | "imagenet"
+        hflip=False,
+        random_resized_crop=False,
+        shuffle_buffer=10_000,
+        prefetch=2,
+    ))
+
+    c.optimizer = ml_collections.ConfigDict(dict(
+        name="adamw",             # "adamw" | "sgd"
+        lr=1e-3,
+        weight_decay=1e-4,
+        b1=0.9,
+        b2=0.999,
+        eps=1e-8,
+        momentum=0.9,             # sgd only
+        grad_clip_norm=0.0,       # 0: off
+    ))
+
+    c.schedule = ml_collections.ConfigDict(dict(
+        kind="cosine",            # "cosine" (per step) | "timm_epoch" (official per-epoch) | "constant"
+        warmup_steps=0,           # cosine
+        warmup_epochs=10,         # timm_epoch
+        warmup_lr=1e-6,
+        min_lr=1e-5,
+        cosine_epochs=100,        # timm_epoch: period T; epochs past it stay at min_lr (cooldown)
+        steps_per_epoch=-1,       # timm_epoch: -1 = from the dataset size and batch size
+        step_offset="after_epoch",  # timm_epoch: "after_epoch" (RLRR/FacT/EFFT) | "before_epoch" (SSF)
+    ))
+
+    c.batch_size = 64
+    c.total_steps = -1            # -1: num_epochs * steps_per_epoch
+    c.num_epochs = 100
+    c.seed = 42
+    c.label_smoothing = 0.0
+    c.eval_every = 150            # steps; 0: only at the end
+    c.log_every = 10
+    c.checkpoint_every = 500
+    c.keep_checkpoints = 3
+    c.keep_best = True            # also keep the checkpoint with the best eval accuracy
+    c.export_merged = False       # write DIR/merged.npz (Google layout) at the end
+    c.parallel = "jit"            # "jit" (NamedSharding over a mesh) | "pmap"
+    c.compute_dtype = "float32"   # "float32" | "bfloat16" (parameters and optimizer stay float32)
+    c.mode = "train"              # "train" | "eval" | "export"
+
+    c.lock()
+    c.method.unlock()
+    return c
