@@ -35,6 +35,9 @@ class Method:
     # ("zeros": vit_jax/RLRR; "torch_linear": PyTorch nn.Linear default, FacT/EFFT;
     #  "trunc_normal": timm, SSF).
     head_init: ClassVar[str] = "zeros"
+    # Option names accepted by `get_method` that differ from the field name, because a field
+    # cannot be called `init` (it would shadow `Method.init`): e.g. {"init": "init_scheme"}.
+    hparam_aliases: ClassVar[Mapping[str, str]] = {}
 
     # --- to implement -------------------------------------------------------------------------
     def init(self, rng: jax.Array, params: Tree) -> dict:
@@ -126,8 +129,15 @@ def get_method(name: str, **hparams: Any) -> Method:
     """
     cls = method_class(name)
     fields = {f.name: f.default for f in dataclasses.fields(cls)}
+    aliases = dict(cls.hparam_aliases)
+    for alias, field in aliases.items():
+        if alias in hparams:
+            if field in hparams:
+                raise TypeError(f"give either {alias!r} or {field!r} for method {name!r}, not both")
+            hparams[field] = hparams.pop(alias)
     unknown = sorted(set(hparams) - set(fields))
     if unknown:
-        valid = ", ".join(f"{k}={v!r}" for k, v in fields.items())
+        inverse = {f: a for a, f in aliases.items()}
+        valid = ", ".join(f"{inverse.get(k, k)}={v!r}" for k, v in fields.items())
         raise TypeError(f"unknown option(s) {unknown} for method {name!r}; valid options: {valid}")
     return cls(**hparams)
