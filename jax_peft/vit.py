@@ -29,6 +29,7 @@ import re
 from typing import Any, Literal, Mapping
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 
@@ -192,6 +193,51 @@ def infer_config(params: Mapping[str, Any]) -> ViTConfig:
     )
 
 
+@flax.struct.dataclass
+class SidePath:
+    """A low-rank branch beside a frozen linear layer (the *activation form* of an increment).
+
+    For input x (..., d_in) it adds `scale · drop(x F_0 … F_j) F_{j+1} … F_{k-1}` to the frozen
+    output x K + b, where j = `dropout_after` (-1: dropout on the input x itself, as LoRA; k-2:
+    dropout on the last rank-r activation, as FacT). Equal to the weight form `K + scale · F_0 … F_{k-1}`
+    when dropout is off, without materializing the (d_in, d_out) increment or its gradient.
+    """
+
+    factors: tuple
+    scale: float = flax.struct.field(pytree_node=False, default=1.0)
+    dropout: float = flax.struct.field(pytree_node=False, default=0.0)
+    dropout_after: int = flax.struct.field(pytree_node=False, default=-1)
+
+    def increment(self) -> Array:
+        """The equivalent dense increment (d_in, d_out) (for tests and merging)."""
+        out = self.factors[0]
+        for f in self.factors[1:]:
+            out = out @ f
+        return self.scale * out
+
+
+def _side(module: nn.Module, path: "SidePath | None", x: Array, deterministic: bool) -> Array | None:
+    """Evaluates a SidePath on x (..., d_in) -> (..., d_out), or None when there is no path."""
+    if path is None:
+        return None
+
+    def drop(h):
+        if deterministic or path.dropout == 0.0:
+            return h
+        keep = 1.0 - path.dropout
+        mask = jax.random.bernoulli(module.make_rng("dropout"), keep, h.shape)
+        return jnp.where(mask, h / keep, jnp.zeros_like(h))
+
+    h = x
+    if path.dropout_after < 0:
+        h = drop(h)
+    for j, f in enumerate(path.factors):
+        h = h @ f.astype(x.dtype)
+        if j == path.dropout_after:
+            h = drop(h)
+    return h * jnp.asarray(path.scale, x.dtype)
+
+
 def _gelu(x: Array, kind: str) -> Array:
     return nn.gelu(x, approximate=(kind == "tanh"))
 
@@ -220,18 +266,26 @@ class Attention(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: Array, deterministic: bool) -> Array:
+    def __call__(self, x: Array, deterministic: bool, side: Mapping[str, SidePath] | None = None) -> Array:
         d = x.shape[-1]
         hd = d // self.num_heads
-        dense = lambda name: nn.DenseGeneral((self.num_heads, hd), dtype=self.dtype, name=name)
-        q, k, v = dense("query")(x), dense("key")(x), dense("value")(x)  # (B, T, H, hd)
+        side = side or {}
+
+        def proj(name: str, short: str) -> Array:
+            y = nn.DenseGeneral((self.num_heads, hd), dtype=self.dtype, name=name)(x)  # (B, T, H, hd)
+            extra = _side(self, side.get(short), x, deterministic)
+            return y if extra is None else y + extra.reshape(y.shape)
+
+        q, k, v = proj("query", "q"), proj("key", "k"), proj("value", "v")
         q = q / jnp.sqrt(hd).astype(q.dtype)
         logits = jnp.einsum("bqhd,bkhd->bhqk", q, k)
         weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
         if not deterministic and self.dropout_rate > 0:
             weights = nn.Dropout(self.dropout_rate)(weights, deterministic=False)
         out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
-        return nn.DenseGeneral(d, axis=(-2, -1), dtype=self.dtype, name="out")(out)
+        y = nn.DenseGeneral(d, axis=(-2, -1), dtype=self.dtype, name="out")(out)
+        extra = _side(self, side.get("o"), out.reshape(out.shape[:-2] + (d,)), deterministic)
+        return y if extra is None else y + extra
 
 
 class MlpBlock(nn.Module):
@@ -241,12 +295,17 @@ class MlpBlock(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: Array, deterministic: bool) -> Array:
+    def __call__(self, x: Array, deterministic: bool, side: Mapping[str, SidePath] | None = None) -> Array:
         d = x.shape[-1]
+        side = side or {}
         h = nn.Dense(self.mlp_dim, dtype=self.dtype, name="Dense_0")(x)
+        extra = _side(self, side.get("fc1"), x, deterministic)
+        h = h if extra is None else h + extra
         h = _gelu(h, self.gelu)
         h = nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
-        h = nn.Dense(d, dtype=self.dtype, name="Dense_1")(h)
+        y = nn.Dense(d, dtype=self.dtype, name="Dense_1")(h)
+        extra = _side(self, side.get("fc2"), h, deterministic)
+        h = y if extra is None else y + extra
         return nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
 
 
@@ -257,17 +316,17 @@ class Encoder1DBlock(nn.Module):
     drop_path: float = 0.0
 
     @nn.compact
-    def __call__(self, x: Array, deterministic: bool) -> Array:
+    def __call__(self, x: Array, deterministic: bool, side: Mapping[str, SidePath] | None = None) -> Array:
         c = self.config
         dt = jnp.dtype(c.dtype)
         y = nn.LayerNorm(epsilon=LN_EPS, dtype=dt, name="LayerNorm_0")(x)
         y = Attention(c.num_heads, c.attention_dropout_rate, dt, name="MultiHeadDotProductAttention_0")(
-            y, deterministic
+            y, deterministic, side
         )
         y = nn.Dropout(c.dropout_rate)(y, deterministic=deterministic)
         x = x + DropPath(self.drop_path, c.drop_path_mode)(y, deterministic)
         y = nn.LayerNorm(epsilon=LN_EPS, dtype=dt, name="LayerNorm_1")(x)
-        y = MlpBlock(c.mlp_dim, c.gelu, c.dropout_rate, dt, name="MlpBlock_0")(y, deterministic)
+        y = MlpBlock(c.mlp_dim, c.gelu, c.dropout_rate, dt, name="MlpBlock_0")(y, deterministic, side)
         return x + DropPath(self.drop_path, c.drop_path_mode)(y, deterministic)
 
 
@@ -282,15 +341,16 @@ class Encoder(nn.Module):
     config: ViTConfig
 
     @nn.compact
-    def __call__(self, x: Array, deterministic: bool) -> Array:
+    def __call__(self, x: Array, deterministic: bool, side: Mapping[int, Any] | None = None) -> Array:
         c = self.config
+        side = side or {}
         x = AddPositionEmbs(name="posembed_input")(x)
         x = nn.Dropout(c.dropout_rate)(x, deterministic=deterministic)
         block_cls = nn.remat(Encoder1DBlock, static_argnums=(2,)) if c.remat else Encoder1DBlock
         for i in range(c.num_layers):
             # Linear drop-path schedule p_l = rate * l / (L - 1), as timm and RLRR.
             rate = c.drop_path_rate * i / max(c.num_layers - 1, 1)
-            x = block_cls(c, rate, name=f"encoderblock_{i}")(x, deterministic)
+            x = block_cls(c, rate, name=f"encoderblock_{i}")(x, deterministic, side.get(i))
         return nn.LayerNorm(epsilon=LN_EPS, dtype=jnp.dtype(c.dtype), name="encoder_norm")(x)
 
 
@@ -299,12 +359,16 @@ class ViT(nn.Module):
 
     With `return_features=True` returns `(logits, features)`, where features (B, D) are the
     pooled representation fed to the head (after `pre_logits` when present).
+
+    `side` (optional) adds activation-form low-rank branches: `{block_index: {"q"|"k"|"v"|"o"|
+    "fc1"|"fc2": SidePath}}`, evaluated beside the frozen kernels (see `SidePath`).
     """
 
     config: ViTConfig
 
     @nn.compact
-    def __call__(self, images: Array, train: bool = False, return_features: bool = False):
+    def __call__(self, images: Array, train: bool = False, return_features: bool = False,
+                 side: Mapping[int, Mapping[str, SidePath]] | None = None):
         c = self.config
         dt = jnp.dtype(c.dtype)
         x = images.astype(dt)
@@ -317,7 +381,7 @@ class ViT(nn.Module):
         if c.classifier == "token":
             cls = self.param("cls", nn.initializers.zeros, (1, 1, d))
             x = jnp.concatenate([jnp.tile(cls.astype(dt), (b, 1, 1)), x], axis=1)
-        x = Encoder(c, name="Transformer")(x, deterministic=not train)
+        x = Encoder(c, name="Transformer")(x, not train, side)
         x = x[:, 0] if c.classifier == "token" else x.mean(axis=1)
         if c.representation_size is not None:
             x = jnp.tanh(nn.Dense(c.representation_size, dtype=dt, name="pre_logits")(x))
