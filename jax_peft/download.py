@@ -1,0 +1,320 @@
+"""Checkpoint sources: short names, `gs://` and `https://` URLs, and a download cache.
+
+Standard library only for HTTP (urllib). Downloads go to a temporary file next to the destination
+and are renamed into place only after the byte count matches `Content-Length` and the file opens
+as a zip archive (every `.npz` is one); a JSON sidecar `<file>.sha256.json` records the size and
+SHA-256 so later corruption of the cached copy is detected.
+
+Cache directory: the `cache_dir` argument, else `$JAX_PEFT_CACHE`, else `~/.cache/jax_peft`. A URL
+`https://host/a/b.npz` is cached as `<cache>/host/a/b.npz`.
+
+Short names (case-insensitive; `/` inside the model name may be written `_`)::
+
+    "ViT-B_16", "ViT-B/16"                 -> gs://vit_models/imagenet21k/ViT-B_16.npz
+    "imagenet21k/ViT-L_16"                 -> gs://vit_models/imagenet21k/ViT-L_16.npz
+    "imagenet21k+imagenet2012/ViT-B_16"    -> gs://vit_models/imagenet21k+imagenet2012/ViT-B_16.npz
+    "sam/ViT-B_16"                         -> gs://vit_models/sam/ViT-B_16.npz
+    "augreg/ViT-B_16", "augreg/B_16"       -> the recommended AugReg i21k upstream file (vit_jax README)
+    "augreg/<file>.npz"                    -> gs://vit_models/augreg/<file>.npz
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import http.client
+import json
+import os
+import re
+import tempfile
+import urllib.error
+import urllib.parse
+import urllib.request
+import zipfile
+from pathlib import Path
+from typing import Iterator
+
+GCS_HTTPS = "https://storage.googleapis.com/"
+ENV_CACHE = "JAX_PEFT_CACHE"
+DEFAULT_CACHE = "~/.cache/jax_peft"
+SIDECAR_SUFFIX = ".sha256.json"
+
+# Files in gs://vit_models/<dir>/ (checkpoints.md section 6).
+VIT_MODELS: dict[str, tuple[str, ...]] = {
+    "imagenet21k": ("ViT-B_16", "ViT-B_32", "ViT-B_8", "ViT-L_16", "ViT-L_32", "ViT-H_14",
+                    "R50+ViT-B_16", "R26+ViT-B_32", "R50+ViT-L_32"),
+    "imagenet21k+imagenet2012": ("ViT-B_16", "ViT-B_32", "ViT-B_8", "ViT-L_16", "ViT-L_32",
+                                 "R50+ViT-B_16", "ViT-B_16-224", "ViT-L_16-224"),
+    "sam": ("ViT-B_16", "ViT-B_32", "ViT-L_16", "ViT-L_32", "ViT-S_16"),
+}
+
+# Recommended AugReg upstream (ImageNet-21k) checkpoints, from the vit_jax README table; B_8 is not
+# in that table and uses the file timm's `vit_base_patch8_224.augreg_in21k` points to.
+AUGREG: dict[str, str] = {
+    "Ti_16": "Ti_16-i21k-300ep-lr_0.001-aug_none-wd_0.03-do_0.0-sd_0.0.npz",
+    "S_16": "S_16-i21k-300ep-lr_0.001-aug_light1-wd_0.03-do_0.0-sd_0.0.npz",
+    "S_32": "S_32-i21k-300ep-lr_0.001-aug_none-wd_0.1-do_0.0-sd_0.0.npz",
+    "B_16": "B_16-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0.npz",
+    "B_32": "B_32-i21k-300ep-lr_0.001-aug_light1-wd_0.1-do_0.0-sd_0.0.npz",
+    "B_8": "B_8-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.0-sd_0.0.npz",
+    "L_16": "L_16-i21k-300ep-lr_0.001-aug_strong1-wd_0.1-do_0.0-sd_0.0.npz",
+    "R_Ti_16": "R_Ti_16-i21k-300ep-lr_0.001-aug_none-wd_0.03-do_0.0-sd_0.0.npz",
+    "R26_S_32": "R26_S_32-i21k-300ep-lr_0.001-aug_light1-wd_0.1-do_0.0-sd_0.0.npz",
+    "R50_L_32": "R50_L_32-i21k-300ep-lr_0.001-aug_medium1-wd_0.1-do_0.1-sd_0.1.npz",
+}
+
+
+class DownloadError(OSError):
+    """A checkpoint could not be fetched (network, HTTP status, truncated transfer)."""
+
+
+def _manual_hint(url: str) -> str:
+    return (f"Download it manually (e.g. `curl -L -o {Path(urllib.parse.urlparse(url).path).name} {url}`) "
+            "and pass the local path to load_checkpoint instead.")
+
+
+def gs_to_https(url: str) -> str:
+    """`gs://bucket/path` -> `https://storage.googleapis.com/bucket/path` (public buckets only)."""
+    if not url.startswith("gs://"):
+        return url
+    rest = url[len("gs://"):]
+    if "/" not in rest.strip("/"):
+        raise ValueError(f"{url!r} names a bucket, not a file; use gs://bucket/path/to/file.npz")
+    return GCS_HTTPS + rest
+
+
+def known_names() -> list[str]:
+    """Every short name `resolve_name` accepts (besides `augreg/<file>.npz`)."""
+    names = list(VIT_MODELS["imagenet21k"])
+    names += [f"{d}/{m}" for d, models in VIT_MODELS.items() for m in models]
+    names += [f"augreg/{m}" for m in AUGREG]
+    return names
+
+
+def _fold(name: str) -> str:
+    """Case-, separator- and 'ViT-'-insensitive form of a model name: 'ViT-B/16' -> 'b_16'."""
+    return re.sub(r"^vit[-_]", "", name.lower().replace("/", "_").replace("+", "_"))
+
+
+def resolve_name(name: str) -> str | None:
+    """The https URL of a short checkpoint name, or None if `name` is not a known short name."""
+    s = name.strip()
+    is_file = s.lower().endswith(".npz")
+    base = s[:-4] if is_file else s
+    directory, _, model = base.partition("/")
+    directory = directory.lower()
+    if directory not in VIT_MODELS and directory != "augreg":  # bare model name: ImageNet-21k file
+        if is_file:  # "ViT-B_16.npz" is a (missing) local file, not a name
+            return None
+        directory, model = "imagenet21k", base
+    if directory == "augreg":
+        for short, file in AUGREG.items():
+            if _fold(short) == _fold(model):
+                return f"{GCS_HTTPS}vit_models/augreg/{file}"
+        return f"{GCS_HTTPS}vit_models/augreg/{model}.npz" if is_file and "/" not in model else None
+    for m in VIT_MODELS[directory]:
+        if _fold(m) == _fold(model):
+            return f"{GCS_HTTPS}vit_models/{directory}/{m}.npz"
+    return None
+
+
+def resolve(path_or_url: str | os.PathLike) -> tuple[str, str]:
+    """Classifies a checkpoint source: ("file", local path) or ("url", https URL).
+
+    Raises FileNotFoundError for a path-like string that does not exist and ValueError for an
+    unknown short name.
+    """
+    s = os.fspath(path_or_url)
+    local = os.path.expanduser(s)
+    if os.path.exists(local):
+        return "file", local
+    if s.startswith("gs://"):
+        return "url", gs_to_https(s)
+    if re.match(r"(?i)^https?://", s):
+        return "url", s
+    url = resolve_name(s)
+    if url is not None:
+        return "url", url
+    examples = "'ViT-B_16', 'imagenet21k/ViT-L_16', 'imagenet21k+imagenet2012/ViT-B_16', 'augreg/B_16'"
+    if s.lower().endswith(".npz") or os.sep in s or s.startswith((".", "~")):
+        raise FileNotFoundError(
+            f"checkpoint file {s!r} does not exist. Pass an existing .npz path, an https:// or gs:// URL, "
+            f"or a known name such as {examples}."
+        )
+    raise ValueError(
+        f"unknown checkpoint name {s!r}. Known names: {', '.join(known_names())}; "
+        "also 'augreg/<file>.npz', https:// and gs:// URLs, and local .npz paths "
+        "(Ti and S models exist only under augreg/ and sam/)."
+    )
+
+
+def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
+    """The download cache directory (argument, else $JAX_PEFT_CACHE, else ~/.cache/jax_peft)."""
+    root = cache_dir if cache_dir is not None else os.environ.get(ENV_CACHE) or DEFAULT_CACHE
+    return Path(os.path.expanduser(os.fspath(root)))
+
+
+def cache_path(url: str, cache_dir: str | os.PathLike | None = None) -> Path:
+    """Where `url` is cached: `<cache>/<host>/<path>` (a short hash is added for query strings)."""
+    parsed = urllib.parse.urlparse(gs_to_https(url))
+    host = re.sub(r"[^A-Za-z0-9.+-]", "_", parsed.netloc) or "local"
+    parts = [p for p in urllib.parse.unquote(parsed.path).split("/") if p not in ("", ".", "..")]
+    if not parts:
+        raise ValueError(f"URL {url!r} has no file name; point it at a .npz file")
+    if parsed.query:
+        digest = hashlib.sha256(parsed.query.encode()).hexdigest()[:8]
+        parts[-1] = f"{parts[-1]}.{digest}"
+    return cache_root(cache_dir).joinpath(host, *parts)
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def check_zip(path: str | os.PathLike, what: str | None = None) -> None:
+    """Raises ValueError unless `path` is a complete zip archive (the container of every .npz)."""
+    what = what or str(path)
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head[:2] != b"PK":
+        kind = "an HTML page" if head.lstrip()[:1] == b"<" else "a single .npy array" \
+            if head == b"\x93NUM" else f"not a zip archive (starts with {head!r})"
+        raise ValueError(
+            f"{what} is not a .npz checkpoint: it is {kind}. Pass a .npz file written by numpy.savez "
+            "(the Google ViT checkpoints are), or download the file again."
+        )
+    try:
+        with zipfile.ZipFile(path) as z:
+            z.infolist()
+    except zipfile.BadZipFile as e:
+        raise ValueError(
+            f"{what} is a truncated or corrupted .npz archive ({e}). Delete it and download it again."
+        ) from None
+
+
+def _sidecar(path: Path) -> Path:
+    return path.with_name(path.name + SIDECAR_SUFFIX)
+
+
+def _write_sidecar(path: Path, url: str | None, size: int, digest: str) -> None:
+    record = {"url": url, "size": size, "sha256": digest}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(record, f)
+    os.replace(tmp, _sidecar(path))
+
+
+def verify_cached(path: str | os.PathLike, *, full: bool = True, url: str | None = None) -> None:
+    """Checks a cached file against its sidecar (size always, SHA-256 when `full`).
+
+    A file without a sidecar (e.g. copied in by hand) must open as a zip; its sidecar is then written.
+    """
+    path = Path(path)
+    side = _sidecar(path)
+    fix = (f"Delete {path} (and {side.name}) or pass force_download=True to load_checkpoint to fetch "
+           "it again.")
+    if not side.exists():
+        check_zip(path, f"cached file {path}")
+        _write_sidecar(path, url, path.stat().st_size, sha256_file(path))
+        return
+    try:
+        record = json.loads(side.read_text())
+        size, digest = int(record["size"]), str(record["sha256"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"unreadable cache record {side} ({e}). {fix}") from None
+    actual = path.stat().st_size
+    if actual != size:
+        raise ValueError(f"cached file {path} is corrupted: {actual} bytes, {size} when downloaded. {fix}")
+    if full and sha256_file(path) != digest:
+        raise ValueError(f"cached file {path} is corrupted: its SHA-256 differs from the one recorded "
+                         f"at download. {fix}")
+
+
+@contextlib.contextmanager
+def _progress(total: int | None, desc: str, enabled: bool) -> Iterator:
+    try:
+        from tqdm.auto import tqdm
+    except ImportError:  # progress bars are optional
+        enabled = False
+    if not enabled:
+        class _Null:
+            def update(self, n: int) -> None:
+                pass
+        yield _Null()
+        return
+    with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=desc) as bar:
+        yield bar
+
+
+def download(url: str, dest: str | os.PathLike, *, progress: bool = True, timeout: float = 60.0) -> Path:
+    """Downloads `url` to `dest` atomically (temp file + rename), checks it, writes the sidecar."""
+    url = gs_to_https(url)
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    request = urllib.request.Request(url, headers={"User-Agent": "jax_peft"})
+    try:
+        response = urllib.request.urlopen(request, timeout=timeout)
+    except urllib.error.HTTPError as e:
+        extra = " (bucket paths are case-sensitive, e.g. 'imagenet21k', not 'imagenet21K')" \
+            if e.code == 404 else ""
+        raise DownloadError(f"cannot download {url}: HTTP {e.code} {e.reason}{extra}. {_manual_hint(url)}") \
+            from None
+    except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError) as e:
+        reason = getattr(e, "reason", e)
+        raise DownloadError(f"cannot download {url}: {reason}. Check the URL and the network. "
+                            f"{_manual_hint(url)}") from None
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + ".", suffix=".part")
+    received = 0
+    digest = hashlib.sha256()
+    try:
+        with response:
+            length = response.headers.get("Content-Length")
+            total = int(length) if length and length.isdigit() else None
+            with os.fdopen(fd, "wb") as f, _progress(total, dest.name, progress) as bar:
+                try:
+                    while True:
+                        chunk = response.read(1 << 20)
+                        if not chunk:
+                            break
+                        f.write(chunk)
+                        digest.update(chunk)
+                        received += len(chunk)
+                        bar.update(len(chunk))
+                except (OSError, http.client.HTTPException) as e:
+                    raise DownloadError(f"download of {url} was interrupted after {received} bytes ({e}). "
+                                        f"Try again. {_manual_hint(url)}") from None
+        if total is not None and received != total:
+            raise DownloadError(f"download of {url} is truncated: received {received} of {total} bytes. "
+                                f"Try again. {_manual_hint(url)}")
+        try:
+            check_zip(tmp, f"the file downloaded from {url}")
+        except ValueError as e:
+            raise DownloadError(f"{e} {_manual_hint(url)}") from None
+        os.replace(tmp, dest)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _write_sidecar(dest, url, received, digest.hexdigest())
+    return dest
+
+
+def fetch(path_or_url: str | os.PathLike, *, cache_dir: str | os.PathLike | None = None,
+          progress: bool = True, force_download: bool = False, verify: bool = True,
+          timeout: float = 60.0) -> Path:
+    """A local path for a checkpoint source, downloading URLs and short names into the cache.
+
+    Cached files are checked against their sidecar (size; SHA-256 too when `verify`).
+    """
+    kind, where = resolve(path_or_url)
+    if kind == "file":
+        return Path(where)
+    dest = cache_path(where, cache_dir)
+    if dest.exists() and not force_download:
+        verify_cached(dest, full=verify, url=where)
+        return dest
+    return download(where, dest, progress=progress, timeout=timeout)
