@@ -1,0 +1,279 @@
+"""Deterministic batching over a random-access source, with host sharding and background prefetch.
+
+A *source* is any random-access sequence: `len(source)` and `source[i] -> {"image": uint8 (H, W, C),
+"label": int}` (a TFDS data source wrapped by the task's decoding, an image-folder list, ...).
+
+Training order (identical on every host, independent of how often the iterator was restarted):
+
+    global batch  G = batch_size * process_count
+    epoch e       = permutation of range(N) drawn from np.random.default_rng([seed, e])
+    batch k       = epoch k // S, slots [j*G, (j+1)*G) of that permutation, j = k % S
+                    (S = N // G with drop_remainder, else ceil(N / G); the last one is smaller)
+    host p        takes slots [p*B, (p+1)*B) of the global batch (B = batch_size)
+    augmentation  of example i in epoch e uses np.random.default_rng([seed, e, i, 1])
+
+so `start_batch=k` yields exactly the batches an uninterrupted iterator yields from its k-th on,
+which is what bit-exact resume needs.
+
+Evaluation: one pass in stored order; global batch j holds records [j*G, (j+1)*G), host p its slots
+[p*B, (p+1)*B); slots past the end are zero images with `mask` 0, so every batch has the static
+shape (B, H, W, 3) and accuracy = sum(correct * mask) / sum(mask) is exact.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import math
+import os
+import queue
+import threading
+import time
+from typing import Any, Callable, Iterator, Protocol, Sequence
+
+import numpy as np
+
+Batch = dict[str, np.ndarray]
+Transform = Callable[[np.ndarray, "np.random.Generator | None"], np.ndarray]
+
+
+class Source(Protocol):
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, index: int) -> dict[str, Any]: ...
+
+
+def epoch_permutation(num_examples: int, seed: int, epoch: int) -> np.ndarray:
+    """The shuffled order of epoch `epoch` (int64 (N,)); the same on every host and every run."""
+    return np.random.default_rng([int(seed), int(epoch)]).permutation(num_examples)
+
+
+def example_rng(seed: int, epoch: int, index: int) -> np.random.Generator:
+    """Augmentation randomness of example `index` in epoch `epoch`."""
+    return np.random.default_rng([int(seed), int(epoch), int(index), 1])
+
+
+class BatchPlan:
+    """Which source records (and which augmentation epoch) make up each per-host batch."""
+
+    def __init__(self, num_examples: int, *, batch_size: int, train: bool, seed: int = 0,
+                 process_index: int = 0, process_count: int = 1, drop_remainder: bool | None = None):
+        if batch_size <= 0:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        if not 0 <= process_index < process_count:
+            raise ValueError(f"process_index {process_index} not in [0, process_count={process_count})")
+        if num_examples <= 0:
+            raise ValueError("the dataset split is empty")
+        self.num_examples = num_examples
+        self.batch_size = batch_size
+        self.train = train
+        self.seed = seed
+        self.process_index = process_index
+        self.process_count = process_count
+        self.drop_remainder = train if drop_remainder is None else bool(drop_remainder)
+        self.global_batch = batch_size * process_count
+        g, n = self.global_batch, num_examples
+        if self.drop_remainder:
+            self.batches_per_epoch = n // g
+            if self.batches_per_epoch == 0:
+                raise ValueError(
+                    f"the split has {n} examples, fewer than one global batch of {g} "
+                    f"(batch_size {batch_size} x {process_count} processes); lower batch_size or "
+                    "pass drop_remainder=False")
+        else:
+            self.batches_per_epoch = math.ceil(n / g)
+            rest = n - (self.batches_per_epoch - 1) * g
+            if train and rest % process_count:
+                raise ValueError(
+                    f"the last training batch has {rest} examples, which cannot be split evenly over "
+                    f"{process_count} processes; pass drop_remainder=True")
+        self._perm_epoch = -1
+        self._perm: np.ndarray | None = None
+
+    @property
+    def num_batches(self) -> int | None:
+        """Batches in the iterator: None for training (infinite), else one pass."""
+        return None if self.train else self.batches_per_epoch
+
+    def _permutation(self, epoch: int) -> np.ndarray:
+        if epoch != self._perm_epoch:
+            self._perm = epoch_permutation(self.num_examples, self.seed, epoch)
+            self._perm_epoch = epoch
+        return self._perm
+
+    def train_batch(self, k: int) -> tuple[np.ndarray, int]:
+        """(record indices of this host's part of global batch k, epoch)."""
+        epoch, j = divmod(k, self.batches_per_epoch)
+        g = self._permutation(epoch)[j * self.global_batch:(j + 1) * self.global_batch]
+        per_host = len(g) // self.process_count
+        p = self.process_index
+        return g[p * per_host:(p + 1) * per_host], epoch
+
+    def eval_batch(self, j: int) -> tuple[np.ndarray, np.ndarray]:
+        """(record indices (B,), mask float32 (B,)); padded slots point at record 0 with mask 0."""
+        start = j * self.global_batch + self.process_index * self.batch_size
+        pos = start + np.arange(self.batch_size)
+        valid = pos < self.num_examples
+        return np.where(valid, pos, 0), valid.astype(np.float32)
+
+
+class BatchIterator:
+    """Iterator of batches {"image": float32 (B, H, W, 3), "label": int32 (B,)[, "mask": float32 (B,)]}.
+
+    Batches are produced by a background thread (`prefetch` batches ahead; 0 = synchronous) whose
+    examples are decoded and transformed by a small thread pool. `stats` holds running totals:
+    `batches` yielded, `wait_s` spent blocked in `next()` (input-bound time as seen by the step
+    loop), `load_s` spent producing batches. `steps_per_epoch` and `num_batches` describe the plan.
+    """
+
+    def __init__(self, source: Sequence, transform: Transform, plan: BatchPlan, *,
+                 image_size: int, start_batch: int = 0, prefetch: int = 2,
+                 num_workers: int | None = None):
+        if start_batch < 0:
+            raise ValueError(f"start_batch must be >= 0, got {start_batch}")
+        self.source, self.transform, self.plan = source, transform, plan
+        self.image_size = image_size
+        self.steps_per_epoch = plan.batches_per_epoch
+        self.num_batches = plan.num_batches
+        self.stats: dict[str, float] = {"batches": 0, "wait_s": 0.0, "load_s": 0.0}
+        self._next_k = start_batch
+        workers = num_workers if num_workers is not None else min(8, os.cpu_count() or 1)
+        self._pool = (concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="jax_peft_data")
+                      if workers > 1 else None)
+        self._stop = threading.Event()
+        self._queue: queue.Queue | None = None
+        self._thread: threading.Thread | None = None
+        if prefetch > 0:
+            self._queue = queue.Queue(maxsize=prefetch)
+            self._thread = threading.Thread(target=self._produce, args=(start_batch,), daemon=True,
+                                            name="jax_peft_prefetch")
+            self._thread.start()
+
+    # --- producing ------------------------------------------------------------------------------
+    def _load_one(self, index: int, rng: np.random.Generator | None) -> tuple[np.ndarray, int]:
+        ex = self.source[int(index)]
+        return self.transform(ex["image"], rng), int(ex["label"])
+
+    def _map(self, fn, *iterables):
+        return list(self._pool.map(fn, *iterables)) if self._pool else list(map(fn, *iterables))
+
+    def load_batch(self, k: int) -> Batch:
+        """Batch k of the plan (pure function of k; used by the producer thread)."""
+        t0 = time.perf_counter()
+        plan, seed = self.plan, self.plan.seed
+        if plan.train:
+            idx, epoch = plan.train_batch(k)
+            out = self._map(lambda i: self._load_one(i, example_rng(seed, epoch, i)), idx)
+            batch = {"image": np.stack([o[0] for o in out]).astype(np.float32, copy=False),
+                     "label": np.asarray([o[1] for o in out], np.int32)}
+        else:
+            idx, mask = plan.eval_batch(k)
+            real = [int(i) for i, m in zip(idx, mask) if m]
+            out = self._map(lambda i: self._load_one(i, None), real)
+            s = self.image_size
+            image = np.zeros((plan.batch_size, s, s, 3), np.float32)
+            label = np.zeros((plan.batch_size,), np.int32)
+            for slot, (img, lab) in enumerate(out):  # real slots come first
+                image[slot], label[slot] = img, lab
+            batch = {"image": image, "label": label, "mask": mask}
+        self.stats["load_s"] += time.perf_counter() - t0
+        return batch
+
+    def _done(self, k: int) -> bool:
+        return self.num_batches is not None and k >= self.num_batches
+
+    def _produce(self, k: int) -> None:
+        try:
+            while not self._stop.is_set() and not self._done(k):
+                item = self.load_batch(k)
+                k += 1
+                while not self._stop.is_set():
+                    try:
+                        self._queue.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+            self._put_final(StopIteration())
+        except BaseException as e:  # re-raised in the consumer
+            self._put_final(e)
+
+    def _put_final(self, item: BaseException) -> None:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
+    # --- consuming ------------------------------------------------------------------------------
+    def __iter__(self) -> Iterator[Batch]:
+        return self
+
+    def __next__(self) -> Batch:
+        t0 = time.perf_counter()
+        if self._queue is None:
+            if self._done(self._next_k):
+                raise StopIteration
+            item = self.load_batch(self._next_k)
+        else:
+            if self._stop.is_set():
+                raise StopIteration
+            item = self._queue.get()
+            if isinstance(item, BaseException):
+                self._stop.set()
+                if isinstance(item, StopIteration):
+                    raise StopIteration
+                raise item
+        self._next_k += 1
+        self.stats["batches"] += 1
+        self.stats["wait_s"] += time.perf_counter() - t0
+        return item
+
+    @property
+    def next_batch(self) -> int:
+        """Index of the batch the next `next()` returns (save it to resume with `start_batch`)."""
+        return self._next_k
+
+    def close(self) -> None:
+        """Stops the background thread and the worker pool."""
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def __enter__(self) -> "BatchIterator":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        try:
+            self._stop.set()
+        except Exception:
+            pass
+
+
+class DatasetUnavailableError(RuntimeError):
+    """The dataset is known but not present in a usable form (not prepared, files missing)."""
+
+
+def tfds_source(spec: str, split: str, data_dir: str | None, *, prepare_name: str,
+                manual_note: str = "") -> Sequence:
+    """`tfds.data_source(spec, split=split, data_dir=data_dir)` without triggering a download.
+
+    Raises DatasetUnavailableError naming the fix (`python -m jax_peft.data.prepare NAME`) when the
+    dataset is not prepared in array_record format under `data_dir`.
+    """
+    import tensorflow_datasets as tfds  # imported lazily: slow, and not needed for folder data
+
+    try:
+        return tfds.data_source(spec, split=split, data_dir=data_dir, download=False)
+    except Exception as e:  # TFDS raises several unrelated types for "not prepared"
+        where = data_dir or "the TFDS default data_dir (~/tensorflow_datasets or $TFDS_DATA_DIR)"
+        dd = f" --data_dir {data_dir}" if data_dir else ""
+        raise DatasetUnavailableError(
+            f"TFDS dataset {spec!r} (split {split!r}) is not available in array_record format under "
+            f"{where}. Prepare it once with: python -m jax_peft.data.prepare {prepare_name}{dd}"
+            f"{(' ' + manual_note) if manual_note else ''}\n(TFDS said: {type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''})") from e
