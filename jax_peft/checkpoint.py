@@ -1,0 +1,462 @@
+"""Google ViT `.npz` checkpoints: load (any layout) to the canonical tree, save, validate, adapt.
+
+Layouts read (checkpoints.md sections 4-5), all normalized to the canonical Linen tree documented
+in `jax_peft.vit`:
+
+    pre-Linen        original files (imagenet21k, AugReg, SAM): MultiHeadDotProductAttention_1,
+                     LayerNorm_2, MlpBlock_3 inside each block -> renumbered per prefix
+    Linen            files written by current vit_jax: already canonical
+    big_vision       `params/` (or `params/img/`) prefix, top-level `pos_embedding` without the
+                     CLS slot (a zero CLS row is added, which preserves the function)
+    big_vision-scan  `Transformer/encoderblock/...` arrays with a leading depth axis (sliced per block)
+
+An `opt/target/` prefix (Flax optimizer state) is stripped; bfloat16 stored as raw 2-byte void
+(`|V2`) is decoded; hybrid GroupNorm scale/bias of shape (1, 1, 1, C) are squeezed to (C,).
+
+`load_checkpoint` returns numpy float32 arrays (host memory; jax moves them on first use).
+`save_checkpoint` writes the original pre-Linen layout, which both vit_jax and timm's npz loader read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any, Iterable, Literal, Mapping
+
+import numpy as np
+
+from jax_peft import paths
+from jax_peft.download import check_zip, fetch
+from jax_peft.vit import ViTConfig, param_shapes, vit_config
+
+Tree = Mapping[str, Any]
+
+PREFIXES = ("opt/target/", "params/img/", "params/")
+LAYOUTS = ("pre-Linen", "Linen", "big_vision", "big_vision-scan")
+# Children of an encoder block: Linen name <-> pre-Linen name (one counter for all children).
+_TO_PRE_LINEN = {"LayerNorm_0": "LayerNorm_0", "MultiHeadDotProductAttention_0": "MultiHeadDotProductAttention_1",
+                 "LayerNorm_1": "LayerNorm_2", "MlpBlock_0": "MlpBlock_3"}
+_NUMBERED = re.compile(r"(.+)_(\d+)")
+# Prefixes whose indices are kept as stored (a missing block is then reported by its own index).
+_KEEP_INDEX = ("encoderblock",)
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is unreadable, or its contents are not a ViT parameter tree."""
+
+
+# ----------------------------------------------------------------------------------------- reading
+
+
+def _decode(arr: np.ndarray) -> np.ndarray:
+    """bfloat16 stored as raw 2-byte void (`|V2`) -> bfloat16; everything else unchanged."""
+    if arr.dtype.kind == "V" and arr.dtype.itemsize == 2 and arr.dtype.names is None:
+        import ml_dtypes
+
+        return arr.view(ml_dtypes.bfloat16)
+    return arr
+
+
+def _is_float(arr: np.ndarray) -> bool:
+    return arr.dtype.kind == "f" or "float" in arr.dtype.name  # includes ml_dtypes' bfloat16
+
+
+def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Every array of an `.npz` file under its stored key (bf16 decoded, dtypes otherwise kept).
+
+    Raises CheckpointError (a ValueError) naming the file when it is truncated or not an npz.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint file {path!r} does not exist; pass the path of a .npz file")
+    try:
+        check_zip(path)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: _decode(z[k]) for k in z.files}
+    except (ValueError, zipfile.BadZipFile, EOFError, OSError) as e:
+        raise CheckpointError(
+            f"cannot read checkpoint {path}: {e}. The file is probably truncated or not a numpy .npz "
+            "archive; delete it and download it again (or re-save it with numpy.savez)."
+        ) from None
+
+
+# ------------------------------------------------------------------------------------------ layouts
+
+
+def split_prefix(keys: Iterable[str]) -> str:
+    """The container prefix of a flat key set: 'opt/target/', 'params/img/', 'params/' or ''."""
+    keys = set(keys)
+    for p in PREFIXES:
+        if f"{p}embedding/kernel" in keys:
+            return p
+    return ""
+
+
+def _natural(s: str) -> list:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", s)]
+
+
+def _renumber(node: Any) -> Any:
+    """Flax's pre-Linen -> Linen rule: per level, natural-sort the keys and renumber `<prefix>_<n>`
+    with one counter per prefix (checkpoints.md section 4). Block indices are kept as stored."""
+    if not isinstance(node, Mapping):
+        return node
+    counters: dict[str, int] = {}
+    out: dict[str, Any] = {}
+    for key in sorted(node, key=_natural):
+        m = _NUMBERED.fullmatch(key)
+        new = key
+        if m and m.group(1) not in _KEEP_INDEX:
+            i = counters.get(m.group(1), 0)
+            counters[m.group(1)] = i + 1
+            new = f"{m.group(1)}_{i}"
+        out[new] = _renumber(node[key])
+    return out
+
+
+def detect_layout(flat_keys: Iterable[str]) -> str:
+    """Naming variant of a flat key set: 'pre-Linen', 'Linen', 'big_vision' or 'big_vision-scan'."""
+    keys = list(flat_keys)
+    prefix = split_prefix(keys)
+    inner = [k[len(prefix):] for k in keys if k.startswith(prefix)]
+    if any(k.startswith("Transformer/encoderblock/") for k in inner):
+        return "big_vision-scan"
+    if prefix in ("params/", "params/img/") or "pos_embedding" in inner:
+        return "big_vision"
+    renamed = set(paths.flatten(_renumber(paths.unflatten({k: None for k in inner}))))
+    return "Linen" if renamed == set(inner) else "pre-Linen"
+
+
+def normalize(flat: Mapping[str, Any], *, dtype: Any = np.float32) -> dict:
+    """Flat stored arrays (any layout above) -> the canonical nested tree.
+
+    Floating arrays are cast to `dtype` (None keeps the stored dtypes).
+    """
+    prefix = split_prefix(flat)
+    inner = {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}
+    if "embedding/kernel" not in inner:
+        sample = ", ".join(list(flat)[:6])
+        raise CheckpointError(
+            f"not a ViT checkpoint: no 'embedding/kernel' (with or without an opt/target/, params/ or "
+            f"params/img/ prefix). Keys look like: {sample}. jax_peft loads Google ViT .npz files."
+        )
+    out: dict[str, np.ndarray] = {}
+    scanned: dict[str, np.ndarray] = {}
+    for k, v in inner.items():
+        v = np.asarray(_decode(np.asarray(v)))
+        if dtype is not None and _is_float(v):
+            v = v.astype(dtype)
+        name = k.rsplit("/", 1)[-1]
+        if name in ("scale", "bias") and v.ndim == 4 and v.shape[:3] == (1, 1, 1):
+            v = v.reshape(v.shape[-1])  # hybrid GroupNorm
+        if k.startswith("Transformer/encoderblock/"):
+            scanned[k[len("Transformer/encoderblock/"):]] = v
+        else:
+            out[k] = v
+    if scanned:
+        depths = {v.shape[0] if v.ndim else None for v in scanned.values()}
+        if len(depths) != 1 or None in depths:
+            raise CheckpointError(
+                f"scanned blocks (Transformer/encoderblock/...) disagree on the leading depth axis "
+                f"({sorted(map(str, depths))}); the file is inconsistent."
+            )
+        depth = depths.pop()
+        for rest, v in scanned.items():
+            for i in range(depth):
+                out[f"Transformer/encoderblock_{i}/{rest}"] = v[i]
+    if "pos_embedding" in out:  # big_vision: no CLS slot, added before the CLS token
+        if "Transformer/posembed_input/pos_embedding" in out:
+            raise CheckpointError("checkpoint has both 'pos_embedding' and "
+                                  "'Transformer/posembed_input/pos_embedding'; cannot tell which to use")
+        pe = out.pop("pos_embedding")
+        if "cls" in out:  # zero CLS row: the CLS token sees only its own row, so logits are unchanged
+            pe = np.concatenate([np.zeros(pe.shape[:1] + (1,) + pe.shape[2:], pe.dtype), pe], axis=1)
+        out["Transformer/posembed_input/pos_embedding"] = pe
+    return _renumber(paths.unflatten(out))
+
+
+# ------------------------------------------------------------------------------------ adapt/validate
+
+
+def _np(x: Any) -> np.ndarray:
+    return np.asarray(x)
+
+
+def _describe(config: ViTConfig) -> str:
+    c = config
+    return (f"{c.name} (patch {c.patch_size}, width {c.hidden_size}, depth {c.num_layers}, heads "
+            f"{c.num_heads}, mlp {c.mlp_dim}, {c.num_classes} classes, image {c.image_size}, "
+            f"classifier {c.classifier!r}, representation_size {c.representation_size})")
+
+
+def validate_params(params: Tree, config: ViTConfig | str) -> None:
+    """Raises one ValueError listing every missing, unexpected and mis-shaped key of `params`
+    against the canonical tree of `config` (a ViTConfig or a model name)."""
+    if isinstance(config, str):
+        config = vit_config(config)
+    expected = {k: tuple(v.shape) for k, v in paths.flatten(param_shapes(config)).items()}
+    got = {k: tuple(np.shape(v)) for k, v in paths.flatten(params).items()}
+    missing = [k for k in expected if k not in got]
+    unexpected = [k for k in got if k not in expected]
+    wrong = [k for k in expected if k in got and got[k] != expected[k]]
+    if not (missing or unexpected or wrong):
+        return
+    lines = [f"parameters do not match the ViT config {_describe(config)}:"]
+    if missing:
+        lines.append(f"  missing ({len(missing)}):")
+        lines += [f"    {k} {expected[k]}" for k in missing]
+    if unexpected:
+        lines.append(f"  unexpected ({len(unexpected)}):")
+        lines += [f"    {k} {got[k]}" for k in unexpected]
+    if wrong:
+        lines.append(f"  wrong shape ({len(wrong)}):")
+        lines += [f"    {k}: got {got[k]}, expected {expected[k]}" for k in wrong]
+    hints = []
+    bad = set(missing) | set(unexpected) | set(wrong)
+    if any(k.startswith("pre_logits/") for k in unexpected):
+        hints.append("drop the representation layer with drop_pre_logits(params) (fine-tuning does, as "
+                     "vit_jax and timm) or set representation_size")
+    if any(k.startswith("head/") for k in bad):
+        hints.append(f"give the model a new head with reset_head(params, {config.num_classes})")
+    if "Transformer/posembed_input/pos_embedding" in wrong:
+        hints.append(f"resize the position embedding with resize_pos_embedding(params, {config.image_size})")
+    if any(k.startswith("Transformer/encoderblock_") or k.startswith("embedding/") for k in bad) or \
+            "cls" in bad:
+        hints.append("the backbone differs: build the config from the checkpoint with vit_config(params) "
+                     "or pick the matching model name")
+    hints.append("load_checkpoint(path, config=cfg) drops pre_logits, resets the head and resizes the "
+                 "position embedding for you")
+    lines.append("Fix: " + "; ".join(hints) + ".")
+    raise ValueError("\n".join(lines))
+
+
+def drop_pre_logits(params: Tree) -> dict:
+    """A copy of `params` without the `pre_logits` representation layer (vit_jax's fine-tuning load)."""
+    return {k: v for k, v in params.items() if k != "pre_logits"}
+
+
+def head_width(params: Tree) -> int:
+    """Input width of the head: `pre_logits` output if present, else the embedding width."""
+    if "pre_logits" in params:
+        return int(np.shape(params["pre_logits"]["kernel"])[-1])
+    return int(np.shape(params["embedding"]["kernel"])[-1])
+
+
+def reset_head(params: Tree, num_classes: int, *, init: str = "zeros", rng: Any = None,
+               bias_init: float = 0.0) -> dict:
+    """A copy of `params` with a fresh head {"kernel": (D, C), "bias": (C,)}.
+
+    init: "zeros" (vit_jax, big_vision, RLRR; default), "torch_linear" (FacT/EFFT) or
+    "trunc_normal" (timm, SSF); the random ones need `rng`. `bias_init` is added to the bias
+    (vit_jax's `head_bias_init`).
+    """
+    if num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    width = head_width(params)
+    if init == "zeros":
+        head = {"kernel": np.zeros((width, num_classes), np.float32),
+                "bias": np.zeros((num_classes,), np.float32)}
+    else:
+        if rng is None:
+            raise ValueError(f"reset_head(init={init!r}) is random: pass rng=jax.random.PRNGKey(...)")
+        from jax_peft.methods.base import init_head
+
+        head = {k: np.asarray(v, np.float32) for k, v in init_head(rng, width, num_classes, init).items()}
+    head["bias"] = head["bias"] + np.float32(bias_init)
+    return {**params, "head": head}
+
+
+def _interp_axis(x: np.ndarray, new: int, axis: int) -> np.ndarray:
+    """Linear interpolation along `axis` with corners aligned: out[i] = x(i * (n - 1) / (new - 1))."""
+    n = x.shape[axis]
+    if new == n:
+        return x
+    coord = np.arange(new, dtype=np.float64) * ((n - 1) / (new - 1)) if new > 1 else np.zeros(1)
+    lo = np.clip(np.floor(coord).astype(np.int64), 0, n - 1)
+    hi = np.minimum(lo + 1, n - 1)
+    w = (coord - lo).reshape((-1,) + (1,) * (x.ndim - axis - 1))
+    a, b = np.take(x, lo, axis=axis), np.take(x, hi, axis=axis)
+    return a * (1.0 - w) + b * w
+
+
+def _grid(g: int | tuple[int, int]) -> tuple[int, int]:
+    gh, gw = (g, g) if isinstance(g, (int, np.integer)) else tuple(int(v) for v in g)
+    if gh < 1 or gw < 1:
+        raise ValueError(f"position-embedding grid must be positive, got {g}")
+    return int(gh), int(gw)
+
+
+def resize_pos_embedding(params_or_posemb: Tree | Any, image_size: int | None = None, *,
+                         grid: int | tuple[int, int] | None = None,
+                         num_prefix_tokens: int | None = None) -> Any:
+    """Resizes a position embedding to a new grid with vit_jax's rule (checkpoints.md section 8).
+
+    The CLS row is kept; the N = g*g patch rows are reshaped to (g, g, D) and resampled by
+    separable linear interpolation with corners aligned (output index i samples input coordinate
+    i * (g_old - 1) / (g_new - 1), as scipy.ndimage.zoom(order=1)), then flattened row-major.
+
+    Args:
+      params_or_posemb: a canonical tree (a new tree is returned) or a (1, T, D) array (an array
+        is returned).
+      image_size: new input resolution; the grid is image_size // patch (trees only, where the
+        patch comes from `embedding/kernel`).
+      grid: the new grid instead: g or (gh, gw).
+      num_prefix_tokens: rows before the grid (1 for the CLS slot, 0 for 'gap'); inferred from the
+        tree ('cls' present) or from the row count of an array.
+    """
+    is_tree = isinstance(params_or_posemb, Mapping)
+    if is_tree:
+        params = params_or_posemb
+        pe = _np(paths.get(params, "Transformer/posembed_input/pos_embedding"))
+        if num_prefix_tokens is None:
+            num_prefix_tokens = 1 if "cls" in params else 0
+    else:
+        pe = _np(params_or_posemb)
+    if (image_size is None) == (grid is None):
+        raise ValueError("pass exactly one of image_size= (trees only) or grid=")
+    if image_size is not None:
+        if not is_tree:
+            raise ValueError("an array does not know its patch size: pass grid=image_size // patch_size")
+        grid = int(image_size) // int(np.shape(params["embedding"]["kernel"])[0])
+    gh, gw = _grid(grid)
+    if pe.ndim != 3 or pe.shape[0] != 1:
+        raise ValueError(f"position embedding must have shape (1, tokens, D), got {pe.shape}")
+    rows = pe.shape[1]
+    if num_prefix_tokens is None:
+        if int(round(rows**0.5)) ** 2 == rows:
+            num_prefix_tokens = 0
+        elif int(round((rows - 1) ** 0.5)) ** 2 == rows - 1:
+            num_prefix_tokens = 1
+        else:
+            raise ValueError(f"position embedding has {rows} rows: neither g*g nor 1 + g*g; pass "
+                             "num_prefix_tokens")
+    n = rows - num_prefix_tokens
+    g_old = int(round(n**0.5)) if n > 0 else 0
+    if g_old * g_old != n or n == 0:
+        raise ValueError(f"position embedding has {n} patch rows after {num_prefix_tokens} prefix "
+                         "row(s), not a square grid; only square grids can be resized")
+    if (gh, gw) == (g_old, g_old):
+        new = pe
+    else:
+        g = pe[0, num_prefix_tokens:].reshape(g_old, g_old, -1).astype(np.float64)
+        g = _interp_axis(_interp_axis(g, gh, 0), gw, 1)
+        new = np.concatenate([pe[0, :num_prefix_tokens].astype(np.float64), g.reshape(gh * gw, -1)])
+        new = new[None].astype(pe.dtype)
+    if not is_tree:
+        return new
+    return paths.replace(params, {"Transformer/posembed_input/pos_embedding": new})
+
+
+def adapt_to_config(params: Tree, config: ViTConfig, *,
+                    head: Literal["auto", "keep", "reset"] = "auto") -> dict:
+    """vit_jax's fine-tuning load (checkpoints.md section 7) for `config`, then validation.
+
+    Drops `pre_logits` when `config.representation_size` is None, resizes the position embedding
+    when the grid differs, and re-initializes the head with zeros when `head="reset"` or, with
+    "auto", when its shape differs from `config.num_classes` (a matching head is kept, e.g. for
+    evaluating an ImageNet fine-tuned file; note the original ImageNet-21k heads are all zeros).
+    """
+    if head not in ("auto", "keep", "reset"):
+        raise ValueError(f"head must be 'auto', 'keep' or 'reset', got {head!r}")
+    p = dict(params)
+    if config.representation_size is None:
+        p = drop_pre_logits(p)
+    pe = p.get("Transformer", {}).get("posembed_input", {}).get("pos_embedding")
+    prefix = 1 if config.classifier == "token" else 0
+    if pe is not None and np.shape(pe)[1] != config.grid_size**2 + prefix and \
+            ("cls" in p) == (config.classifier == "token"):
+        p = resize_pos_embedding(p, grid=config.grid_size)
+    want = (head_width(p), config.num_classes)
+    have = tuple(np.shape(p["head"]["kernel"])) if "head" in p and "kernel" in p["head"] else None
+    if head == "reset" or (head == "auto" and have != want):
+        p = reset_head(p, config.num_classes)
+    validate_params(p, config)
+    return p
+
+
+# ------------------------------------------------------------------------------------- public load
+
+
+def load_checkpoint(path_or_url: str | os.PathLike, *, config: ViTConfig | None = None,
+                    cache_dir: str | os.PathLike | None = None, head: str = "auto",
+                    dtype: Any = np.float32, progress: bool = True, force_download: bool = False,
+                    verify: bool = True) -> dict:
+    """Loads a Google ViT checkpoint as the canonical nested tree of numpy arrays.
+
+    Args:
+      path_or_url: a local `.npz`, an `https://` or `gs://bucket/path` URL, or a short name such
+        as "ViT-B_16", "imagenet21k+imagenet2012/ViT-B_16", "augreg/B_16" (see jax_peft.download).
+      config: if given, the tree is adapted to it as vit_jax does for fine-tuning (pre_logits
+        dropped, position embedding resized, head reset; see `adapt_to_config`) and validated.
+        Without it the stored tree is returned as is (pre_logits and the stored head kept).
+      cache_dir: download cache (default $JAX_PEFT_CACHE or ~/.cache/jax_peft).
+      head: "auto" | "keep" | "reset", used with `config` (see `adapt_to_config`).
+      dtype: floating arrays are cast to this (float32; None keeps the stored dtypes).
+      progress, force_download, verify: download progress bar, re-download even if cached, check
+        the cached file's SHA-256 against the one recorded at download.
+    """
+    path = fetch(path_or_url, cache_dir=cache_dir, progress=progress, force_download=force_download,
+                 verify=verify)
+    params = normalize(read_npz(path), dtype=dtype)
+    if config is not None:
+        params = adapt_to_config(params, config, head=head)  # type: ignore[arg-type]
+    return params
+
+
+# ------------------------------------------------------------------------------------- public save
+
+
+def to_pre_linen(params: Tree) -> dict[str, np.ndarray]:
+    """Canonical tree -> flat {original pre-Linen key: float32 numpy array} (inverse of `normalize`)."""
+    flat = paths.flatten(params)
+    if "embedding/kernel" not in flat or not any(k.startswith("Transformer/encoderblock_") for k in flat):
+        raise ValueError(
+            "save_checkpoint writes a ViT parameter tree (embedding/kernel, Transformer/encoderblock_i/...); "
+            f"got keys like {list(flat)[:4]}. Merge adapters first (jax_peft.merge) and save the merged "
+            "params; save adapters with orbax."
+        )
+    out: dict[str, np.ndarray] = {}
+    for k, v in flat.items():
+        parts = k.split("/")
+        if len(parts) > 2 and parts[0] == "Transformer" and parts[1].startswith("encoderblock_"):
+            parts[2] = _TO_PRE_LINEN.get(parts[2], parts[2])
+        arr = np.asarray(v)
+        if _is_float(arr):
+            arr = arr.astype(np.float32)
+        out["/".join(parts)] = arr
+    back = set(paths.flatten(_renumber(paths.unflatten({k: None for k in out}))))
+    if back != set(flat):
+        odd = sorted(set(flat) - back)[:5]
+        raise ValueError(f"the tree has non-canonical names that would not load back unchanged: {odd}. "
+                         "Pass a tree with the canonical Linen names of jax_peft.vit.")
+    return out
+
+
+def save_checkpoint(path: str | os.PathLike, params: Tree) -> Path:
+    """Writes `params` as an original Google `.npz` (pre-Linen names, float32), atomically.
+
+    The file loads with vit_jax, with timm's npz loader (`model.load_pretrained(path)`; timm loads
+    the head only when its class count matches) and with `load_checkpoint`. Returns the path.
+    """
+    path = Path(os.path.expanduser(os.fspath(path)))
+    if path.suffix != ".npz":
+        raise ValueError(f"checkpoint path must end in .npz (numpy.savez would add it), got {path}")
+    arrays = to_pre_linen(params)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp.npz")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return path
