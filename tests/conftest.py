@@ -1,0 +1,97 @@
+"""Shared test set-up: `tests/` on sys.path (so `from formula import ...` works) and tiny fixtures.
+
+Fixtures (generic and stable; other test files rely on them):
+    data_dir          Path of tests/data (golden files)
+    tiny_config       ViTConfig: patch 8, width 32, 2 blocks, 2 heads, MLP 64, 5 classes, 32x32 images
+    tiny_params       a random canonical tree for tiny_config (numpy float32; a fresh copy per test)
+    tiny_images       (2, 32, 32, 3) float32 images in [-1, 1]
+    formula_flat      the depth-2 formula checkpoint as stored (flat pre-Linen keys -> numpy arrays)
+    formula_npz       Path of that checkpoint written once per session as a pre-Linen .npz
+    golden            golden(name) -> dict of the arrays in tests/data/<name>.npz
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+TESTS = Path(__file__).resolve().parent
+if str(TESTS) not in sys.path:
+    sys.path.insert(0, str(TESTS))
+
+DATA = TESTS / "data"
+
+
+def tiny_vit_config(**overrides):
+    """The tiny ViT used across the tests (keyword overrides allowed)."""
+    import jax_peft
+
+    kw = dict(patch_size=8, hidden_size=32, num_layers=2, num_heads=2, mlp_dim=64, num_classes=5,
+              image_size=32)
+    kw.update(overrides)
+    return jax_peft.vit_config(None, **kw)
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    return DATA
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+    return tiny_vit_config()
+
+
+@pytest.fixture(scope="session")
+def _tiny_params_np(tiny_config):
+    import jax
+
+    import jax_peft
+
+    params = jax_peft.init_params(tiny_config, 0)
+    # Non-zero head (the default init is zeros) so logits depend on every parameter.
+    params["head"]["kernel"] = jax.random.normal(jax.random.PRNGKey(1), params["head"]["kernel"].shape)
+    params["head"]["bias"] = 0.1 * jax.random.normal(jax.random.PRNGKey(2), params["head"]["bias"].shape)
+    return jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), params)
+
+
+@pytest.fixture
+def tiny_params(_tiny_params_np):
+    import jax
+
+    return jax.tree_util.tree_map(np.copy, _tiny_params_np)
+
+
+@pytest.fixture(scope="session")
+def tiny_images() -> np.ndarray:
+    return np.random.default_rng(0).uniform(-1, 1, (2, 32, 32, 3)).astype(np.float32)
+
+
+@pytest.fixture(scope="session")
+def formula_flat() -> dict:
+    from formula import formula_checkpoint
+
+    return formula_checkpoint(2)
+
+
+@pytest.fixture(scope="session")
+def formula_npz(tmp_path_factory, formula_flat) -> Path:
+    path = tmp_path_factory.mktemp("formula") / "formula_d2.npz"
+    np.savez(path, **formula_flat)
+    return path
+
+
+@pytest.fixture(scope="session")
+def golden():
+    cache: dict = {}
+
+    def load(name: str) -> dict:
+        if name not in cache:
+            with np.load(DATA / f"{name}.npz", allow_pickle=False) as z:
+                cache[name] = {k: z[k] for k in z.files}
+        return cache[name]
+
+    return load
