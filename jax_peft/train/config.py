@@ -4,7 +4,8 @@ Config files start from `default_config()` and change fields; the schema is lock
 as `--config.optimizer.lr_rate=...` fails with the list of valid keys. Shape of the schema:
 
     model:     name, checkpoint, gelu, image_size, num_classes, drop_path_rate, drop_path_mode,
-               dropout_rate, remat, dtype
+               dropout_rate, remat; for random init (checkpoint "" or "random") also patch_size,
+               hidden_size, num_layers, num_heads, mlp_dim, classifier
     method:    name, and the method's own hyper-parameters (e.g. rank, scale), free-form
     data:      name, data_dir, train_split, eval_split, image_size, interpolation, normalization,
                hflip, random_resized_crop, shuffle_buffer, prefetch
@@ -13,7 +14,7 @@ as `--config.optimizer.lr_rate=...` fails with the list of valid keys. Shape of 
                cosine_epochs, steps_per_epoch, step_offset ("after_epoch" | "before_epoch")
     batch_size, total_steps, num_epochs, seed, label_smoothing, eval_every, log_every,
     checkpoint_every, keep_checkpoints, keep_best, export_merged, parallel (jit|pmap),
-    compute_dtype (float32|bfloat16)
+    compute_dtype (float32|bfloat16), mode (train|eval|export), restore_from (latest|best), progress
 """
 
 from __future__ import annotations
@@ -35,6 +36,13 @@ def default_config() -> ml_collections.ConfigDict:
         drop_path_mode="sample",  # "sample" (timm stochastic depth) or "element" (RLRR)
         dropout_rate=0.0,
         remat=False,
+        # Architecture of a randomly initialized model (checkpoint "" or "random"): -1 = from `name`.
+        patch_size=-1,
+        hidden_size=-1,
+        num_layers=-1,
+        num_heads=-1,
+        mlp_dim=-1,
+        classifier="token",       # "token" | "gap" (random init only; checkpoints decide themselves)
     ))
 
     c.method = ml_collections.ConfigDict(dict(name="rlrr"))
@@ -89,6 +97,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.parallel = "jit"            # "jit" (NamedSharding over a mesh) | "pmap"
     c.compute_dtype = "float32"   # "float32" | "bfloat16" (parameters and optimizer stay float32)
     c.mode = "train"              # "train" | "eval" | "export"
+    c.restore_from = "latest"     # eval/export modes: "latest" | "best" checkpoint
+    c.progress = True             # progress bar on stderr
 
     c.lock()
     c.method.unlock()

@@ -1,0 +1,49 @@
+"""Command line: `python -m jax_peft.main --config configs/<file>.py[:arg] --workdir DIR`.
+
+Config fields are overridden with flags such as `--config.method.rank=16` or
+`--config.total_steps=300` (unknown keys fail with the list of valid ones). `--config.mode` picks
+`train` (default; resumes from DIR's newest checkpoint), `eval` (evaluates the latest or best
+checkpoint, `--config.restore_from`) or `export` (writes DIR/merged.npz, or `--export_path`).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py[:arg]).",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics.jsonl and summary.json.")
+_EXPORT_PATH = flags.DEFINE_string("export_path", None, "mode=export: output .npz (default DIR/merged.npz).")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+    from jax_peft.train import loop  # imported after flag parsing (JAX flags such as XLA_FLAGS)
+
+    config, workdir = _CONFIG.value, _WORKDIR.value
+    if config.mode == "train":
+        out = loop.train_and_evaluate(config, workdir)
+    elif config.mode == "eval":
+        out = loop.evaluate(config, workdir)
+    elif config.mode == "export":
+        out = {"merged_checkpoint": loop.export(config, workdir, _EXPORT_PATH.value)}
+    else:
+        raise app.UsageError(f"unknown --config.mode={config.mode!r}; use train, eval or export")
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+def run() -> None:
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,154 @@
+"""Training checkpoints with orbax: adapter + head + optimizer state + step + data position + config.
+
+Layout: `DIR/checkpoints/<step>/{state, meta, config}` where `state` is the train state
+(`{"step", "trainable": {"adapter", "head"}, "opt_state"}`; never the frozen base, so a ViT-B RLRR
+checkpoint is a few MB), `meta` is JSON (`step`, `data_position` = train batches consumed,
+`eval_accuracy` when evaluated) and `config` is the run's config as JSON.
+
+* Keep-last-N plus the best by `eval_accuracy` (orbax preservation policies).
+* Atomic: orbax writes into a temporary directory and renames it when complete, so a save killed
+  midway leaves the previous checkpoints restorable (the temporary directory is ignored).
+* `restore` takes an abstract state (`jax.eval_shape` of the state builder); when the latest
+  checkpoint cannot be read (corrupted, truncated) it warns and falls back to the previous one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import warnings
+from typing import Any, Mapping
+
+import jax
+import orbax.checkpoint as ocp
+from orbax.checkpoint import checkpoint_managers as ocm
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointCorruptedWarning(UserWarning):
+    """The newest checkpoint could not be restored; an older one was used."""
+
+
+def _accuracy(metrics: Mapping[str, Any]) -> float:
+    return float(metrics["eval_accuracy"])
+
+
+class Checkpointer:
+    """Thin wrapper over `orbax.checkpoint.CheckpointManager` for train states.
+
+    Args:
+      directory: where the step directories go (created).
+      keep: number of most recent checkpoints kept.
+      keep_best: also keep the checkpoint with the best `eval_accuracy`.
+      config: JSON-serializable dict written with every checkpoint.
+    """
+
+    def __init__(self, directory: str, *, keep: int = 3, keep_best: bool = True,
+                 config: Mapping[str, Any] | None = None):
+        if keep < 1:
+            raise ValueError(f"keep_checkpoints must be >= 1, got {keep}")
+        self.directory = os.path.abspath(directory)
+        policies: list = [ocm.LatestN(n=keep)]
+        if keep_best:
+            policies.append(ocm.BestN(get_metric_fn=_accuracy, n=1, keep_checkpoints_without_metrics=False))
+        options = ocp.CheckpointManagerOptions(
+            preservation_policy=ocm.AnyPreservationPolicy(policies),
+            enable_async_checkpointing=False,
+            create=True,
+        )
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self.config = dict(config or {})
+
+    # ----------------------------------------------------------------------------------- save
+    def save(self, state: Any, *, data_position: int, eval_accuracy: float | None = None,
+             extra: Mapping[str, Any] | None = None) -> bool:
+        """Saves `state` at its step (int(state["step"])). Returns False if that step exists already."""
+        step = int(jax.device_get(state["step"]))
+        if step in self.manager.all_steps():
+            return False
+        meta = {"step": step, "data_position": int(data_position), **dict(extra or {})}
+        metrics = None
+        if eval_accuracy is not None:
+            meta["eval_accuracy"] = float(eval_accuracy)
+            metrics = {"eval_accuracy": float(eval_accuracy)}
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(state),
+            meta=ocp.args.JsonSave(meta),
+            config=ocp.args.JsonSave(self.config),
+        )
+        self.manager.save(step, args=args, metrics=metrics, force=True)
+        self.manager.wait_until_finished()
+        return True
+
+    # -------------------------------------------------------------------------------- restore
+    def all_steps(self) -> list[int]:
+        self.manager.reload()
+        return sorted(self.manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        steps = self.all_steps()
+        return steps[-1] if steps else None
+
+    def best_step(self) -> int | None:
+        """The kept step with the highest eval accuracy (ties: the earliest), or None."""
+        best, best_acc = None, -1.0
+        for step in self.all_steps():
+            try:
+                acc = self.read_meta(step).get("eval_accuracy")
+            except Exception:  # unreadable meta: not a candidate
+                continue
+            if acc is not None and acc > best_acc:
+                best, best_acc = step, acc
+        return best
+
+    def read_meta(self, step: int) -> dict:
+        out = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        return dict(out["meta"])
+
+    def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict] | None:
+        """(state, meta) of `step`, or of the newest readable checkpoint when `step` is None.
+
+        Returns None when there is no checkpoint. A checkpoint that fails to load is skipped with a
+        `CheckpointCorruptedWarning` naming it (only when `step` is None; an explicit step raises).
+        """
+        steps = [step] if step is not None else list(reversed(self.all_steps()))
+        for i, s in enumerate(steps):
+            try:
+                out = self.manager.restore(s, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+                state, meta = out["state"], dict(out["meta"])
+                if int(jax.device_get(state["step"])) != s or meta.get("step") != s:
+                    raise ValueError(f"checkpoint {s} holds step {meta.get('step')}")
+                return state, meta
+            except Exception as e:  # noqa: BLE001 - any failure means "unreadable"
+                if step is not None:
+                    raise
+                msg = (f"checkpoint at step {s} in {self.directory} could not be restored "
+                       f"({type(e).__name__}: {str(e)[:300]})")
+                if i + 1 < len(steps):
+                    msg += f"; falling back to step {steps[i + 1]}"
+                else:
+                    msg += "; no older checkpoint left, starting from scratch"
+                warnings.warn(msg, CheckpointCorruptedWarning, stacklevel=2)
+                log.warning(msg)
+        return None
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+
+def abstract_like(tree: Any) -> Any:
+    """ShapeDtypeStructs (with shardings when present) of a concrete tree, for restoring."""
+    def one(x):
+        sharding = getattr(x, "sharding", None)
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+    return jax.tree_util.tree_map(one, tree)
+
+
+def config_to_json(config: Any) -> dict:
+    """A JSON-safe dict of an ml_collections config (or any mapping)."""
+    d = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    return json.loads(json.dumps(d, default=str))

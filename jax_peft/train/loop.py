@@ -1,0 +1,378 @@
+"""The training loop: `train_and_evaluate(config, workdir)`, plus `evaluate` and `export`.
+
+Files written to `workdir`:
+
+    config.json         the run's config
+    metrics.jsonl       one JSON object per logged step: step, loss, lr, accuracy (train batch),
+                        grad_norm, images_per_s; plus eval_accuracy, eval_loss when evaluated
+    checkpoints/<step>  orbax checkpoints (adapter + head + optimizer state + step + data position)
+    summary.json        at the end: method, trainable_params, best/final eval accuracy, steps, wall time
+    merged.npz          with `export_merged=True` (or mode "export"): the merged model, Google layout
+
+Preemption: SIGTERM makes the loop save a checkpoint at the current step and return cleanly
+(`{"preempted": True, ...}`); running the same command again resumes from the newest checkpoint, with
+the data stream repositioned (`start_batch`) and dropout keys derived from the step, so the losses
+at every later step and the final adapter are bit-identical to an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import signal
+import sys
+import threading
+import time
+from typing import Any, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jax_peft import paths
+from jax_peft.methods.base import Method
+from jax_peft.train import checkpointing, model_setup, optimizer, schedules, step as step_lib
+from jax_peft.vit import ViT, ViTConfig
+
+log = logging.getLogger(__name__)
+
+MODES = ("train", "eval", "export")
+
+
+# ------------------------------------------------------------------------------------ config
+def validate_config(config: Any) -> None:
+    """Checks the values (the locked schema already rejects unknown keys)."""
+    choices = {
+        "parallel": (config.parallel, step_lib.PARALLEL),
+        "compute_dtype": (config.compute_dtype, ("float32", "bfloat16")),
+        "mode": (config.mode, MODES),
+        "restore_from": (config.restore_from, ("latest", "best")),
+        "optimizer.name": (config.optimizer.name, ("adamw", "sgd")),
+        "schedule.kind": (config.schedule.kind, ("cosine", "timm_epoch", "constant")),
+        "schedule.step_offset": (config.schedule.step_offset, schedules.STEP_OFFSETS),
+    }
+    for key, (value, valid) in choices.items():
+        if value not in valid:
+            raise ValueError(f"config.{key}={value!r} is not valid; use one of {list(valid)}")
+    if config.batch_size < 1:
+        raise ValueError(f"config.batch_size must be >= 1, got {config.batch_size}")
+    if config.total_steps <= 0 and config.num_epochs <= 0:
+        raise ValueError("set config.total_steps > 0 or config.num_epochs > 0")
+    if not 0.0 <= config.label_smoothing < 1.0:
+        raise ValueError(f"config.label_smoothing must be in [0, 1), got {config.label_smoothing}")
+
+
+# ------------------------------------------------------------------------------------- setup
+@dataclasses.dataclass
+class Setup:
+    """Everything derived from a config before the first step."""
+
+    config: Any
+    method: Method
+    vit_config: ViTConfig
+    model: ViT
+    params: dict            # host (numpy) base params with the fresh head
+    trainable: dict         # {"adapter", "head"}
+    frozen: dict            # params without the head
+    schedule: Any
+    tx: optax.GradientTransformation
+    runner: step_lib.Runner
+    num_classes: int
+    steps_per_epoch: int
+    total_steps: int
+
+    def init_state(self) -> dict:
+        return step_lib.init_state(self.trainable, self.tx)
+
+    def abstract_state(self) -> Any:
+        dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        shapes = jax.eval_shape(self.init_state)
+        return jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=dev), shapes)
+
+    def trainable_params(self) -> int:
+        return self.method.num_params(self.trainable["adapter"])
+
+
+def setup(config: Any) -> Setup:
+    validate_config(config)
+    info = model_setup.dataset_info(config, config.data.train_split)
+    num_classes = int(config.model.num_classes) if config.model.num_classes > 0 else int(info["num_classes"])
+    method = model_setup.build_method(config)
+    rng = jax.random.PRNGKey(int(config.seed))
+    r_params, r_adapter = jax.random.split(rng)
+    vcfg, params = model_setup.build_params(config, method, num_classes, r_params)
+    adapter = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), method.init(r_adapter, params))
+    trainable, frozen = step_lib.split_params(params, adapter)
+
+    spe = int(config.schedule.steps_per_epoch)
+    if spe <= 0:
+        spe = max(1, int(info["num_examples"]) // int(config.batch_size))
+    total = int(config.total_steps) if config.total_steps > 0 else int(config.num_epochs) * spe
+    sched = schedules.make_schedule(config.schedule, lr=float(config.optimizer.lr), total_steps=total,
+                                    steps_per_epoch=spe)
+    tx = optimizer.build_optimizer(config.optimizer, sched, decay_mask=method.decay_mask(trainable))
+    model = ViT(vcfg)
+    runner = step_lib.make_runner(model, method, tx, seed=int(config.seed),
+                                  label_smoothing=float(config.label_smoothing), parallel=config.parallel)
+    runner.check_batch_size(int(config.batch_size) // jax.process_count())
+    return Setup(config, method, vcfg, model, params, trainable, frozen, sched, tx, runner, num_classes,
+                 spe, total)
+
+
+# ------------------------------------------------------------------------------------ output
+class _Progress:
+    """One-line progress: step, loss, lr, images/s, ETA, input vs step time (stderr)."""
+
+    def __init__(self, total: int, start: int, enabled: bool):
+        self.total, self.start, self.enabled = total, start, enabled
+        self.tty = enabled and sys.stderr.isatty()
+        self.every = 1 if self.tty else max(1, total // 20)
+        self.t0 = time.perf_counter()
+
+    def update(self, step: int, loss: float, lr: float, ips: float, t_in: float, t_step: float) -> None:
+        if not self.enabled or (step % self.every and step != self.total):
+            return
+        done = step - self.start
+        rate = done / max(time.perf_counter() - self.t0, 1e-9)
+        eta = (self.total - step) / rate if rate > 0 else float("nan")
+        frac_in = t_in / max(t_in + t_step, 1e-12)
+        line = (f"step {step}/{self.total} | loss {loss:.4f} | lr {lr:.3e} | {ips:,.0f} img/s | "
+                f"ETA {_hms(eta)} | input {100 * frac_in:.0f}% / step {100 * (1 - frac_in):.0f}%")
+        sys.stderr.write(("\r" + line.ljust(110)) if self.tty else line + "\n")
+        sys.stderr.flush()
+
+    def message(self, text: str) -> None:
+        if self.enabled:
+            sys.stderr.write(("\n" if self.tty else "") + text + "\n")
+            sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.tty:
+            sys.stderr.write("\n")
+
+
+def _hms(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    s = int(seconds)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+def _read_jsonl(path: str) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    out = []
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if line:
+                try:
+                    out.append(json.loads(line))
+                except json.JSONDecodeError:  # a line cut by a kill
+                    break
+    return out
+
+
+def _write_json(path: str, obj: Any) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+
+class _Preemption:
+    """Sets a flag on SIGTERM (main thread only); restores the previous handler on exit."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+# -------------------------------------------------------------------------------------- eval
+def run_eval(s: Setup, state: Any, frozen: Any, split: str | None = None) -> dict:
+    """Accuracy and mean loss of the device-placed `state` over one pass of `split`."""
+    split = split or s.config.data.eval_split
+    totals = {"correct": 0.0, "count": 0.0, "loss_sum": 0.0}
+    for batch in model_setup.make_dataset(s.config, split, train=False):
+        out = s.runner.get(s.runner.eval(state, frozen, s.runner.put_batch(batch)))
+        for k in totals:
+            totals[k] += float(out[k])
+    n = max(totals["count"], 1.0)
+    return {"eval_accuracy": totals["correct"] / n, "eval_loss": totals["loss_sum"] / n,
+            "eval_examples": int(totals["count"])}
+
+
+# ------------------------------------------------------------------------------------- train
+def train_and_evaluate(config: Any, workdir: str) -> dict:
+    """Trains `config` in `workdir` (resuming from its newest checkpoint) and returns the summary.
+
+    Returns the dict written to `workdir/summary.json`, or `{"preempted": True, "step": ...}` when a
+    SIGTERM stopped the run (a checkpoint at that step was saved; rerun to resume).
+    """
+    t_start = time.perf_counter()
+    os.makedirs(workdir, exist_ok=True)
+    s = setup(config)
+    cfg_json = checkpointing.config_to_json(config)
+    _write_json(os.path.join(workdir, "config.json"), cfg_json)
+    ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), keep=int(config.keep_checkpoints),
+                                      keep_best=bool(config.keep_best), config=cfg_json)
+    restored = ckpt.restore(s.abstract_state())
+    if restored is None:
+        host_state, meta = s.init_state(), {"data_position": 0, "wall_time_s": 0.0}
+    else:
+        host_state, meta = restored
+    start = int(jax.device_get(host_state["step"]))
+    runner = s.runner
+    state, frozen = runner.put_state(host_state), runner.put_frozen(s.frozen)
+
+    # metrics.jsonl: keep the records up to the restored step (later ones are recomputed).
+    metrics_path = os.path.join(workdir, "metrics.jsonl")
+    history = [r for r in _read_jsonl(metrics_path) if r.get("step", 0) <= start]
+    with open(metrics_path + ".tmp", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in history)
+    os.replace(metrics_path + ".tmp", metrics_path)
+    evals = [r for r in history if "eval_accuracy" in r]
+    best = max((r["eval_accuracy"] for r in evals), default=None)
+    last_eval = evals[-1] if evals else None
+
+    progress = _Progress(s.total_steps, start, bool(config.progress) and jax.process_index() == 0)
+    if start:
+        progress.message(f"resuming from step {start} ({ckpt.directory})")
+    progress.message(f"{s.method.name}: {s.trainable_params():,} trainable parameters (+ head "
+                     f"{paths.count(s.trainable['head']):,}); {s.total_steps} steps of batch {config.batch_size} "
+                     f"on {runner.num_devices} device(s), parallel={runner.kind}")
+
+    data = model_setup.make_dataset(config, config.data.train_split, train=True,
+                                    start_batch=int(meta.get("data_position", start)))
+    wall_before = float(meta.get("wall_time_s", 0.0))
+    log_every, eval_every = max(int(config.log_every), 1), int(config.eval_every)
+    ckpt_every = int(config.checkpoint_every)
+    preempted = False
+    step = start
+    with _Preemption() as pre, open(metrics_path, "a") as mfile:
+        while step < s.total_steps:
+            t0 = time.perf_counter()
+            batch = runner.put_batch(next(data))
+            t1 = time.perf_counter()
+            state, metrics = runner.train(state, frozen, batch)
+            step += 1
+            last = step == s.total_steps
+            do_eval = last or (eval_every > 0 and step % eval_every == 0)
+            do_log = do_eval or last or step % log_every == 0 or step == start + 1
+            record = None
+            if do_log:
+                m = runner.get(metrics)
+                t2 = time.perf_counter()
+                ips = int(config.batch_size) / max(t2 - t0, 1e-9)
+                lr = float(s.schedule(step - 1))
+                record = {"step": step, "loss": float(m["loss"]), "lr": lr, "accuracy": float(m["accuracy"]),
+                          "grad_norm": float(m["grad_norm"]), "images_per_s": ips}
+                progress.update(step, record["loss"], lr, ips, t1 - t0, t2 - t1)
+            if do_eval:
+                ev = run_eval(s, state, frozen)
+                record.update(ev)
+                last_eval = record
+                improved = best is None or ev["eval_accuracy"] > best
+                best = ev["eval_accuracy"] if improved else best
+                progress.message(f"step {step}: eval_accuracy {ev['eval_accuracy']:.4f} "
+                                 f"(best {best:.4f}) on {ev['eval_examples']} {config.data.eval_split} examples")
+            else:
+                improved = False
+            if record is not None:
+                mfile.write(json.dumps(record) + "\n")
+                mfile.flush()
+            save = last or pre.requested or (ckpt_every > 0 and step % ckpt_every == 0) or \
+                (improved and bool(config.keep_best))
+            if save:
+                wall = wall_before + time.perf_counter() - t_start
+                ckpt.save(runner.get_state(state), data_position=step,
+                          eval_accuracy=record["eval_accuracy"] if do_eval else None,
+                          extra={"wall_time_s": wall})
+            if pre.requested and not last:
+                preempted = True
+                break
+    progress.close()
+    ckpt.close()
+    if preempted:
+        progress.message(f"SIGTERM: saved a checkpoint at step {step} in {ckpt.directory}; rerun to resume")
+        return {"preempted": True, "step": step}
+
+    wall = wall_before + time.perf_counter() - t_start
+    summary = {
+        "method": s.method.name,
+        "trainable_params": s.trainable_params(),
+        "trainable_params_with_head": s.trainable_params() + paths.count(s.trainable["head"]),
+        "best_eval_accuracy": best,
+        "final_eval_accuracy": last_eval["eval_accuracy"] if last_eval else None,
+        "eval_split": config.data.eval_split,
+        "steps": step,
+        "wall_time_s": wall,
+        "num_devices": runner.num_devices,
+        "parallel": runner.kind,
+    }
+    if config.export_merged:
+        summary["merged_checkpoint"] = export_state(s, runner.get_state(state), os.path.join(workdir, "merged.npz"))
+    if jax.process_index() == 0:
+        _write_json(os.path.join(workdir, "summary.json"), summary)
+    return summary
+
+
+# ------------------------------------------------------------------------------ eval / export
+def _restore(s: Setup, workdir: str) -> tuple[Any, dict]:
+    ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), keep=int(s.config.keep_checkpoints),
+                                      keep_best=bool(s.config.keep_best))
+    step = ckpt.best_step() if s.config.restore_from == "best" else None
+    if s.config.restore_from == "best" and step is None:
+        raise FileNotFoundError(f"no evaluated checkpoint in {ckpt.directory}; use --config.restore_from=latest")
+    out = ckpt.restore(s.abstract_state(), step)
+    ckpt.close()
+    if out is None:
+        raise FileNotFoundError(f"no checkpoint in {ckpt.directory}; train first (--config.mode=train)")
+    return out
+
+
+def evaluate(config: Any, workdir: str, *, split: str | None = None) -> dict:
+    """Evaluates the latest (or best, `config.restore_from`) checkpoint of `workdir` on `split`
+    (default `config.data.eval_split`); writes and returns `workdir/eval_<split>.json`."""
+    s = setup(config)
+    state, meta = _restore(s, workdir)
+    ev = run_eval(s, s.runner.put_state(state), s.runner.put_frozen(s.frozen), split)
+    split = split or config.data.eval_split
+    out = {"step": int(meta["step"]), "split": split, **ev}
+    if jax.process_index() == 0:
+        _write_json(os.path.join(workdir, f"eval_{split.replace('/', '_')}.json"), out)
+    return out
+
+
+def export_state(s: Setup, state: Any, path: str) -> str:
+    """Writes the merged model of a train state as a Google-layout `.npz`."""
+    from jax_peft import checkpoint as ck
+    from jax_peft.merge import merge
+
+    trainable = jax.device_get(state["trainable"])
+    merged = merge(step_lib.join_params(s.frozen, trainable), s.method, trainable["adapter"])
+    ck.save_checkpoint(path, jax.device_get(merged))
+    return path
+
+
+def export(config: Any, workdir: str, path: str | None = None) -> str:
+    """Merges the latest (or best) checkpoint of `workdir` into `path` (default `workdir/merged.npz`)."""
+    s = setup(config)
+    state, _ = _restore(s, workdir)
+    return export_state(s, state, path or os.path.join(workdir, "merged.npz"))

@@ -1,0 +1,123 @@
+"""From a training config to (model, method, base parameters, data sources).
+
+* Parameters: `jax_peft.load_checkpoint(config.model.checkpoint)` (a short name, path or URL), or a
+  random initialization when `config.model.checkpoint` is "" or "random" (architecture from
+  `config.model.name` and/or the explicit `patch_size`, `hidden_size`, ... fields). The head is
+  always replaced by a fresh one for the dataset's classes, initialized the method's official way
+  (`method.init_head`).
+* Method: `jax_peft.get_method(config.method.name, **other method fields)`.
+* Data: `jax_peft.data.make_dataset` / `dataset_info` (names starting with `synthetic/` go to
+  `jax_peft.data.synthetic`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Iterator
+
+import jax
+import numpy as np
+
+from jax_peft import vit
+from jax_peft.methods.base import Method, get_method
+
+RANDOM_INIT = ("", "random", "none", None)
+_ARCH = ("patch_size", "hidden_size", "num_layers", "num_heads", "mlp_dim")
+
+
+# --------------------------------------------------------------------------------------- data
+def data_api() -> tuple[Callable[..., Iterator[dict]], Callable[..., dict]]:
+    """(make_dataset, dataset_info) of `jax_peft.data` (falls back to the synthetic module alone)."""
+    try:
+        from jax_peft import data as d
+        return d.make_dataset, d.dataset_info
+    except (ImportError, AttributeError):
+        from jax_peft.data import synthetic as s
+
+        def only_synthetic(fn):
+            def wrapped(name, *args, **kwargs):
+                if not name.startswith("synthetic/"):
+                    raise ImportError(f"jax_peft.data is not available to load {name!r}; "
+                                      "only 'synthetic/...' datasets can be used")
+                return fn(name, *args, **kwargs)
+            return wrapped
+
+        return only_synthetic(s.make_dataset), only_synthetic(s.dataset_info)
+
+
+def dataset_info(config: Any, split: str) -> dict:
+    return data_api()[1](config.data.name, split, data_dir=config.data.data_dir)
+
+
+def make_dataset(config: Any, split: str, *, train: bool, start_batch: int = 0,
+                 batch_size: int | None = None) -> Iterator[dict]:
+    d = config.data
+    kwargs = dict(
+        batch_size=int(batch_size or config.batch_size), image_size=int(d.image_size), train=train,
+        seed=int(config.seed), normalization=d.normalization, interpolation=d.interpolation,
+        hflip=bool(d.hflip) and train, random_resized_crop=bool(d.random_resized_crop) and train,
+        data_dir=d.data_dir, start_batch=int(start_batch), prefetch=int(d.prefetch),
+    )
+    if jax.process_count() > 1:
+        kwargs.update(process_index=jax.process_index(), process_count=jax.process_count())
+    return data_api()[0](d.name, split, **kwargs)
+
+
+# ------------------------------------------------------------------------------------- method
+def build_method(config: Any) -> Method:
+    hparams = {k: v for k, v in config.method.to_dict().items() if k != "name"}
+    return get_method(config.method.name, **hparams)
+
+
+# ------------------------------------------------------------------------------------- params
+def _regularization(config: Any) -> dict:
+    m = config.model
+    return dict(gelu=m.gelu, drop_path_rate=float(m.drop_path_rate), drop_path_mode=m.drop_path_mode,
+                dropout_rate=float(m.dropout_rate), remat=bool(m.remat), dtype=config.compute_dtype)
+
+
+def _check_image_sizes(config: Any) -> int:
+    if int(config.model.image_size) != int(config.data.image_size):
+        raise ValueError(
+            f"config.model.image_size ({config.model.image_size}) differs from config.data.image_size "
+            f"({config.data.image_size}); set both to the input resolution")
+    return int(config.model.image_size)
+
+
+def random_config(config: Any, num_classes: int) -> vit.ViTConfig:
+    """ViTConfig of a randomly initialized model from `config.model`."""
+    m = config.model
+    arch = {k: int(getattr(m, k)) for k in _ARCH if int(getattr(m, k)) > 0}
+    name = m.name or None
+    if name is None and len(arch) < len(_ARCH):
+        missing = [k for k in _ARCH if k not in arch]
+        raise ValueError(f"random init without config.model.name needs config.model.{{{', '.join(missing)}}}")
+    return vit.vit_config(name, num_classes=num_classes, image_size=_check_image_sizes(config),
+                          classifier=m.classifier, **arch, **_regularization(config))
+
+
+def build_params(config: Any, method: Method, num_classes: int, rng: jax.Array) -> tuple[vit.ViTConfig, dict]:
+    """(ViTConfig, params) with a fresh `method.init_head` head for `num_classes` classes."""
+    r_init, r_head = jax.random.split(rng)
+    ckpt = config.model.checkpoint
+    image_size = _check_image_sizes(config)
+    if ckpt in RANDOM_INIT or (isinstance(ckpt, str) and ckpt.lower() in RANDOM_INIT):
+        cfg = random_config(config, num_classes)
+        params = vit.init_params(cfg, r_init)
+    else:
+        from jax_peft import checkpoint as ck  # written by another module; imported on use
+
+        params = ck.load_checkpoint(ckpt)
+        loaded = vit.infer_config(params)
+        if loaded.image_size != image_size:
+            params = ck.resize_pos_embedding(params, image_size)
+        cfg = vit.vit_config(params, num_classes=num_classes, image_size=image_size, **_regularization(config))
+        if config.model.name and vit._canonical_name(config.model.name) in vit.NAMED_CONFIGS \
+                and cfg.name not in ("custom", vit._canonical_name(config.model.name)):
+            raise ValueError(f"checkpoint {ckpt!r} is a {cfg.name}, but config.model.name is "
+                             f"{config.model.name!r}; fix one of them (or set config.model.name='')")
+    width = cfg.representation_size or cfg.hidden_size
+    params = dict(params)
+    params["head"] = method.init_head(r_head, width, num_classes)
+    params = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), params)
+    return dataclasses.replace(cfg, num_classes=num_classes), params

@@ -1,0 +1,187 @@
+"""Jitted train and eval steps, data parallel over all local devices (`jit` + NamedSharding, or `pmap`).
+
+Train state (a plain dict, what the checkpoints hold)::
+
+    {"step": int32 (), "trainable": {"adapter": ..., "head": {"kernel", "bias"}}, "opt_state": ...}
+
+The frozen base parameters (`params` without `head`) are a separate argument that is never
+differentiated and never donated; the state is donated. Dropout keys are
+`fold_in(PRNGKey(seed), step)`, so a resumed run draws the same masks as an uninterrupted one.
+
+`parallel="jit"`: one `jax.jit` step over `jax.make_mesh((n,), ("data",))`; the batch is sharded
+along its first axis (`P("data")`), the state and frozen parameters are replicated (`P()`); XLA adds
+the gradient all-reduce. With `jax_threefry_partitionable` (the default), random draws do not depend
+on the sharding, so 1 and n devices see the same dropout masks.
+
+`parallel="pmap"`: `jax.pmap` over the same devices with an explicit `lax.pmean` of the gradients
+and losses. Without dropout it matches `jit`; with dropout each device folds its index into the key,
+so the masks (not their distribution) differ from `jit`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from jax_peft.methods.base import Method
+
+Tree = Any
+PARALLEL = ("jit", "pmap")
+AXIS = "data"
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
+    """Per-example softmax cross-entropy (B,), with PyTorch's label smoothing:
+    target = (1 - a) one_hot + a / C."""
+    num_classes = logits.shape[-1]
+    targets = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
+    if label_smoothing:
+        targets = optax.smooth_labels(targets, label_smoothing)
+    return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
+
+
+def split_params(params: Mapping[str, Any], adapter: Tree) -> tuple[dict, dict]:
+    """(trainable, frozen): `{"adapter": adapter, "head": params["head"]}` and params minus the head."""
+    if "head" not in params:
+        raise ValueError("params have no 'head'; reset it first (jax_peft.train.model_setup.build_params)")
+    frozen = {k: v for k, v in params.items() if k != "head"}
+    return {"adapter": adapter, "head": params["head"]}, frozen
+
+
+def join_params(frozen: Mapping[str, Any], trainable: Mapping[str, Any]) -> dict:
+    """Base parameter tree with the trained head (the adapter is applied separately)."""
+    return {**frozen, "head": trainable["head"]}
+
+
+def init_state(trainable: Tree, tx: optax.GradientTransformation) -> dict:
+    return {"step": jnp.zeros((), jnp.int32), "trainable": trainable, "opt_state": tx.init(trainable)}
+
+
+def effective_params(method: Method, frozen: Tree, trainable: Tree, rng: jax.Array | None = None) -> dict:
+    return method.apply(join_params(frozen, trainable), trainable["adapter"], rng=rng)
+
+
+def make_train_fn(model: Any, method: Method, tx: optax.GradientTransformation, *, seed: int,
+                  label_smoothing: float = 0.0, axis_name: str | None = None) -> Callable:
+    """`train(state, frozen, batch) -> (state, metrics)` (un-jitted). Metrics: loss, accuracy, grad_norm."""
+
+    def train(state: dict, frozen: Tree, batch: Mapping[str, jax.Array]):
+        rng = jax.random.fold_in(jax.random.PRNGKey(seed), state["step"])
+        if axis_name is not None:
+            rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
+        r_model, r_method = jax.random.split(rng)
+
+        def loss_fn(trainable):
+            eff = effective_params(method, frozen, trainable, r_method)
+            logits = model.apply({"params": eff}, batch["image"], train=True, rngs={"dropout": r_model})
+            loss = cross_entropy(logits, batch["label"], label_smoothing).mean()
+            return loss, logits
+
+        (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["trainable"])
+        acc = jnp.mean((jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32))
+        if axis_name is not None:
+            grads, loss, acc = jax.lax.pmean((grads, loss, acc), axis_name)
+        updates, opt_state = tx.update(grads, state["opt_state"], state["trainable"])
+        trainable = optax.apply_updates(state["trainable"], updates)
+        new = {"step": state["step"] + 1, "trainable": trainable, "opt_state": opt_state}
+        return new, {"loss": loss, "accuracy": acc, "grad_norm": optax.global_norm(grads)}
+
+    return train
+
+
+def make_eval_fn(model: Any, method: Method, *, axis_name: str | None = None) -> Callable:
+    """`evaluate(state, frozen, batch) -> {"correct", "count", "loss_sum"}` summed over the batch;
+    `batch["mask"]` (optional, (B,)) marks real examples in a padded batch."""
+
+    def evaluate(state: dict, frozen: Tree, batch: Mapping[str, jax.Array]):
+        eff = effective_params(method, frozen, state["trainable"])
+        logits = model.apply({"params": eff}, batch["image"], train=False)
+        mask = batch.get("mask", jnp.ones(batch["label"].shape, jnp.float32))
+        out = {
+            "correct": jnp.sum((jnp.argmax(logits, -1) == batch["label"]) * mask),
+            "count": jnp.sum(mask),
+            "loss_sum": jnp.sum(cross_entropy(logits, batch["label"]) * mask),
+        }
+        return jax.lax.psum(out, axis_name) if axis_name is not None else out
+
+    return evaluate
+
+
+@dataclasses.dataclass
+class Runner:
+    """Compiled steps plus the data movement for one parallelism mode.
+
+    `train(state, frozen, batch)` and `eval(state, frozen, batch)` take device-placed trees from
+    `put_state`, `put_frozen` and `put_batch` (host numpy batches of the global batch size);
+    `get_state` brings the state back as an unreplicated host-independent tree; `get` reads metrics.
+    """
+
+    kind: str
+    num_devices: int
+    train: Callable
+    eval: Callable
+    put_state: Callable[[Tree], Tree]
+    put_frozen: Callable[[Tree], Tree]
+    put_batch: Callable[[Mapping[str, np.ndarray]], Tree]
+    get_state: Callable[[Tree], Tree]
+    get: Callable[[Tree], Tree]
+
+    def check_batch_size(self, batch_size: int) -> None:
+        if batch_size % self.num_devices:
+            raise ValueError(
+                f"batch size {batch_size} is not divisible by the {self.num_devices} devices; "
+                f"use a multiple of {self.num_devices} (e.g. --config.batch_size="
+                f"{max(self.num_devices, batch_size // self.num_devices * self.num_devices)})")
+
+
+def make_runner(model: Any, method: Method, tx: optax.GradientTransformation, *, seed: int,
+                label_smoothing: float = 0.0, parallel: str = "jit",
+                devices: list | None = None) -> Runner:
+    """Builds the jitted (or pmapped) train/eval steps over `devices` (default: all local devices)."""
+    if parallel not in PARALLEL:
+        raise ValueError(f"unknown parallel mode {parallel!r}; use one of {PARALLEL}")
+    devices = list(devices) if devices is not None else jax.local_devices()
+    n = len(devices)
+    if parallel == "jit":
+        # Auto axes: XLA propagates the sharding (make_mesh defaults to Explicit axes in new JAX).
+        mesh = jax.make_mesh((n,), (AXIS,), devices=devices, axis_types=(jax.sharding.AxisType.Auto,))
+        repl, data = NamedSharding(mesh, P()), NamedSharding(mesh, P(AXIS))
+        train = jax.jit(make_train_fn(model, method, tx, seed=seed, label_smoothing=label_smoothing),
+                        in_shardings=(repl, repl, data), out_shardings=(repl, repl), donate_argnums=(0,))
+        evaluate = jax.jit(make_eval_fn(model, method), in_shardings=(repl, repl, data),
+                           out_shardings=repl)
+
+        def put_batch(batch):
+            return {k: jax.make_array_from_process_local_data(data, np.asarray(v)) for k, v in batch.items()}
+
+        put = lambda tree: jax.device_put(tree, repl)
+        return Runner("jit", n, train, evaluate, put, put, put_batch, lambda s: s, jax.device_get)
+
+    mesh = jax.sharding.Mesh(np.asarray(devices), (AXIS,))
+    stacked = NamedSharding(mesh, P(AXIS))
+    train = jax.pmap(make_train_fn(model, method, tx, seed=seed, label_smoothing=label_smoothing,
+                                   axis_name=AXIS), axis_name=AXIS, devices=devices, donate_argnums=(0,))
+    evaluate = jax.pmap(make_eval_fn(model, method, axis_name=AXIS), axis_name=AXIS, devices=devices)
+
+    def replicate(tree):
+        def one(x):
+            x = np.asarray(x)
+            return jax.make_array_from_callback((n,) + x.shape, stacked, lambda idx: x[None])
+        return jax.tree_util.tree_map(one, tree)
+
+    def put_batch(batch):
+        def one(v):
+            v = np.asarray(v)
+            v = v.reshape((n, v.shape[0] // n) + v.shape[1:])
+            return jax.make_array_from_callback(v.shape, stacked, lambda idx: v[idx])
+        return {k: one(v) for k, v in batch.items()}
+
+    first = lambda tree: jax.tree_util.tree_map(lambda x: x[0], tree)
+    return Runner("pmap", n, train, evaluate, replicate, replicate, put_batch, first,
+                  lambda tree: jax.device_get(first(tree)))
