@@ -3,7 +3,8 @@
 Fixtures (generic and stable; other test files rely on them):
     data_dir          Path of tests/data (golden files)
     tiny_config       ViTConfig: patch 8, width 32, 2 blocks, 2 heads, MLP 64, 5 classes, 32x32 images
-    tiny_params       a random canonical tree for tiny_config (numpy float32; a fresh copy per test)
+    tiny_params       a random canonical tree for tiny_config (numpy float32; a fresh copy per test;
+                      see random_params, importable as `from conftest import random_params`)
     tiny_images       (2, 32, 32, 3) float32 images in [-1, 1]
     formula_flat      the depth-2 formula checkpoint as stored (flat pre-Linen keys -> numpy arrays)
     formula_npz       Path of that checkpoint written once per session as a pre-Linen .npz
@@ -45,17 +46,37 @@ def tiny_config():
     return tiny_vit_config()
 
 
+def random_params(config, seed: int = 0) -> dict:
+    """A random canonical tree for `config` (numpy float32), without compiling anything.
+
+    Shapes come from `jax_peft.param_shapes`; values are non-degenerate (LayerNorm scales near 1,
+    non-zero biases and head, kernels ~ N(0, 1/fan_in)), so outputs depend on every leaf.
+    """
+    import jax_peft
+    from jax_peft import paths
+
+    rng = np.random.default_rng(seed)
+    out = {}
+    for path, leaf in paths.flatten(jax_peft.param_shapes(config)).items():
+        shape = tuple(leaf.shape)
+        name = path.rsplit("/", 1)[-1]
+        if name == "scale":
+            v = 1.0 + 0.1 * rng.standard_normal(shape)
+        elif name == "bias":
+            v = 0.1 * rng.standard_normal(shape)
+        elif name == "kernel":
+            qkv = {"query", "key", "value"} & set(path.split("/"))  # (D, H, hd): fan-in is D
+            fan_in = shape[0] if qkv else int(np.prod(shape[:-1]))
+            v = rng.standard_normal(shape) / np.sqrt(fan_in)
+        else:  # cls, pos_embedding
+            v = 0.5 * rng.standard_normal(shape)
+        out[path] = v.astype(np.float32)
+    return paths.unflatten(out)
+
+
 @pytest.fixture(scope="session")
 def _tiny_params_np(tiny_config):
-    import jax
-
-    import jax_peft
-
-    params = jax_peft.init_params(tiny_config, 0)
-    # Non-zero head (the default init is zeros) so logits depend on every parameter.
-    params["head"]["kernel"] = jax.random.normal(jax.random.PRNGKey(1), params["head"]["kernel"].shape)
-    params["head"]["bias"] = 0.1 * jax.random.normal(jax.random.PRNGKey(2), params["head"]["bias"].shape)
-    return jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), params)
+    return random_params(tiny_config, 0)
 
 
 @pytest.fixture
