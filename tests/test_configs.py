@@ -103,3 +103,42 @@ def test_bad_arguments():
         vtab1k.get_config("imagenet,rlrr")
     with pytest.raises(ValueError, match="valid methods"):
         vtab1k.get_config("cifar100,adapter")
+
+
+fgvc = _load("fgvc")
+fewshot = _load("fewshot")
+
+
+def test_fgvc_configs():
+    from jax_peft import data
+
+    for ds in fgvc.DATASETS:
+        for method in R.METHODS:
+            c = fgvc.get_config(f"{ds},{method}")
+            assert c.data.name == f"fgvc/{ds}" and c.model.num_classes == data.num_classes(c.data.name)
+            assert (c.data.train_split, c.data.eval_split) == ("trainval", "test")
+    c = fgvc.get_config("nabirds,rlrr")
+    assert (c.optimizer.lr, c.optimizer.weight_decay, c.model.drop_path_rate) == (5e-4, 5e-2, 0.3)
+    assert (c.batch_size, c.num_epochs, c.schedule.cosine_epochs) == (32, 60, 50)
+    assert c.data.hflip and c.data.normalization == "minus_one_one" and c.model.drop_path_mode == "element"
+    assert fgvc.get_config("stanford_dogs,rlrr").optimizer.lr == 1e-4
+    assert fgvc.PAPER_RESULTS["rlrr"]["stanford_dogs"] == 92.0
+    with pytest.raises(ValueError, match="valid datasets"):
+        fgvc.get_config("aircraft,rlrr")
+
+
+def test_fewshot_configs():
+    from jax_peft import data
+
+    for ds in fewshot.DATASETS:
+        for k in fewshot.SHOTS:
+            c = fewshot.get_config(f"{ds},{k},2,fact_tt")
+            assert c.data.train_split == f"train_{k}shot_seed2"
+            assert data.dataset_info(c.data.name, c.data.train_split)["num_examples"] == k * c.model.num_classes
+            assert c.batch_size <= k * c.model.num_classes and c.batch_size <= 64
+    c = fewshot.get_config("food101,16,0,fact_tt")
+    assert (c.method.rank, c.optimizer.lr, c.optimizer.weight_decay, c.batch_size) == (16, 5e-3, 1e-4, 64)
+    assert c.data.random_resized_crop and c.data.hflip and c.data.normalization == "imagenet"
+    assert fewshot.get_config("oxford_iiit_pet,1,0,lora").batch_size == 37
+    with pytest.raises(ValueError, match="shots must be one of"):
+        fewshot.get_config("food101,3,0,lora")
