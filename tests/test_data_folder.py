@@ -83,3 +83,28 @@ def test_list_file_errors(tmp_path):
     assert src.paths == ["dir with space/a.png"]
     with pytest.raises(FileNotFoundError, match="listed in"):
         src[0]
+
+
+def test_prepare_list_and_vtab_export_roundtrip(tmp_path, capsys):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    from jax_peft.data import prepare, vtab
+
+    assert prepare.main(["--list", "vtab", "fgvc/nabirds", "fewshot/fgvc_aircraft"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 21 and "clevr:3.*.*" in out[11] and "(not in TFDS)" in out[19]
+    assert "manual" in [line for line in out if line.startswith("vtab/resisc45")][0]
+    with pytest.raises(ValueError, match="vtab/caltech101"):
+        prepare.tfds_targets("imagenet")
+    root = str(tmp_path / "export")
+    with tfds.testing.mock_data(num_examples=3):
+        counts = prepare.export_vtab("vtab/dsprites_loc", root, splits=("test", "train800"))
+        ref = vtab.get_source("vtab/dsprites_loc", "test")
+        ref = [ref[i] for i in range(3)]
+    assert counts == {"test": 3, "train800": 3}
+    src = D.get_source("vtab/dsprites_loc", "test", data_dir=root)  # read back as the export
+    assert isinstance(src, folder.ListSource)
+    assert [src[i]["label"] for i in range(3)] == [r["label"] for r in ref]
+    img = src[0]["image"]
+    assert img.shape == (64, 64, 3) and img.dtype == np.uint8
+    # JPEG (quality 75) is lossy: close to the fixed TFDS pixels, not equal
+    assert np.abs(img.astype(int) - ref[0]["image"].astype(int)).mean() < 40
