@@ -279,7 +279,8 @@ class Attention(nn.Module):
         q, k, v = proj("query", "q"), proj("key", "k"), proj("value", "v")
         q = q / jnp.sqrt(hd).astype(q.dtype)
         logits = jnp.einsum("bqhd,bkhd->bhqk", q, k)
-        weights = jax.nn.softmax(logits.astype(jnp.float32), axis=-1).astype(self.dtype)
+        soft = jnp.promote_types(logits.dtype, jnp.float32)  # float32 (float64 in x64 parity checks)
+        weights = jax.nn.softmax(logits.astype(soft), axis=-1).astype(self.dtype)
         if not deterministic and self.dropout_rate > 0:
             weights = nn.Dropout(self.dropout_rate)(weights, deterministic=False)
         out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
@@ -388,8 +389,9 @@ class ViT(nn.Module):
         logits = nn.Dense(
             c.num_classes, dtype=dt, name="head", kernel_init=nn.initializers.zeros
         )(x)
-        logits = logits.astype(jnp.float32)
-        return (logits, x.astype(jnp.float32)) if return_features else logits
+        out = jnp.promote_types(logits.dtype, jnp.float32)  # float32, or float64 in x64 parity checks
+        logits = logits.astype(out)
+        return (logits, x.astype(out)) if return_features else logits
 
 
 def init_params(config: ViTConfig, rng: Array | int = 0) -> dict:
