@@ -67,6 +67,40 @@ def test_every_task_under_mock(task):
     assert np.all(test[1]["image"][3] == 0)
 
 
+@pytest.mark.parametrize("task", vtab.TASKS)
+def test_every_task_is_deterministic_sharded_and_resumable_under_mock(task):
+    name, kw = f"vtab/{task}", dict(image_size=8, train=True, seed=5, hflip=True, prefetch=0)
+    with tfds.testing.mock_data(num_examples=12), _quiet():
+        take = lambda it, n: [next(it) for _ in range(n)]  # noqa: E731
+        ref = take(D.make_dataset(name, "train800val200", batch_size=4, **kw, **KW), 6)  # 2 epochs
+        again = take(D.make_dataset(name, "train800val200", batch_size=4, **kw, **KW), 6)
+        resumed = take(D.make_dataset(name, "train800val200", batch_size=4, start_batch=4, **kw, **KW), 2)
+        hosts = [take(D.make_dataset(name, "train800val200", batch_size=2, process_index=p,
+                                     process_count=2, **kw), 6) for p in range(2)]
+    for a, b in zip(ref, again):
+        np.testing.assert_array_equal(a["image"], b["image"])
+        np.testing.assert_array_equal(a["label"], b["label"])
+    for a, b in zip(ref[4:], resumed):
+        np.testing.assert_array_equal(a["image"], b["image"])
+    for j, g in enumerate(ref):  # host slices concatenate to the single-host global batch
+        np.testing.assert_array_equal(np.concatenate([hosts[0][j]["image"], hosts[1][j]["image"]]), g["image"])
+        np.testing.assert_array_equal(np.concatenate([hosts[0][j]["label"], hosts[1][j]["label"]]), g["label"])
+
+
+class _quiet:
+    """Silences the expected mocked-label clipping warning."""
+
+    def __enter__(self):
+        import warnings
+
+        self._cm = warnings.catch_warnings()
+        self._cm.__enter__()
+        warnings.simplefilter("ignore", UserWarning)
+
+    def __exit__(self, *a):
+        return self._cm.__exit__(*a)
+
+
 class _nullcontext:
     def __enter__(self):
         return self
