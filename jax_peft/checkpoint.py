@@ -278,7 +278,7 @@ def _interp_axis(x: np.ndarray, new: int, axis: int) -> np.ndarray:
     n = x.shape[axis]
     if new == n:
         return x
-    coord = np.arange(new, dtype=np.float64) * ((n - 1) / (new - 1)) if new > 1 else np.zeros(1)
+    coord = np.arange(new, dtype=np.float64) * (n - 1) / (new - 1) if new > 1 else np.zeros(1)
     lo = np.clip(np.floor(coord).astype(np.int64), 0, n - 1)
     hi = np.minimum(lo + 1, n - 1)
     w = (coord - lo).reshape((-1,) + (1,) * (x.ndim - axis - 1))
