@@ -83,3 +83,28 @@ def test_partial_sweep_resumes_and_leaves_incomplete_means_empty(tmp_path, capsy
                        "--markdown", str(md_path), "--csv", str(csv_path)]) == 0
     assert "| caltech101 | Natural | 90.00 | 89.60 | 0.40 |" in md_path.read_text()
     assert csv_path.read_text().startswith("row,group,ours,paper,diff\n")
+
+
+def test_run_sweep_runs_pending_tasks_in_order_and_stops_on_failure(tmp_path, monkeypatch):
+    wd = str(tmp_path)
+    _write(wd, "caltech101", 0.9)
+    calls = []
+
+    def fake_run(cmd, cwd=None):
+        task = cmd[-1].split("--workdir=")[-1].rsplit(os.sep, 1)[-1]
+        calls.append((cmd, cwd))
+        if task != "dtd":  # dtd "crashes" without a summary
+            _write(wd, task, 0.5)
+        return type("P", (), {"returncode": 0 if task != "dtd" else 1})()
+
+    monkeypatch.setattr(sweep.subprocess, "run", fake_run)
+    failed = sweep.run_sweep("lora", wd, extra=["--config.total_steps=1"])
+    assert failed == ["dtd"] and len(calls) == 2  # cifar100 ran, dtd failed, the rest not started
+    cmd, cwd = calls[0]
+    assert cwd == sweep.ROOT and cmd[1:3] == ["-m", "jax_peft.main"]
+    assert cmd[3] == f"--config={os.path.join(sweep.ROOT, 'configs', 'vtab1k.py')}:cifar100,lora"
+    assert cmd[-1] == "--config.total_steps=1"
+    calls.clear()
+    assert sweep.run_sweep("lora", wd, keep_going=True) == ["dtd"]
+    assert len(calls) == 17  # resumed: caltech101 and cifar100 skipped, every other task ran
+    assert sweep.pending_tasks(wd) == ["dtd"]
