@@ -91,7 +91,8 @@ def test_run_sweep_runs_pending_tasks_in_order_and_stops_on_failure(tmp_path, mo
     calls = []
 
     def fake_run(cmd, cwd=None):
-        task = cmd[-1].split("--workdir=")[-1].rsplit(os.sep, 1)[-1]
+        workdir = [c for c in cmd if c.startswith("--workdir=")][0]
+        task = workdir.rsplit(os.sep, 1)[-1]
         calls.append((cmd, cwd))
         if task != "dtd":  # dtd "crashes" without a summary
             _write(wd, task, 0.5)
