@@ -132,12 +132,18 @@ class _Progress:
         self.tty = enabled and sys.stderr.isatty()
         self.every = 1 if self.tty else max(1, total // 20)
         self.t0 = time.perf_counter()
+        self.first: tuple[int, float] | None = None  # (step, time) after the compiled first step
 
     def update(self, step: int, loss: float, lr: float, ips: float, t_in: float, t_step: float) -> None:
+        if self.first is None and self.enabled:
+            self.first = (step, time.perf_counter())
         if not self.enabled or (step % self.every and step != self.total):
             return
-        done = step - self.start
-        rate = done / max(time.perf_counter() - self.t0, 1e-9)
+        now = time.perf_counter()
+        if self.first is None:
+            self.first = (step, now)
+        done, elapsed = step - self.first[0], now - self.first[1]
+        rate = done / elapsed if done > 0 else (step - self.start) / max(now - self.t0, 1e-9)
         eta = (self.total - step) / rate if rate > 0 else float("nan")
         frac_in = t_in / max(t_in + t_step, 1e-12)
         line = (f"step {step}/{self.total} | loss {loss:.4f} | lr {lr:.3e} | {ips:,.0f} img/s | "
@@ -219,11 +225,12 @@ def run_eval(s: Setup, state: Any, frozen: Any, split: str | None = None) -> dic
 
 
 # ------------------------------------------------------------------------------------- train
-def train_and_evaluate(config: Any, workdir: str) -> dict:
+def train_and_evaluate(config: Any, workdir: str, *, stop_at: int | None = None) -> dict:
     """Trains `config` in `workdir` (resuming from its newest checkpoint) and returns the summary.
 
     Returns the dict written to `workdir/summary.json`, or `{"preempted": True, "step": ...}` when a
-    SIGTERM stopped the run (a checkpoint at that step was saved; rerun to resume).
+    SIGTERM stopped the run (a checkpoint at that step was saved; rerun to resume). `stop_at=k`
+    stops the same way once step k is done (a programmatic preemption, e.g. for time budgets).
     """
     t_start = time.perf_counter()
     os.makedirs(workdir, exist_ok=True)
@@ -273,6 +280,8 @@ def train_and_evaluate(config: Any, workdir: str) -> dict:
             state, metrics = runner.train(state, frozen, batch)
             step += 1
             last = step == s.total_steps
+            if stop_at is not None and step >= stop_at:
+                pre.requested = True
             do_eval = last or (eval_every > 0 and step % eval_every == 0)
             do_log = do_eval or last or step % log_every == 0 or step == start + 1
             record = None

@@ -90,7 +90,7 @@ def make_train_fn(model: Any, method: Method, tx: optax.GradientTransformation, 
         updates, opt_state = tx.update(grads, state["opt_state"], state["trainable"])
         trainable = optax.apply_updates(state["trainable"], updates)
         new = {"step": state["step"] + 1, "trainable": trainable, "opt_state": opt_state}
-        return new, {"loss": loss, "accuracy": acc, "grad_norm": optax.global_norm(grads)}
+        return new, {"loss": loss, "accuracy": acc, "grad_norm": optax.tree.norm(grads)}
 
     return train
 

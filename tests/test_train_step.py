@@ -1,0 +1,176 @@
+"""Optimizer freezing, jitted train/eval steps, loss, and the compiled cost of frozen leaves (tiny ViT, CPU)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jax_peft
+from jax_peft import paths
+from jax_peft.train import optimizer, step as step_lib
+from jax_peft.train.config import default_config
+
+
+@pytest.fixture(scope="module")
+def one_block():
+    """(ViTConfig, params) of a 1-block tiny ViT: cheaper to compile than the shared 2-block one."""
+    from conftest import tiny_vit_config
+
+    cfg = tiny_vit_config(num_layers=1)
+    return cfg, jax.tree_util.tree_map(np.asarray, jax_peft.init_params(cfg, 0))
+
+
+def _batch(n=8, classes=5, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(-1, 1, (n, 32, 32, 3)).astype(np.float32)
+    y = (np.arange(n) % classes).astype(np.int32)
+    x[..., 0] += 0.5 * y[:, None, None] / classes  # learnable: the label shifts the red channel
+    return {"image": x, "label": y}
+
+
+def _setup(name, params, cfg, *, lr=1e-2, parallel="jit", opt=None, **hp):
+    method = jax_peft.get_method(name, **hp)
+    trainable, frozen = step_lib.split_params(params, method.init(jax.random.PRNGKey(0), params))
+    oc = opt or default_config().optimizer
+    tx = optimizer.build_optimizer(oc, lr, decay_mask=method.decay_mask(trainable))
+    runner = step_lib.make_runner(jax_peft.ViT(cfg), method, tx, seed=0, parallel=parallel)
+    return method, runner, runner.put_state(step_lib.init_state(trainable, tx)), runner.put_frozen(frozen), frozen
+
+
+def _train(runner, state, frozen, batch, n):
+    losses = []
+    for _ in range(n):
+        state, m = runner.train(state, frozen, runner.put_batch(batch))
+        losses.append(float(runner.get(m)["loss"]))
+    return state, losses
+
+
+def test_frozen_leaves_bit_identical_and_only_targets_change(tiny_config, tiny_params):
+    method, runner, state, frozen_dev, frozen = _setup("bitfit", tiny_params, tiny_config)
+    before = jax.tree_util.tree_map(np.copy, frozen)
+    state, _ = _train(runner, state, frozen_dev, _batch(), 3)
+    # The frozen argument is neither donated nor modified.
+    jax.tree_util.tree_map(np.testing.assert_array_equal, jax.device_get(frozen_dev), before)
+    trainable = jax.device_get(runner.get_state(state)["trainable"])
+    eff = paths.flatten(jax.device_get(step_lib.effective_params(method, before, trainable)))
+    base = paths.flatten(tiny_params)
+    changed = {p for p in base if not np.array_equal(eff[p], base[p])}
+    targets = set(paths.select(base, jax_peft.methods.simple.BITFIT_TARGETS)) | {"head/kernel", "head/bias"}
+    assert changed and changed <= targets
+    assert "head/kernel" in changed
+    assert int(runner.get(state["step"])) == 3
+
+
+def test_loss_decreases_on_a_learnable_batch(one_block):
+    cfg, params = one_block
+    _, runner, state, frozen, _ = _setup("rlrr", params, cfg, lr=3e-2)
+    _, losses = _train(runner, state, frozen, _batch(), 15)
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_no_gradient_computed_for_frozen_leaves(one_block):
+    """XLA's cost analysis: a linear probe costs about a forward pass (no backward through the frozen
+    backbone); bias-only training skips the weight gradients that full fine-tuning computes."""
+    flops = {}
+    cfg, params = one_block
+    for name in ("linear", "bitfit", "full"):
+        _, runner, state, frozen, _ = _setup(name, params, cfg)
+        compiled = runner.train.lower(state, frozen, runner.put_batch(_batch())).compile()
+        cost = compiled.cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        flops[name] = cost["flops"]
+    assert flops["linear"] < 0.5 * flops["full"], flops
+    assert flops["bitfit"] < 0.8 * flops["full"], flops
+
+
+def test_gradients_and_optimizer_state_cover_only_the_trainable_tree(tiny_config, tiny_params):
+    method = jax_peft.get_method("linear")
+    trainable, frozen = step_lib.split_params(tiny_params, method.init(jax.random.PRNGKey(0), tiny_params))
+    tx = optimizer.build_optimizer(default_config().optimizer, 1e-3, decay_mask=method.decay_mask(trainable))
+    state = step_lib.init_state(trainable, tx)
+    assert optimizer.count_state(state["opt_state"]) == 2 * paths.count(trainable) + 1  # mu, nu, count
+    fn = step_lib.make_train_fn(jax_peft.ViT(tiny_config), method, tx, seed=0)
+    jaxpr = jax.make_jaxpr(fn)(state, frozen, _batch())
+    assert jaxpr  # traces; the frozen tree is an input only
+    out_state, _ = jax.eval_shape(fn, state, frozen, _batch())
+    assert jax.tree_util.tree_structure(out_state) == jax.tree_util.tree_structure(state)
+
+
+def test_partition_labels_freeze_in_place_without_state():
+    tree = {"a": {"kernel": jnp.ones((3, 4)), "bias": jnp.ones((4,))}, "b": {"kernel": jnp.ones((4, 2))}}
+    labels = optimizer.path_labels(tree, r"^a/")
+    assert labels == {"a": {"kernel": "trainable", "bias": "trainable"}, "b": {"kernel": "frozen"}}
+    oc = default_config().optimizer
+    tx = optimizer.build_optimizer(oc, 0.1, labels=labels)
+    opt_state = tx.init(tree)
+    assert optimizer.count_state(opt_state) == 2 * (12 + 4) + 1
+    grads = jax.tree_util.tree_map(jnp.ones_like, tree)
+    updates, _ = tx.update(grads, opt_state, tree)
+    np.testing.assert_array_equal(updates["b"]["kernel"], 0.0)
+    assert float(jnp.abs(updates["a"]["kernel"]).min()) > 0
+    with pytest.raises(ValueError, match="selects no parameter"):
+        optimizer.path_labels(tree, r"^c/")
+
+
+def test_decay_mask_and_sgd_and_clipping():
+    tree = {"w": jnp.full((3,), 2.0), "bias": jnp.full((3,), 2.0)}
+    zero = jax.tree_util.tree_map(jnp.zeros_like, tree)
+    mask = {"w": True, "bias": False}
+    oc = default_config().optimizer
+    oc.weight_decay = 0.1
+    tx = optimizer.build_optimizer(oc, 0.5, decay_mask=mask)
+    upd, _ = tx.update(zero, tx.init(tree), tree)
+    np.testing.assert_allclose(upd["w"], -0.5 * 0.1 * 2.0)  # decoupled: lr * wd * p
+    np.testing.assert_array_equal(upd["bias"], 0.0)
+    oc.name, oc.momentum, oc.grad_clip_norm = "sgd", 0.9, 1.0
+    tx = optimizer.build_optimizer(oc, 0.5, decay_mask=mask)
+    g = {"w": jnp.full((3,), 10.0), "bias": jnp.zeros((3,))}
+    upd, _ = tx.update(g, tx.init(tree), tree)
+    clipped = 10.0 / np.sqrt(300.0)
+    np.testing.assert_allclose(upd["w"], -0.5 * (clipped + 0.1 * 2.0), rtol=1e-6)
+    oc.name = "adam"
+    with pytest.raises(ValueError, match="adamw"):
+        optimizer.build_optimizer(oc, 0.1)
+
+
+def test_label_smoothing_matches_pytorch_formula():
+    logits = jnp.array([[2.0, 0.5, -1.0], [0.1, 0.2, 0.3]])
+    labels = jnp.array([0, 2])
+    a = 0.1
+    logp = jax.nn.log_softmax(logits)
+    target = (1 - a) * jax.nn.one_hot(labels, 3) + a / 3
+    want = -(target * logp).sum(-1)
+    np.testing.assert_allclose(step_lib.cross_entropy(logits, labels, a), want, rtol=1e-6)
+    np.testing.assert_allclose(step_lib.cross_entropy(logits, labels), -logp[jnp.arange(2), labels], rtol=1e-6)
+
+
+def test_pmap_matches_jit_and_eval_counts_masked_rows(one_block):
+    cfg, params = one_block
+    batch = _batch()
+    _, r_jit, s_jit, f_jit, _ = _setup("bitfit", params, cfg)
+    _, r_pmap, s_pmap, f_pmap, _ = _setup("bitfit", params, cfg, parallel="pmap")
+    s_jit, l_jit = _train(r_jit, s_jit, f_jit, batch, 3)
+    s_pmap, l_pmap = _train(r_pmap, s_pmap, f_pmap, batch, 3)
+    np.testing.assert_allclose(l_pmap, l_jit, rtol=1e-6)
+    ev = dict(batch, mask=np.array([1, 1, 1, 1, 1, 0, 0, 0], np.float32))
+    out = r_jit.get(r_jit.eval(s_jit, f_jit, r_jit.put_batch(ev)))
+    assert float(out["count"]) == 5.0 and 0 <= float(out["correct"]) <= 5
+    out_p = r_pmap.get(r_pmap.eval(s_pmap, f_pmap, r_pmap.put_batch(ev)))
+    assert float(out_p["count"]) == 5.0
+
+
+def test_bfloat16_compute_keeps_float32_state(one_block):
+    cfg, params = one_block
+    _, runner, state, frozen, _ = _setup("bitfit", params, cfg.replace(dtype="bfloat16"))
+    state, losses = _train(runner, state, frozen, _batch(), 2)
+    assert np.isfinite(losses).all()
+    dtypes = {x.dtype for x in jax.tree_util.tree_leaves(state["trainable"])}
+    assert dtypes == {jnp.dtype(jnp.float32)}
+
+
+def test_batch_not_divisible_by_devices_is_explained(tiny_config, tiny_params):
+    _, runner, *_ = _setup("linear", tiny_params, tiny_config)
+    runner.num_devices = 8  # as on an 8-device host
+    with pytest.raises(ValueError, match="not divisible by the 8 devices"):
+        runner.check_batch_size(12)
