@@ -212,6 +212,7 @@ class BatchIterator:
         t0 = time.perf_counter()
         if self._queue is None:
             if self._done(self._next_k):
+                self.close()
                 raise StopIteration
             item = self.load_batch(self._next_k)
         else:
@@ -219,7 +220,7 @@ class BatchIterator:
                 raise StopIteration
             item = self._queue.get()
             if isinstance(item, BaseException):
-                self._stop.set()
+                self.close()  # the producer has finished: release its thread and the worker pool
                 if isinstance(item, StopIteration):
                     raise StopIteration
                 raise item
@@ -236,7 +237,7 @@ class BatchIterator:
     def close(self) -> None:
         """Stops the background thread and the worker pool."""
         self._stop.set()
-        if self._thread is not None:
+        if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout=5)
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
