@@ -285,3 +285,12 @@ def test_preprocess_geometry():
     flips = {bool(preprocess.Preprocess(8, True, hflip=True)(img, np.random.default_rng(s))[0, 0, 0]
                   != preprocess.Preprocess(8, False)(img, None)[0, 0, 0]) for s in range(8)}
     assert flips == {True, False}
+
+
+def test_exhausted_eval_iterator_releases_its_threads():
+    it = D.make_dataset("folder/x", "test", batch_size=4, image_size=8, train=False,
+                        source=IndexSource(10), num_workers=2, **KW)
+    assert len(list(it)) == 3
+    assert not it._thread.is_alive() and it._pool._shutdown
+    with pytest.raises(StopIteration):
+        next(it)
