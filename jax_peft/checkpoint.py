@@ -71,6 +71,8 @@ def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
     Raises CheckpointError (a ValueError) naming the file when it is truncated or not an npz.
     """
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise IsADirectoryError(f"{path!r} is a directory; pass the path of a .npz checkpoint file")
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint file {path!r} does not exist; pass the path of a .npz file")
     try:
@@ -152,7 +154,7 @@ def normalize(flat: Mapping[str, Any], *, dtype: Any = np.float32) -> dict:
     for k, v in inner.items():
         v = np.asarray(_decode(np.asarray(v)))
         if dtype is not None and _is_float(v):
-            v = v.astype(dtype)
+            v = v.astype(dtype, copy=False)
         name = k.rsplit("/", 1)[-1]
         if name in ("scale", "bias") and v.ndim == 4 and v.shape[:3] == (1, 1, 1):
             v = v.reshape(v.shape[-1])  # hybrid GroupNorm

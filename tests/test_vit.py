@@ -58,3 +58,12 @@ def test_vit_config_infers_tiny_tree(tiny_config, tiny_params):
     for field in ("patch_size", "hidden_size", "num_layers", "num_heads", "mlp_dim", "num_classes",
                   "image_size", "classifier", "representation_size"):
         assert getattr(cfg, field) == getattr(tiny_config, field), field
+
+
+def test_in21k_b16_file_shape():
+    """checkpoints.md section 3: the ImageNet-21k B/16 file has 202 arrays and 103,186,515 parameters."""
+    cfg = jax_peft.vit_config("ViT-B/16", num_classes=21843, representation_size=768)
+    shapes = paths.flatten(jax_peft.param_shapes(cfg))
+    assert len(shapes) == 202 and paths.count(shapes) == 103_186_515
+    assert shapes["Transformer/posembed_input/pos_embedding"].shape == (1, 197, 768)
+    assert shapes["pre_logits/kernel"].shape == (768, 768)
