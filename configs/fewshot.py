@@ -56,8 +56,10 @@ def get_config(arg: str = "food101,16,0,fact_tt") -> ml_collections.ConfigDict:
     c.method = ml_collections.ConfigDict({"name": method})
     if method == "fact_tt":
         c.method.rank, c.method.scale = 16, 1.0
-    elif method in ("fact_tk", "efft", "lora"):
+    elif method in ("fact_tk", "efft"):
         c.method.rank = 8
+    elif method == "lora":
+        c.method.rank, c.method.variant = 8, "fused_qkv"  # NOAH's LoRA
     c.model.checkpoint = "ViT-B_16"
     c.model.num_classes = n_cls
     c.model.drop_path_rate, c.model.drop_path_mode = 0.1, "sample"

@@ -99,5 +99,5 @@ def get_config(arg: str = "cub200,rlrr") -> ml_collections.ConfigDict:
         c.model.drop_path_rate, c.model.drop_path_mode = 0.1, "sample"
         c.data.normalization = norm
         if method == "lora":
-            c.method.rank = 8
+            c.method.rank, c.method.variant = 8, "fused_qkv"
     return c

@@ -77,7 +77,8 @@ def test_fact_efft_ssf_lora_spot_checks():
     assert (c.optimizer.lr, c.optimizer.weight_decay, c.model.drop_path_rate) == (5e-2, 5e-2, 0.1)
     assert c.model.checkpoint == "augreg/ViT-B_16" and c.schedule.step_offset == "before_epoch"
     assert c.num_epochs == 110 and c.data.normalization == "minus_one_one"
-    assert vtab1k.get_config("kitti,lora").method.rank == 8
+    c = vtab1k.get_config("kitti,lora")
+    assert (c.method.rank, c.method.variant) == (8, "fused_qkv")
     c = vtab1k.get_config("dtd,full")
     assert c.optimizer.name == "adamw" and c.data.interpolation == "bilinear"
     assert vtab1k.get_config("dtd,linear").optimizer.name == "sgd"
@@ -117,6 +118,8 @@ def test_fgvc_configs():
             c = fgvc.get_config(f"{ds},{method}")
             assert c.data.name == f"fgvc/{ds}" and c.model.num_classes == data.num_classes(c.data.name)
             assert (c.data.train_split, c.data.eval_split) == ("trainval", "test")
+            if _method_available(method):
+                base.get_method(method, **{k: v for k, v in c.method.to_dict().items() if k != "name"})
     c = fgvc.get_config("nabirds,rlrr")
     assert (c.optimizer.lr, c.optimizer.weight_decay, c.model.drop_path_rate) == (5e-4, 5e-2, 0.3)
     assert (c.batch_size, c.num_epochs, c.schedule.cosine_epochs) == (32, 60, 50)
@@ -136,6 +139,10 @@ def test_fewshot_configs():
             assert c.data.train_split == f"train_{k}shot_seed2"
             assert data.dataset_info(c.data.name, c.data.train_split)["num_examples"] == k * c.model.num_classes
             assert c.batch_size <= k * c.model.num_classes and c.batch_size <= 64
+    for method in fewshot.METHODS:
+        c = fewshot.get_config(f"food101,16,0,{method}")
+        if _method_available(method):
+            base.get_method(method, **{k: v for k, v in c.method.to_dict().items() if k != "name"})
     c = fewshot.get_config("food101,16,0,fact_tt")
     assert (c.method.rank, c.optimizer.lr, c.optimizer.weight_decay, c.batch_size) == (16, 5e-3, 1e-4, 64)
     assert c.data.random_resized_crop and c.data.hflip and c.data.normalization == "imagenet"
