@@ -24,6 +24,13 @@ from jax_peft import download, paths
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True)
+def _no_proxy_for_localhost(monkeypatch):
+    """The local test servers must be reached directly even where an HTTP proxy is configured."""
+    for var in ("no_proxy", "NO_PROXY"):
+        monkeypatch.setenv(var, "127.0.0.1,localhost")
+
+
 # ----------------------------------------------------------------------------------------- helpers
 
 
