@@ -12,7 +12,7 @@ import pytest
 
 import jax_peft
 from jax_peft import paths
-from tests.formula import formula_input, formula_params
+from formula import formula_input, formula_params
 
 GOLDEN = "tests/data/rlrr_d2.npz"
 
