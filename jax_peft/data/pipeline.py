@@ -275,7 +275,7 @@ def tfds_source(spec: str, split: str, data_dir: str | None, *, prepare_name: st
         dd = f" --data_dir {data_dir}" if data_dir else ""
         raise DatasetUnavailableError(
             f"TFDS dataset {spec!r} (split {split!r}) is not available in array_record format under "
-            f"{where}. Prepare it once with: python -m jax_peft.data.prepare {prepare_name}{dd} ."
-            f"{(' ' + manual_note) if manual_note else ''} (a copy prepared in TFRecord format cannot be "
+            f"{where}.\nPrepare it once with: python -m jax_peft.data.prepare {prepare_name}{dd}\n"
+            f"{(manual_note + chr(10)) if manual_note else ''}(A copy prepared in TFRecord format cannot be "
             f"read without TensorFlow: prepare into another data_dir.)\n(TFDS said: {type(e).__name__}: "
             f"{str(e).splitlines()[0] if str(e) else ''})") from e
