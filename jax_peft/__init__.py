@@ -38,7 +38,14 @@ _EXPORTS = {
     "from_official": "jax_peft.convert",
     "to_official": "jax_peft.convert",
     "paths": "jax_peft.paths",
+    "data": "jax_peft.data",
+    "analysis": "jax_peft.analysis",
+    "make_dataset": "jax_peft.data",
+    "dataset_info": "jax_peft.data",
+    "vtab_tasks": "jax_peft.data",
+    "SidePath": "jax_peft.vit",
 }
+_MODULES = {"paths", "data", "analysis"}
 
 __all__ = sorted(_EXPORTS) + ["__version__"]
 
@@ -46,7 +53,7 @@ __all__ = sorted(_EXPORTS) + ["__version__"]
 def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
         module = import_module(_EXPORTS[name])
-        value = module if name == "paths" else getattr(module, name)
+        value = module if name in _MODULES else getattr(module, name)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'jax_peft' has no attribute {name!r}")
