@@ -12,6 +12,7 @@ import pytest
 
 import jax_peft
 from jax_peft import paths
+from conftest import random_params, tiny_vit_config
 from formula import formula_input, formula_params
 
 GOLDEN = "tests/data/rlrr_d2.npz"
@@ -54,7 +55,7 @@ def _rel(ours, gold):
 def test_logits_loss_and_gradients_match_official(golden, setup):
     params, model, method, adapter = setup
     loss_fn = _loss_fn(model, method, params)
-    (loss, logits), (g_ad, g_head) = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(
+    (loss, logits), (g_ad, g_head) = jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True))(
         adapter, params["head"])
     assert _rel(logits, golden["logits"]) < 1e-4
     assert abs(float(loss) - golden["loss"]) / abs(golden["loss"]) < 1e-4
@@ -103,8 +104,7 @@ def test_from_official_without_params_infers_depth(golden, setup):
 
 
 def test_init_distributions_and_count():
-    params = jax_peft.init_params(jax_peft.vit_config(None, hidden_size=64, num_heads=2, mlp_dim=128,
-                                                      num_layers=2, image_size=32, num_classes=3), 0)
+    params = random_params(tiny_vit_config(hidden_size=64, mlp_dim=128), 0)
     method = jax_peft.get_method("rlrr")
     ad = method.init(jax.random.PRNGKey(0), params)
     d, m, depth = 64, 128, 2
@@ -122,9 +122,7 @@ def test_init_distributions_and_count():
 
 
 def test_identity_init_is_the_pretrained_model():
-    cfg = jax_peft.vit_config(None, hidden_size=32, num_heads=2, mlp_dim=64, num_layers=2,
-                              image_size=32, num_classes=3)
-    params = jax_peft.init_params(cfg, 1)
+    params = random_params(tiny_vit_config(), 1)
     method = jax_peft.get_method("rlrr", init="identity")
     eff = method.apply(params, method.init(jax.random.PRNGKey(0), params))
     for a, b in zip(jax.tree_util.tree_leaves(eff), jax.tree_util.tree_leaves(params)):
@@ -132,9 +130,7 @@ def test_identity_init_is_the_pretrained_model():
 
 
 def test_selection_options_and_decay_mask():
-    cfg = jax_peft.vit_config(None, hidden_size=32, num_heads=2, mlp_dim=64, num_layers=3,
-                              image_size=32, num_classes=3)
-    params = jax_peft.init_params(cfg, 0)
+    params = random_params(tiny_vit_config(num_layers=3), 0)
     key = jax.random.PRNGKey(0)
     d, m = 32, 64
     ffn = jax_peft.get_method("rlrr", modules=("fc1", "fc2"), ln_ssf=False, patch_ssf=False, final_ssf=False)
