@@ -21,6 +21,7 @@ Short names (case-insensitive; `/` inside the model name may be written `_`)::
 from __future__ import annotations
 
 import contextlib
+import difflib
 import hashlib
 import http.client
 import json
@@ -141,8 +142,10 @@ def resolve(path_or_url: str | os.PathLike) -> tuple[str, str]:
             f"checkpoint file {s!r} does not exist. Pass an existing .npz path, an https:// or gs:// URL, "
             f"or a known name such as {examples}."
         )
+    close = difflib.get_close_matches(s, known_names(), n=3, cutoff=0.6)
+    guess = f"Did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
     raise ValueError(
-        f"unknown checkpoint name {s!r}. Known names: {', '.join(known_names())}; "
+        f"unknown checkpoint name {s!r}. {guess}Known names: {', '.join(known_names())}; "
         "also 'augreg/<file>.npz', https:// and gs:// URLs, and local .npz paths "
         "(Ti and S models exist only under augreg/ and sam/)."
     )
@@ -254,7 +257,6 @@ def download(url: str, dest: str | os.PathLike, *, progress: bool = True, timeou
     """Downloads `url` to `dest` atomically (temp file + rename), checks it, writes the sidecar."""
     url = gs_to_https(url)
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
     request = urllib.request.Request(url, headers={"User-Agent": "jax_peft"})
     try:
         response = urllib.request.urlopen(request, timeout=timeout)
@@ -267,6 +269,11 @@ def download(url: str, dest: str | os.PathLike, *, progress: bool = True, timeou
         reason = getattr(e, "reason", e)
         raise DownloadError(f"cannot download {url}: {reason}. Check the URL and the network. "
                             f"{_manual_hint(url)}") from None
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        response.close()
+        raise
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + ".", suffix=".part")
     received = 0
     digest = hashlib.sha256()

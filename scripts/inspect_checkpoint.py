@@ -102,8 +102,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max-rows", type=int, default=None, help="print at most this many stored arrays")
     args = parser.parse_args(argv)
 
-    path = fetch(args.checkpoint, cache_dir=args.cache_dir)
-    stored = read_npz(path)
+    try:
+        path = fetch(args.checkpoint, cache_dir=args.cache_dir)
+        stored = read_npz(path)
+    except (OSError, ValueError) as e:  # unknown name, missing file, download failure, bad file
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     print(f"# {path}\n\n## stored arrays ({len(stored)})")
     print(paths.summarize(stored, max_rows=args.max_rows))  # stored keys, in file order
 
