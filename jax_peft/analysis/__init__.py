@@ -25,7 +25,7 @@ _EXPORTS = {
     "AdapterBank": "arithmetic", "task_vector": "arithmetic", "combine_deltas": "arithmetic",
     "combine_adapters": "arithmetic", "apply_delta": "arithmetic",
     "SwappableForward": "swap", "make_forward": "swap",
-    "report": "report",
+    "report": "__main__", "report_trees": "__main__", "load_run": "__main__",
 }
 
 __all__ = sorted(_EXPORTS)
