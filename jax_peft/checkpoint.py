@@ -23,6 +23,7 @@ import contextlib
 import os
 import re
 import tempfile
+import warnings
 import zipfile
 from pathlib import Path
 from typing import Any, Iterable, Literal, Mapping
@@ -181,7 +182,11 @@ def normalize(flat: Mapping[str, Any], *, dtype: Any = np.float32) -> dict:
         if "cls" in out:  # zero CLS row: the CLS token sees only its own row, so logits are unchanged
             pe = np.concatenate([np.zeros(pe.shape[:1] + (1,) + pe.shape[2:], pe.dtype), pe], axis=1)
         out["Transformer/posembed_input/pos_embedding"] = pe
-    return _renumber(paths.unflatten(out))
+    tree = _renumber(paths.unflatten(out))
+    if "MAPHead_0" in tree:
+        warnings.warn("the checkpoint has a MAP head (MAPHead_0, big_vision pool_type='map'); jax_peft's ViT "
+                      "pools with the CLS token or the mean ('gap') and ignores it", stacklevel=3)
+    return tree
 
 
 # ------------------------------------------------------------------------------------ adapt/validate

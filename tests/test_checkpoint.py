@@ -3,7 +3,6 @@ download cache (against a local http.server only; no real network)."""
 
 from __future__ import annotations
 
-import contextlib
 import http.server
 import importlib.util
 import json
