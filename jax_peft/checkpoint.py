@@ -31,7 +31,7 @@ from typing import Any, Iterable, Literal, Mapping
 import numpy as np
 
 from jax_peft import paths
-from jax_peft.download import check_zip, fetch
+from jax_peft.download import check_zip, fetch, public_mode
 from jax_peft.vit import ViTConfig, param_shapes, vit_config
 
 Tree = Mapping[str, Any]
@@ -458,6 +458,7 @@ def save_checkpoint(path: str | os.PathLike, params: Tree) -> Path:
     arrays = to_pre_linen(params)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp.npz")
+    public_mode(fd)
     try:
         with os.fdopen(fd, "wb") as f:
             np.savez(f, **arrays)

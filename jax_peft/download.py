@@ -199,6 +199,13 @@ def check_zip(path: str | os.PathLike, what: str | None = None) -> None:
         ) from None
 
 
+def public_mode(fd: int) -> None:
+    """Gives a mkstemp file (created 0600) the mode a normal open() would: 0666 minus the umask."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    os.fchmod(fd, 0o666 & ~mask)
+
+
 def _sidecar(path: Path) -> Path:
     return path.with_name(path.name + SIDECAR_SUFFIX)
 
@@ -206,6 +213,7 @@ def _sidecar(path: Path) -> Path:
 def _write_sidecar(path: Path, url: str | None, size: int, digest: str) -> None:
     record = {"url": url, "size": size, "sha256": digest}
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    public_mode(fd)
     with os.fdopen(fd, "w") as f:
         json.dump(record, f)
     os.replace(tmp, _sidecar(path))
@@ -275,6 +283,7 @@ def download(url: str, dest: str | os.PathLike, *, progress: bool = True, timeou
         response.close()
         raise
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + ".", suffix=".part")
+    public_mode(fd)
     received = 0
     digest = hashlib.sha256()
     try:

@@ -646,3 +646,13 @@ def test_inspect_detects_original_in21k_layout(tmp_path, capsys, tiny_params):
                  "pre_logits"):
         assert text in out, (text, out)
     assert re.search(r"\npre_logits +1,056\n", out)
+
+
+def test_saved_file_has_normal_permissions(tmp_path, tiny_params):
+    import os
+    import stat
+
+    mask = os.umask(0o022)
+    os.umask(mask)
+    path = jax_peft.save_checkpoint(tmp_path / "p.npz", tiny_params)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~mask  # not mkstemp's 0600
