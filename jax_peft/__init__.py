@@ -31,6 +31,8 @@ _EXPORTS = {
     "drop_pre_logits": "jax_peft.checkpoint",
     "reset_head": "jax_peft.checkpoint",
     "resize_pos_embedding": "jax_peft.checkpoint",
+    "detect_layout": "jax_peft.checkpoint",
+    "CheckpointError": "jax_peft.checkpoint",
     "get_method": "jax_peft.methods.base",
     "method_names": "jax_peft.methods.base",
     "Method": "jax_peft.methods.base",
