@@ -1,0 +1,163 @@
+"""Activation form of the low-rank methods: `x K + s · drop(x F_0 … F_j) F_{j+1} …` beside the frozen K.
+
+`method.apply` (the weight form) materializes `K + ΔK`; in training that costs a full-size weight
+gradient per adapted matrix, and it cannot express the official activation dropout. The activation
+form instead hands the ViT one `vit.SidePath` per adapted matrix and keeps the frozen kernels as they
+are::
+
+    params, side = activation_form(method, params, adapter, rng=rng)
+    logits = model.apply({"params": params}, images, train=True, side=side,
+                         rngs={"dropout": key})
+
+Eval logits equal the weight form's (and, with dropout off, so do the adapter gradients); the
+factors are read from the adapter leaves exactly as each method's `apply` builds its increments.
+
+Where the training-time dropout sits (as in the official code):
+
+* FacT-TT / FacT-TK: `Dropout(method.dropout)` on the rank-r activation after the core, before V
+  (`dropout_after=1`). The MLP kernels are chunked into k = M/D square blocks: fc1 runs as
+  `(x U T1) → drop → kron(I_k, V)` (the (r·k)-wide activation split into k chunks, each times V),
+  fc2 as `h kron(I_k, U) → T2 → drop → V` (h split into k chunks of D, each times U).
+* LoRA: `Dropout(method.dropout)` on the LoRA input x (`dropout_after=-1`).
+* EFFT: dropout acts on the factor *entries*; the factors are dropped first with `rng`, exactly as
+  `EFFT.apply(params, adapter, rng=rng)` drops them, and the side paths carry no activation dropout.
+
+Other methods (RLRR, SSF, BitFit, linear probe, full fine-tuning) have no cheaper activation form;
+`activation_form` raises and says to use `method.apply` (the weight form).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+
+from jax_peft.methods import layers
+from jax_peft.methods import lowrank as lr
+from jax_peft.methods.base import Method
+from jax_peft.vit import SidePath
+
+Tree = Mapping[str, Any]
+Side = dict[int, dict[str, SidePath]]
+_ATTN = ("q", "k", "v", "o")
+
+
+def _block_diag(x: jax.Array, k: int) -> jax.Array:
+    """kron(I_k, x): k copies of x (a, b) on the diagonal of a (k·a, k·b) matrix."""
+    return jnp.kron(jnp.eye(k, dtype=x.dtype), x)
+
+
+def _fact_paths(method: Method, u: jax.Array, v: jax.Array, cores: Mapping[str, jax.Array],
+                k: int) -> dict[str, SidePath]:
+    """FacT side paths of one block from U (D, r), V (r, D) and its cores: attention (r, r),
+    fc1 T1 (r, k·r), fc2 T2 (k·r, r). Dropout on the core's output (factor index 1)."""
+    opts = dict(scale=float(method.scale), dropout=float(method.dropout), dropout_after=1)
+    out = {}
+    for m, core in cores.items():
+        if m in _ATTN:
+            factors = (u, core, v)
+        elif m == "fc1":
+            factors = (u, core, _block_diag(v, k))
+        else:
+            factors = (_block_diag(u, k), core, v)
+        out[m] = SidePath(factors, **opts)
+    return out
+
+
+def _check_depth(name: str, got: int, depth: int) -> None:
+    if got != depth:
+        raise ValueError(f"{name}: the adapter has {got} blocks but the model has {depth}; build the "
+                         "adapter with method.init on this parameter tree")
+
+
+def _fact_tt(method: Method, params: Tree, adapter: Tree, rng: jax.Array | None) -> Side:
+    _, k, depth = method._shapes(params)
+    method._check_keys(adapter, ("U", "V") + method.modules)
+    _check_depth(method.name, adapter[method.modules[0]].shape[0], depth)
+    u, v = adapter["U"], adapter["V"]
+    return {i: _fact_paths(method, u, v, {m: adapter[m][i] for m in method.modules}, k)
+            for i in range(depth)}
+
+
+def _fact_tk(method: Method, params: Tree, adapter: Tree, rng: jax.Array | None) -> Side:
+    """Cores as in `FacTTK.deltas`: slices A_ℓ = C ×₃ P_ℓ (r, r, c); attention j = A_ℓ[:, :, j];
+    MLP F1 / T2 by the method's `mlp_layout`."""
+    _, k, depth = method._shapes(params)
+    method._check_keys(adapter, ("U", "V", "C", "P"))
+    r, c = method.rank, method.columns(k)
+    p = adapter["P"]
+    if p.shape != (r, depth * c):
+        raise ValueError(f"fact_tk: P has shape {p.shape}, expected {(r, depth * c)} for depth {depth}, "
+                         f"rank {r}, blocks={method.blocks!r}; build the adapter for this model")
+    slices = jnp.einsum("abc,cld->labd", adapter["C"], p.reshape(r, depth, c), precision=lr.HI)
+    side = {}
+    for i in range(depth):
+        a, cores, off = slices[i], {}, 0
+        if "q" in method.modules:
+            cores.update({m: a[:, :, j] for j, m in enumerate(_ATTN)})
+            off = 4
+        if "fc1" in method.modules:
+            mlp = a[:, :, off:off + 2 * k]
+            if method.mlp_layout == "official":
+                cores["fc1"] = mlp[:, :, :k].reshape(r, k * r)
+                cores["fc2"] = mlp[:, :, k:].reshape(r, k * r).T
+            else:
+                cores["fc1"] = mlp[:, :, :k].transpose(0, 2, 1).reshape(r, k * r)
+                cores["fc2"] = mlp[:, :, k:].transpose(2, 0, 1).reshape(k * r, r)
+        side[i] = _fact_paths(method, adapter["U"], adapter["V"], cores, k)
+    return side
+
+
+def _efft(method: Method, params: Tree, adapter: Tree, rng: jax.Array | None) -> Side:
+    """`x K + s · x a b c` with the factors of `EFFT.factors(adapter, depth, rng)`: the same
+    (dropped, when `rng` is given) factors `EFFT.apply(..., rng=rng)` multiplies out, so training
+    with the same key draws identical masks. No activation dropout."""
+    _, _, depth = method._shapes(params)
+    fac = method.factors(adapter, depth, rng)
+    return {i: {m: SidePath(tuple(f), scale=float(method.scale)) for m, f in fac[i].items()}
+            for i in range(depth)}
+
+
+def _lora(method: Method, params: Tree, adapter: Tree, rng: jax.Array | None) -> Side:
+    """`x K + drop(x) A (s B)`: the LoRA module's own `side_paths` (built from `increments`, the
+    same (A, s·B) pairs as `apply`). The fused-qkv variant splits B into its q, k and v columns."""
+    depth = layers.num_blocks(params)
+    side = method.side_paths(adapter)
+    over = sorted(i for i in side if i >= depth)
+    if over:
+        raise ValueError(f"lora: the adapter has blocks {over} that a {depth}-block model does not have")
+    return side
+
+
+_BUILDERS: dict[str, Callable[[Method, Tree, Tree, Any], Side]] = {
+    "fact_tt": _fact_tt,
+    "fact_tk": _fact_tk,
+    "efft": _efft,
+    "lora": _lora,
+}
+
+
+def supports_activation_form(method: Method) -> bool:
+    """True for the low-rank methods with an activation form (FacT-TT/TK, EFFT, LoRA)."""
+    return method.name in _BUILDERS
+
+
+def activation_form(method: Method, params: Tree, adapter: Tree, *,
+                    rng: jax.Array | None = None) -> tuple[Tree, Side]:
+    """(params, side) for `ViT.apply(..., side=side)`: the frozen parameters (the low-rank methods
+    change nothing else, so `params` is returned as is) and one `SidePath` per adapted matrix,
+    `{block: {"q"|"k"|"v"|"o"|"fc1"|"fc2": SidePath}}`.
+
+    `rng` is used only by methods whose training noise lives in the factors (EFFT); pass the same
+    key as to `method.apply(..., rng=rng)` to draw the same masks. FacT and LoRA dropout is
+    activation dropout drawn by the model from its "dropout" rng (`rngs={"dropout": key}`).
+    """
+    builder = _BUILDERS.get(method.name)
+    if builder is None:
+        raise ValueError(
+            f"method {method.name!r} has no activation form (available for: {', '.join(_BUILDERS)}); "
+            f"use the weight form, model.apply({{'params': method.apply(params, adapter)}}, ...)")
+    if layers.num_blocks(params) == 0:
+        raise ValueError("the parameter tree has no Transformer/encoderblock_{i}; nothing to adapt")
+    return params, builder(method, params, adapter, rng)

@@ -1,0 +1,171 @@
+"""Activation form (methods/activation.py) == weight form (method.apply) for the low-rank methods."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jax_peft
+from jax_peft.methods.activation import activation_form, supports_activation_form
+from jax_peft.methods.base import get_method, method_class
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# (name, hparams) of every supported variant; methods whose module has not landed are skipped.
+VARIANTS = [
+    ("fact_tt", dict(rank=3, scale=2.0)),
+    ("fact_tt", dict(rank=3, scale=0.5, blocks="ffn")),
+    ("fact_tk", dict(rank=3, scale=2.0)),
+    ("fact_tk", dict(rank=3, scale=1.5, mlp_layout="paper")),
+    ("fact_tk", dict(rank=3, scale=1.0, blocks="mhsa")),
+    ("efft", dict(rank=3, scale=2.0)),
+    ("lora", dict(rank=3, alpha=6.0, targets=("q", "v", "o", "fc1", "fc2"))),
+    ("lora", dict(rank=3, variant="fused_qkv")),
+]
+
+
+def _method(name, **hp):
+    try:
+        method_class(name)
+    except ImportError:
+        pytest.skip(f"method module for {name} not available yet")
+    try:
+        return get_method(name, **hp)
+    except TypeError as e:  # an option spelled differently in the method module
+        pytest.skip(f"{name}: {e}")
+
+
+def _tiny():
+    cfg = jax_peft.vit_config(None, patch_size=8, hidden_size=32, num_layers=2, num_heads=4,
+                              mlp_dim=128, num_classes=5, image_size=16)
+    params = jax_peft.init_params(cfg, 0)
+    params["head"]["kernel"] = jax.random.normal(jax.random.PRNGKey(9), params["head"]["kernel"].shape)
+    x = jax.random.normal(jax.random.PRNGKey(2), (3, 16, 16, 3))
+    return cfg, params, x
+
+
+def _adapter(method, params, seed=1):
+    """A non-trivial adapter: every leaf random (the official inits zero one factor)."""
+    adapter = method.init(jax.random.PRNGKey(seed), params)
+    leaves, treedef = jax.tree_util.tree_flatten(adapter)
+    keys = jax.random.split(jax.random.PRNGKey(seed + 100), len(leaves))
+    leaves = [0.3 * jax.random.normal(k, l.shape, l.dtype) for k, l in zip(keys, leaves)]
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+def _ids(v):
+    return f"{v[0]}-" + "-".join(f"{k}={x}" for k, x in v[1].items())
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=[_ids(v) for v in VARIANTS])
+def test_eval_logits_and_grads_equal_weight_form(variant):
+    name, hp = variant
+    cfg, params, x = _tiny()
+    model = jax_peft.ViT(cfg)
+    method = _method(name, **{**hp, "dropout": 0.0})
+    adapter = _adapter(method, params)
+
+    weight = model.apply({"params": method.apply(params, adapter)}, x)
+    p2, side = activation_form(method, params, adapter)
+    act = model.apply({"params": p2}, x, side=side)
+    assert np.abs(np.asarray(weight) - np.asarray(model.apply({"params": params}, x))).max() > 1e-2
+    np.testing.assert_allclose(act, weight, rtol=1e-5, atol=1e-5)
+
+    labels = jnp.arange(3) % 5
+
+    def loss(a, form):
+        if form == "weight":
+            logits = model.apply({"params": method.apply(params, a)}, x, train=True,
+                                 rngs={"dropout": jax.random.PRNGKey(0)})
+        else:
+            p, s = activation_form(method, params, a)
+            logits = model.apply({"params": p}, x, train=True, side=s, rngs={"dropout": jax.random.PRNGKey(0)})
+        return -jnp.mean(jax.nn.log_softmax(logits)[jnp.arange(3), labels])
+
+    g_w = jax.grad(loss)(adapter, "weight")
+    g_a = jax.grad(loss)(adapter, "activation")
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g_a), jax.tree_util.tree_leaves(g_w)):
+        scale = np.abs(np.asarray(b)).max()
+        assert scale > 0, path
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * scale, err_msg=str(path))
+
+
+@pytest.mark.parametrize("variant", VARIANTS[::2] + VARIANTS[-1:], ids=[_ids(v) for v in VARIANTS[::2] + VARIANTS[-1:]])
+def test_training_dropout_is_keyed_and_deterministic(variant):
+    name, hp = variant
+    cfg, params, x = _tiny()
+    model = jax_peft.ViT(cfg)
+    method = _method(name, **{**hp, "dropout": 0.3})
+    adapter = _adapter(method, params)
+    p_ev, side_ev = activation_form(method, params, adapter)
+    ev = model.apply({"params": p_ev}, x, side=side_ev)
+
+    def train(key):
+        k_model, k_method = jax.random.split(key)
+        p, s = activation_form(method, params, adapter, rng=k_method)
+        return model.apply({"params": p}, x, train=True, side=s, rngs={"dropout": k_model})
+
+    a, b, c = train(jax.random.PRNGKey(0)), train(jax.random.PRNGKey(0)), train(jax.random.PRNGKey(7))
+    np.testing.assert_array_equal(a, b)
+    assert not np.allclose(a, ev, atol=1e-4)
+    assert not np.allclose(a, c, atol=1e-4)
+    # eval mode ignores the dropout rate: still equal to the weight form
+    weight = model.apply({"params": method.apply(params, adapter)}, x)
+    np.testing.assert_allclose(ev, weight, rtol=1e-5, atol=1e-5)
+
+
+def test_fact_dropout_sits_on_the_rank_r_activation():
+    cfg, params, _ = _tiny()
+    method = _method("fact_tt", rank=3, dropout=0.1)
+    _, side = activation_form(method, params, _adapter(method, params))
+    for m, path in side[0].items():
+        assert path.dropout == 0.1 and path.dropout_after == 1, m
+        assert path.factors[1].shape[1] in (3, 3 * 4), m  # rank-r (or k·r for fc1) after the core
+
+
+def test_weight_form_methods_raise_a_clear_error():
+    _, params, _ = _tiny()
+    for name in ("rlrr", "ssf", "bitfit", "linear", "full"):
+        try:
+            method = get_method(name)
+        except ImportError:
+            continue
+        assert not supports_activation_form(method)
+        with pytest.raises(ValueError, match="weight form"):
+            activation_form(method, params, {})
+
+
+def test_benchmark_quick_runs_and_writes_json(tmp_path):
+    out = tmp_path / "bench.json"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "benchmark.py"), "--quick",
+                           "--json", str(out)], capture_output=True, text=True, timeout=60, env=env,
+                          cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    for key in ("forward_s", "floor_s", "full_s"):
+        assert res[key] > 0
+    assert {"fact_tt", "rlrr", "linear", "full"} <= set(res["methods"])
+    for name, row in res["methods"].items():
+        for key in ("step_s", "gflops", "peak_bytes", "compile_s"):
+            assert row[key] > 0, (name, key)
+    assert "targets" in res and res["targets"]
+
+
+def test_efft_factor_dropout_matches_weight_form_with_the_same_key():
+    cfg, params, x = _tiny()
+    model = jax_peft.ViT(cfg)
+    method = _method("efft", rank=3, scale=2.0, dropout=0.3)
+    adapter = _adapter(method, params)
+    key = jax.random.PRNGKey(4)
+    weight = model.apply({"params": method.apply(params, adapter, rng=key)}, x, train=True,
+                         rngs={"dropout": key})
+    p, side = activation_form(method, params, adapter, rng=key)
+    act = model.apply({"params": p}, x, train=True, side=side, rngs={"dropout": key})
+    np.testing.assert_allclose(act, weight, rtol=1e-5, atol=1e-5)
+    assert all(path.dropout == 0.0 for blk in side.values() for path in blk.values())
