@@ -107,8 +107,11 @@ class Checkpointer:
         out = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
         return dict(out["meta"])
 
-    def restore(self, abstract_state: Any, step: int | None = None) -> tuple[Any, dict] | None:
+    def restore(self, abstract_state: Any = None, step: int | None = None) -> tuple[Any, dict] | None:
         """(state, meta) of `step`, or of the newest readable checkpoint when `step` is None.
+
+        `abstract_state` (from `jax.eval_shape`) fixes the tree structure, dtypes and shardings;
+        without it the arrays come back as stored (for inspection).
 
         Returns None when there is no checkpoint. A checkpoint that fails to load is skipped with a
         `CheckpointCorruptedWarning` naming it (only when `step` is None; an explicit step raises).
@@ -118,6 +121,8 @@ class Checkpointer:
             try:
                 out = self.manager.restore(s, args=ocp.args.Composite(
                     state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
+                if abstract_state is None:
+                    out = {"state": jax.device_get(out["state"]), "meta": out["meta"]}
                 state, meta = out["state"], dict(out["meta"])
                 if int(jax.device_get(state["step"])) != s or meta.get("step") != s:
                     raise ValueError(f"checkpoint {s} holds step {meta.get('step')}")

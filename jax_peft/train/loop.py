@@ -35,7 +35,7 @@ import optax
 
 from jax_peft import paths
 from jax_peft.methods.base import Method
-from jax_peft.train import checkpointing, model_setup, optimizer, schedules, step as step_lib
+from jax_peft.train import checkpointing, distributed, model_setup, optimizer, schedules, step as step_lib
 from jax_peft.vit import ViT, ViTConfig
 
 log = logging.getLogger(__name__)
@@ -89,7 +89,9 @@ class Setup:
         return step_lib.init_state(self.trainable, self.tx)
 
     def abstract_state(self) -> Any:
-        dev = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        # Replicated over all processes' devices when distributed (orbax restores collectively).
+        dev = (jax.sharding.NamedSharding(distributed.global_mesh(), jax.sharding.PartitionSpec())
+               if jax.process_count() > 1 else jax.sharding.SingleDeviceSharding(jax.local_devices()[0]))
         shapes = jax.eval_shape(self.init_state)
         return jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=dev), shapes)
 
@@ -117,8 +119,10 @@ def setup(config: Any) -> Setup:
     tx = optimizer.build_optimizer(config.optimizer, sched, decay_mask=method.decay_mask(trainable))
     model = ViT(vcfg)
     runner = step_lib.make_runner(model, method, tx, seed=int(config.seed),
-                                  label_smoothing=float(config.label_smoothing), parallel=config.parallel)
-    runner.check_batch_size(int(config.batch_size) // jax.process_count())
+                                  label_smoothing=float(config.label_smoothing), parallel=config.parallel,
+                                  schedule=sched)
+    distributed.per_process_batch_size(int(config.batch_size))  # config.batch_size is the global batch
+    runner.check_batch_size(int(config.batch_size))
     return Setup(config, method, vcfg, model, params, trainable, frozen, sched, tx, runner, num_classes,
                  spe, total)
 
@@ -236,7 +240,9 @@ def train_and_evaluate(config: Any, workdir: str, *, stop_at: int | None = None)
     os.makedirs(workdir, exist_ok=True)
     s = setup(config)
     cfg_json = checkpointing.config_to_json(config)
-    _write_json(os.path.join(workdir, "config.json"), cfg_json)
+    main = distributed.is_main_process()  # process 0 writes config, metrics, progress and summary
+    if main:
+        _write_json(os.path.join(workdir, "config.json"), cfg_json)
     ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), keep=int(config.keep_checkpoints),
                                       keep_best=bool(config.keep_best), config=cfg_json)
     restored = ckpt.restore(s.abstract_state())
@@ -251,14 +257,15 @@ def train_and_evaluate(config: Any, workdir: str, *, stop_at: int | None = None)
     # metrics.jsonl: keep the records up to the restored step (later ones are recomputed).
     metrics_path = os.path.join(workdir, "metrics.jsonl")
     history = [r for r in _read_jsonl(metrics_path) if r.get("step", 0) <= start]
-    with open(metrics_path + ".tmp", "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in history)
-    os.replace(metrics_path + ".tmp", metrics_path)
+    if main:
+        with open(metrics_path + ".tmp", "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in history)
+        os.replace(metrics_path + ".tmp", metrics_path)
     evals = [r for r in history if "eval_accuracy" in r]
     best = max((r["eval_accuracy"] for r in evals), default=None)
     last_eval = evals[-1] if evals else None
 
-    progress = _Progress(s.total_steps, start, bool(config.progress) and jax.process_index() == 0)
+    progress = _Progress(s.total_steps, start, bool(config.progress) and main)
     if start:
         progress.message(f"resuming from step {start} ({ckpt.directory})")
     progress.message(f"{s.method.name}: {s.trainable_params():,} trainable parameters (+ head "
@@ -272,7 +279,7 @@ def train_and_evaluate(config: Any, workdir: str, *, stop_at: int | None = None)
     ckpt_every = int(config.checkpoint_every)
     preempted = False
     step = start
-    with _Preemption() as pre, open(metrics_path, "a") as mfile:
+    with _Preemption() as pre, open(metrics_path if main else os.devnull, "a") as mfile:
         while step < s.total_steps:
             t0 = time.perf_counter()
             batch = runner.put_batch(next(data))
@@ -289,7 +296,7 @@ def train_and_evaluate(config: Any, workdir: str, *, stop_at: int | None = None)
                 m = runner.get(metrics)
                 t2 = time.perf_counter()
                 ips = int(config.batch_size) / max(t2 - t0, 1e-9)
-                lr = float(s.schedule(step - 1))
+                lr = float(m["lr"])
                 record = {"step": step, "loss": float(m["loss"]), "lr": lr, "accuracy": float(m["accuracy"]),
                           "grad_norm": float(m["grad_norm"]), "images_per_s": ips}
                 progress.update(step, record["loss"], lr, ips, t1 - t0, t2 - t1)
@@ -337,7 +344,7 @@ def train_and_evaluate(config: Any, workdir: str, *, stop_at: int | None = None)
     }
     if config.export_merged:
         summary["merged_checkpoint"] = export_state(s, runner.get_state(state), os.path.join(workdir, "merged.npz"))
-    if jax.process_index() == 0:
+    if main:
         _write_json(os.path.join(workdir, "summary.json"), summary)
     return summary
 
@@ -370,13 +377,15 @@ def evaluate(config: Any, workdir: str, *, split: str | None = None) -> dict:
 
 
 def export_state(s: Setup, state: Any, path: str) -> str:
-    """Writes the merged model of a train state as a Google-layout `.npz`."""
+    """Writes the merged model of a train state as a Google-layout `.npz` (process 0 writes)."""
     from jax_peft import checkpoint as ck
     from jax_peft.merge import merge
 
     trainable = jax.device_get(state["trainable"])
-    merged = merge(step_lib.join_params(s.frozen, trainable), s.method, trainable["adapter"])
-    ck.save_checkpoint(path, jax.device_get(merged))
+    if distributed.is_main_process():
+        merged = merge(step_lib.join_params(s.frozen, trainable), s.method, trainable["adapter"])
+        ck.save_checkpoint(path, jax.device_get(merged))
+    distributed.sync("export_state")  # the file exists on every process's return
     return path
 
 

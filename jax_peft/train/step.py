@@ -21,6 +21,7 @@ so the masks (not their distribution) differ from `jit`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Mapping
 
 import jax
@@ -30,6 +31,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from jax_peft.methods.base import Method
+from jax_peft.train import distributed
 
 Tree = Any
 PARALLEL = ("jit", "pmap")
@@ -60,7 +62,8 @@ def join_params(frozen: Mapping[str, Any], trainable: Mapping[str, Any]) -> dict
 
 
 def init_state(trainable: Tree, tx: optax.GradientTransformation) -> dict:
-    return {"step": jnp.zeros((), jnp.int32), "trainable": trainable, "opt_state": tx.init(trainable)}
+    """The state at step 0 (host-independent jax arrays; built in one compiled call)."""
+    return jax.jit(lambda t: {"step": jnp.zeros((), jnp.int32), "trainable": t, "opt_state": tx.init(t)})(trainable)
 
 
 def effective_params(method: Method, frozen: Tree, trainable: Tree, rng: jax.Array | None = None) -> dict:
@@ -68,8 +71,10 @@ def effective_params(method: Method, frozen: Tree, trainable: Tree, rng: jax.Arr
 
 
 def make_train_fn(model: Any, method: Method, tx: optax.GradientTransformation, *, seed: int,
-                  label_smoothing: float = 0.0, axis_name: str | None = None) -> Callable:
-    """`train(state, frozen, batch) -> (state, metrics)` (un-jitted). Metrics: loss, accuracy, grad_norm."""
+                  label_smoothing: float = 0.0, axis_name: str | None = None,
+                  schedule: Callable | None = None) -> Callable:
+    """`train(state, frozen, batch) -> (state, metrics)` (un-jitted). Metrics: loss, accuracy,
+    grad_norm, and lr (the rate this update used) when `schedule` is given."""
 
     def train(state: dict, frozen: Tree, batch: Mapping[str, jax.Array]):
         rng = jax.random.fold_in(jax.random.PRNGKey(seed), state["step"])
@@ -90,7 +95,10 @@ def make_train_fn(model: Any, method: Method, tx: optax.GradientTransformation, 
         updates, opt_state = tx.update(grads, state["opt_state"], state["trainable"])
         trainable = optax.apply_updates(state["trainable"], updates)
         new = {"step": state["step"] + 1, "trainable": trainable, "opt_state": opt_state}
-        return new, {"loss": loss, "accuracy": acc, "grad_norm": optax.tree.norm(grads)}
+        metrics = {"loss": loss, "accuracy": acc, "grad_norm": optax.tree.norm(grads)}
+        if schedule is not None:
+            metrics["lr"] = jnp.asarray(schedule(state["step"]), jnp.float32)
+        return new, metrics
 
     return train
 
@@ -142,31 +150,35 @@ class Runner:
 
 def make_runner(model: Any, method: Method, tx: optax.GradientTransformation, *, seed: int,
                 label_smoothing: float = 0.0, parallel: str = "jit",
-                devices: list | None = None) -> Runner:
-    """Builds the jitted (or pmapped) train/eval steps over `devices` (default: all local devices)."""
+                devices: list | None = None, schedule: Callable | None = None) -> Runner:
+    """Builds the jitted (or pmapped) train/eval steps over `devices` (default: `jax.devices()`,
+    i.e. every process's devices when `jax.distributed` is initialized; `put_batch` then takes this
+    process's rows and assembles the global batch, see `jax_peft.train.distributed`)."""
     if parallel not in PARALLEL:
         raise ValueError(f"unknown parallel mode {parallel!r}; use one of {PARALLEL}")
-    devices = list(devices) if devices is not None else jax.local_devices()
+    if parallel == "pmap" and jax.process_count() > 1:
+        raise ValueError(f"parallel='pmap' runs on one process only ({jax.process_count()} processes here); "
+                         "use --config.parallel=jit for multi-process training")
+    devices = list(devices) if devices is not None else jax.devices()
     n = len(devices)
     if parallel == "jit":
         # Auto axes: XLA propagates the sharding (make_mesh defaults to Explicit axes in new JAX).
         mesh = jax.make_mesh((n,), (AXIS,), devices=devices, axis_types=(jax.sharding.AxisType.Auto,))
         repl, data = NamedSharding(mesh, P()), NamedSharding(mesh, P(AXIS))
-        train = jax.jit(make_train_fn(model, method, tx, seed=seed, label_smoothing=label_smoothing),
+        train = jax.jit(make_train_fn(model, method, tx, seed=seed, label_smoothing=label_smoothing,
+                                      schedule=schedule),
                         in_shardings=(repl, repl, data), out_shardings=(repl, repl), donate_argnums=(0,))
         evaluate = jax.jit(make_eval_fn(model, method), in_shardings=(repl, repl, data),
                            out_shardings=repl)
 
-        def put_batch(batch):
-            return {k: jax.make_array_from_process_local_data(data, np.asarray(v)) for k, v in batch.items()}
-
-        put = lambda tree: jax.device_put(tree, repl)
+        put_batch = functools.partial(distributed.global_batch, sharding=data)
+        put = functools.partial(distributed.replicate, sharding=repl)
         return Runner("jit", n, train, evaluate, put, put, put_batch, lambda s: s, jax.device_get)
 
     mesh = jax.sharding.Mesh(np.asarray(devices), (AXIS,))
     stacked = NamedSharding(mesh, P(AXIS))
     train = jax.pmap(make_train_fn(model, method, tx, seed=seed, label_smoothing=label_smoothing,
-                                   axis_name=AXIS), axis_name=AXIS, devices=devices, donate_argnums=(0,))
+                                   axis_name=AXIS, schedule=schedule), axis_name=AXIS, devices=devices, donate_argnums=(0,))
     evaluate = jax.pmap(make_eval_fn(model, method, axis_name=AXIS), axis_name=AXIS, devices=devices)
 
     def replicate(tree):

@@ -1,0 +1,183 @@
+"""The training loop on configs/smoke.py (tiny model, generated data): outputs, exact resume after a
+real SIGTERM, checkpoint contents, corrupted-checkpoint fallback, eval mode and config validation."""
+
+import importlib.util
+import json
+import os
+import signal
+import threading
+import time
+import warnings
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+import jax_peft
+from jax_peft import paths
+from jax_peft.train import checkpointing, loop, model_setup
+from jax_peft.train.config import default_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def smoke_config(**overrides):
+    spec = importlib.util.spec_from_file_location("smoke_cfg", ROOT / "configs" / "smoke.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    c = mod.get_config("bitfit")
+    c.model.num_layers = 1
+    c.total_steps, c.eval_every, c.checkpoint_every, c.log_every = 16, 8, 100, 1
+    c.progress = False
+    for k, v in overrides.items():
+        node = c
+        *parents, last = k.split(".")
+        for p in parents:
+            node = getattr(node, p)
+        setattr(node, last, v)
+    return c
+
+
+def _records(workdir):
+    return [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+
+
+def _final_trainable(workdir):
+    ck = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"))
+    state, meta = ck.restore()
+    ck.close()
+    return meta, jax.device_get(state)
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory):
+    """An uninterrupted 16-step smoke run."""
+    workdir = str(tmp_path_factory.mktemp("straight"))
+    summary = loop.train_and_evaluate(smoke_config(), workdir)
+    return workdir, summary
+
+
+def test_outputs_of_an_uninterrupted_run(straight):
+    workdir, summary = straight
+    recs = _records(workdir)
+    assert [r["step"] for r in recs] == list(range(1, 17))
+    assert all(np.isfinite(r["loss"]) and "lr" in r for r in recs)
+    assert [r["step"] for r in recs if "eval_accuracy" in r] == [8, 16]
+    on_disk = json.load(open(os.path.join(workdir, "summary.json")))
+    assert on_disk == json.loads(json.dumps(summary))
+    for key in ("method", "trainable_params", "best_eval_accuracy", "final_eval_accuracy", "steps", "wall_time_s"):
+        assert key in summary
+    assert summary["method"] == "bitfit" and summary["steps"] == 16
+    assert summary["final_eval_accuracy"] == recs[-1]["eval_accuracy"]
+    assert summary["best_eval_accuracy"] == max(r["eval_accuracy"] for r in recs if "eval_accuracy" in r)
+    assert json.load(open(os.path.join(workdir, "config.json")))["method"]["name"] == "bitfit"
+
+
+def test_checkpoint_holds_trainable_state_only(straight):
+    workdir, summary = straight
+    config = smoke_config()
+    meta, state = _final_trainable(workdir)
+    assert meta["step"] == 16 and meta["data_position"] == 16
+    assert set(state) == {"step", "trainable", "opt_state"}
+    assert set(state["trainable"]) == {"adapter", "head"}
+    n_trainable = paths.count(state["trainable"])
+    assert n_trainable == summary["trainable_params_with_head"]
+    # AdamW: mu and nu per trainable scalar, plus step counters; no frozen base weights anywhere.
+    assert paths.count(state["opt_state"]) <= 2 * n_trainable + 8
+    base = paths.count(jax_peft.param_shapes(model_setup.random_config(config, 4)))
+    assert base > 10 * n_trainable
+    size = sum(f.stat().st_size for f in Path(workdir, "checkpoints", "16").rglob("*") if f.is_file())
+    assert size < 4 * base  # float32 base weights alone would take 4 * base bytes
+
+
+def test_sigterm_then_rerun_is_bit_identical(straight, tmp_path):
+    ref_dir, _ = straight
+    config = smoke_config()
+    workdir = str(tmp_path / "resumed")
+    os.makedirs(workdir)
+    metrics = os.path.join(workdir, "metrics.jsonl")
+    got_late_signal = []
+    previous = signal.signal(signal.SIGTERM, lambda *a: got_late_signal.append(1))  # never kill pytest
+
+    def send_sigterm_after_step_3():
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            if os.path.exists(metrics) and sum(1 for _ in open(metrics)) >= 3:
+                os.kill(os.getpid(), signal.SIGTERM)
+                return
+            time.sleep(0.005)
+
+    try:
+        sender = threading.Thread(target=send_sigterm_after_step_3, daemon=True)
+        sender.start()
+        first = loop.train_and_evaluate(config, workdir)
+        sender.join()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if got_late_signal:  # the run finished before the signal arrived: nothing was interrupted
+        pytest.skip("SIGTERM arrived after the run had finished (machine too slow)")
+    assert first["preempted"] and 3 <= first["step"] < 16
+    assert not os.path.exists(os.path.join(workdir, "summary.json"))
+
+    second = loop.train_and_evaluate(config, workdir)
+    assert second["steps"] == 16
+    ref, res = _records(ref_dir), _records(workdir)
+    assert [r["step"] for r in res] == list(range(1, 17))
+    assert [r["loss"] for r in res] == [r["loss"] for r in ref]  # bitwise
+    assert [r.get("eval_accuracy") for r in res] == [r.get("eval_accuracy") for r in ref]
+    (_, a), (_, b) = _final_trainable(ref_dir), _final_trainable(workdir)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, a, b)
+
+
+def test_eval_mode_reproduces_the_final_accuracy(straight):
+    workdir, summary = straight
+    out = loop.evaluate(smoke_config(), workdir)
+    assert out["step"] == 16 and out["eval_accuracy"] == summary["final_eval_accuracy"]
+
+
+def test_corrupted_latest_checkpoint_falls_back_with_a_warning(tmp_path):
+    state = {"step": np.int32(1), "trainable": {"adapter": {"w": np.arange(6, dtype=np.float32)}}}
+    ck = checkpointing.Checkpointer(str(tmp_path / "ck"), keep=3)
+    ck.save(state, data_position=1)
+    ck.save({"step": np.int32(2), "trainable": {"adapter": {"w": np.ones(6, np.float32)}}}, data_position=2)
+    assert ck.save({"step": np.int32(2), "trainable": {"adapter": {"w": np.ones(6, np.float32)}}},
+                   data_position=2) is False  # a step is written once
+    ck.close()
+    # A save killed midway leaves only a temporary directory, which is ignored.
+    (tmp_path / "ck" / "3.orbax-checkpoint-tmp-123").mkdir()
+    # Corrupt step 2: truncate every data file of its state item.
+    for f in (tmp_path / "ck" / "2" / "state").rglob("*"):
+        if f.is_file():
+            f.write_bytes(b"garbage")
+    abstract = jax.eval_shape(lambda: jax.tree_util.tree_map(np.asarray, state))
+    ck = checkpointing.Checkpointer(str(tmp_path / "ck"), keep=3)
+    assert ck.latest_step() == 2
+    with pytest.warns(checkpointing.CheckpointCorruptedWarning, match="step 2.*falling back to step 1"):
+        restored, meta = ck.restore(abstract)
+    assert meta["step"] == 1
+    np.testing.assert_array_equal(restored["trainable"]["adapter"]["w"], np.arange(6, dtype=np.float32))
+    ck.close()
+
+
+def test_keeps_last_n_and_best(tmp_path):
+    ck = checkpointing.Checkpointer(str(tmp_path / "ck"), keep=2, keep_best=True)
+    accs = {1: 0.5, 2: 0.9, 3: 0.6, 4: None, 5: 0.7}
+    for step, acc in accs.items():
+        ck.save({"step": np.int32(step), "w": np.zeros(2, np.float32)}, data_position=step, eval_accuracy=acc)
+    assert ck.all_steps() == [2, 4, 5]
+    assert ck.best_step() == 2
+    ck.close()
+
+
+def test_config_typos_and_bad_values_are_rejected():
+    c = default_config()
+    with pytest.raises(AttributeError, match="lr_rate.*lr"):
+        c.optimizer.lr_rate = 1e-3
+    with pytest.raises(AttributeError, match="total_steps"):
+        c.totl_steps = 10
+    c = smoke_config(parallel="pmapp")
+    with pytest.raises(ValueError, match="parallel.*'jit', 'pmap'"):
+        loop.validate_config(c)
+    with pytest.raises(TypeError, match="valid options"):
+        loop.setup(smoke_config(**{"method.rnak": 4}))
