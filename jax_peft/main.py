@@ -18,6 +18,13 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file 
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics.jsonl and summary.json.")
 _EXPORT_PATH = flags.DEFINE_string("export_path", None, "mode=export: output .npz (default DIR/merged.npz).")
+# Multi-process runs (names as in jax.distributed.initialize; docs/distributed.md).
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "HOST:PORT of process 0 (multi-process runs).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (multi-process runs).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index in [0, num_processes).")
+_DISTRIBUTED = flags.DEFINE_bool(
+    "distributed", None, "Force (--distributed) or forbid (--nodistributed) jax.distributed.initialize; "
+    "default: initialize when the flags above are given or TPU/SLURM/Open MPI markers show several processes.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -26,8 +33,10 @@ def main(argv: list[str]) -> int:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
-    from jax_peft.train import loop  # imported after flag parsing (JAX flags such as XLA_FLAGS)
+    from jax_peft.train import distributed, loop  # imported after flag parsing (JAX flags such as XLA_FLAGS)
 
+    distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
+                           enable=_DISTRIBUTED.value)
     config, workdir = _CONFIG.value, _WORKDIR.value
     if config.mode == "train":
         out = loop.train_and_evaluate(config, workdir)

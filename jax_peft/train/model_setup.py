@@ -19,6 +19,7 @@ import jax
 import numpy as np
 
 from jax_peft import vit
+from jax_peft.train import distributed
 from jax_peft.methods.base import Method, get_method
 
 RANDOM_INIT = ("", "random", "none", None)
@@ -51,15 +52,17 @@ def dataset_info(config: Any, split: str) -> dict:
 
 def make_dataset(config: Any, split: str, *, train: bool, start_batch: int = 0,
                  batch_size: int | None = None) -> Iterator[dict]:
+    """This process's batches of `split`: `batch_size` (default `config.batch_size`) is the GLOBAL
+    batch; each of the `jax.process_count()` processes loads its disjoint share of every batch."""
     d = config.data
     kwargs = dict(
-        batch_size=int(batch_size or config.batch_size), image_size=int(d.image_size), train=train,
+        batch_size=distributed.per_process_batch_size(int(batch_size or config.batch_size)),
+        image_size=int(d.image_size), train=train,
         seed=int(config.seed), normalization=d.normalization, interpolation=d.interpolation,
         hflip=bool(d.hflip) and train, random_resized_crop=bool(d.random_resized_crop) and train,
         data_dir=d.data_dir, start_batch=int(start_batch), prefetch=int(d.prefetch),
     )
-    if jax.process_count() > 1:
-        kwargs.update(process_index=jax.process_index(), process_count=jax.process_count())
+    kwargs.update(process_index=jax.process_index(), process_count=jax.process_count())
     return data_api()[0](d.name, split, **kwargs)
 
 
