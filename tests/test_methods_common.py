@@ -293,3 +293,15 @@ def test_ssf_weight_form_equals_activation_form():
     ours = model.apply({"params": method.apply(params, adapter)}, x)
     assert _rel(ours, ref) < 1e-5
     assert _rel(ours, plain) > 1e-2
+
+
+def test_regex_targets_match_module_or_leaf_paths():
+    _, params, _ = _tiny()
+    by_leaf = jax_peft.get_method("lora", targets=(r"encoderblock_1/MlpBlock_0/Dense_1/kernel",))
+    assert paths.leaf_paths(by_leaf.init(KEY, params)) == [
+        "Transformer/encoderblock_1/MlpBlock_0/Dense_1/lora_a", "Transformer/encoderblock_1/MlpBlock_0/Dense_1/lora_b"]
+    mixed = jax_peft.get_method("lora", targets=("q", r"Dense_0$"), rank=4)
+    assert mixed.num_params(mixed.init(KEY, params)) == 2 * (4 * (32 + 32) + 4 * (32 + 64))
+    ssf = jax_peft.get_method("ssf", targets=r"encoderblock_0/MlpBlock_0/Dense_0/kernel")
+    assert paths.leaf_paths(ssf.init(KEY, params)) == [
+        "Transformer/encoderblock_0/MlpBlock_0/Dense_0/ssf_scale", "Transformer/encoderblock_0/MlpBlock_0/Dense_0/ssf_shift"]

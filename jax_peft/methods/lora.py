@@ -109,7 +109,7 @@ class LoRA(Method):
             if t in layers.MODULES:
                 chosen |= {layers.module_path(i, t) for i in blocks}
             else:
-                chosen |= set(paths.select(candidates, t, what="lora target"))
+                chosen |= set(rescale.select_nodes(candidates, t, what="lora target"))
         return [c for c in candidates if c in chosen]
 
     def _dims(self, params: Tree, node_path: str) -> tuple[int, int]:

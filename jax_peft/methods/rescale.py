@@ -80,3 +80,16 @@ def node(tree: Mapping[str, Any], path: str) -> Mapping[str, Any]:
     for part in path.split("/"):
         out = out[part]
     return out
+
+
+# --- selection of adapted locations ------------------------------------------------------------
+
+def select_nodes(nodes: list[str], pattern: str, *, what: str) -> list[str]:
+    """The node paths (e.g. `Transformer/encoderblock_0/MlpBlock_0/Dense_0`) that `pattern` matches
+    (re.search) either as a node path or through one of its leaf paths (`.../kernel`, `.../bias`,
+    `.../scale`), in their original order. Raises (via `paths.select`) when nothing matches."""
+    from jax_peft import paths
+
+    expanded = {f"{n}{suffix}": n for n in nodes for suffix in ("", "/kernel", "/bias", "/scale")}
+    hits = set(expanded[p] for p in paths.select(list(expanded), pattern, what=what))
+    return [n for n in nodes if n in hits]

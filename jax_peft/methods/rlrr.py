@@ -160,14 +160,9 @@ class RLRR(Method):
         if over:
             raise ValueError(f"rlrr: `layers` {over} do not exist in a {depth}-block model")
         sites = _sites_of(depth, self.modules, layer_set, self.ln_ssf, self.patch_ssf, self.final_ssf)
-        if self.targets is not None:
-            rx = re.compile(self.targets)
-            sites = [s for s in sites if rx.search(s.path)]
-            if not sites:
-                raise ValueError(
-                    f"rlrr: `targets` {self.targets!r} selects no adaptable location. Candidate paths "
-                    f"look like 'embedding', '{layers.module_path(0, 'q')}', "
-                    f"'{layers.block_path(0)}/{layers.LN1}', 'Transformer/encoder_norm'.")
+        if self.targets is not None and sites:
+            keep = set(rescale.select_nodes([s.path for s in sites], self.targets, what="rlrr target"))
+            sites = [s for s in sites if s.path in keep]
         if not sites:
             raise ValueError("rlrr: the selection adapts nothing; enable some modules, ln_ssf, "
                              "patch_ssf or final_ssf")

@@ -55,7 +55,7 @@ def _write_back(params: Tree, adapter: Tree) -> dict:
     if bad:
         raise ValueError("adapter does not fit these params: " + "; ".join(bad[:8])
                          + ". Re-create it with method.init(rng, params) for this model.")
-    flat.update(updates)
+    flat.update({p: jnp.asarray(v, jnp.result_type(flat[p])) for p, v in updates.items()})
     return paths.unflatten(flat)
 
 
@@ -74,6 +74,8 @@ class BitFit(Method):
 
     def __post_init__(self):
         pats = [self.targets] if isinstance(self.targets, str) else list(self.targets)
+        if not isinstance(self.targets, str):
+            object.__setattr__(self, "targets", tuple(pats))
         if not pats:
             raise ValueError("bitfit: `targets` is empty; give at least one regex, e.g. 'bias$'")
         for p in pats:

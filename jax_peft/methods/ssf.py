@@ -115,13 +115,8 @@ class SSF(Method):
             out += [f"{layers.block_path(i)}/{_BLOCK_SITES[s][1]}" for s in _BLOCK_SITES if s in self.sites]
         if self.final_ssf:
             out.append("Transformer/encoder_norm")
-        if self.targets is not None:
-            rx = re.compile(self.targets)
-            out = [p for p in out if rx.search(p)]
-            if not out:
-                raise ValueError(f"ssf: `targets` {self.targets!r} selects no SSF location; locations "
-                                 f"look like 'embedding', '{layers.block_path(0)}/{ATTN}/qkv', "
-                                 f"'{layers.module_path(0, 'fc1')}', 'Transformer/encoder_norm'")
+        if self.targets is not None and out:
+            out = rescale.select_nodes(out, self.targets, what="ssf target")
         if not out:
             raise ValueError("ssf: the selection adapts nothing; enable some sites, patch_ssf or final_ssf")
         return out
