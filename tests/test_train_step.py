@@ -174,3 +174,23 @@ def test_batch_not_divisible_by_devices_is_explained(tiny_config, tiny_params):
     runner.num_devices = 8  # as on an 8-device host
     with pytest.raises(ValueError, match="not divisible by the 8 devices"):
         runner.check_batch_size(12)
+
+
+def test_activation_form_training_matches_weight_form_without_dropout(one_block):
+    """FacT trains in activation form by default (official dropout placement, no full-size weight
+    gradient); with dropout off its losses equal the weight form's."""
+    cfg, params = one_block
+    method = jax_peft.get_method("fact_tt", rank=4, scale=1.0, dropout=0.0)
+    assert step_lib.use_activation_form(method) and not step_lib.use_activation_form(method, "weight")
+    with pytest.raises(ValueError, match="no activation form"):
+        step_lib.use_activation_form(jax_peft.get_method("linear"), "activation")
+    adapter = method.init(jax.random.PRNGKey(0), params)
+    adapter = jax.tree_util.tree_map(lambda x: x + 0.05, adapter)  # non-zero increments
+    trainable, frozen = step_lib.split_params(params, adapter)
+    tx = optimizer.build_optimizer(default_config().optimizer, 1e-2)
+    losses = {}
+    for form in ("weight", "activation"):
+        runner = step_lib.make_runner(jax_peft.ViT(cfg), method, tx, seed=0, train_form=form)
+        state = runner.put_state(step_lib.init_state(trainable, tx))
+        _, losses[form] = _train(runner, state, runner.put_frozen(frozen), _batch(), 2)
+    np.testing.assert_allclose(losses["activation"], losses["weight"], rtol=1e-5)

@@ -14,7 +14,7 @@ as `--config.optimizer.lr_rate=...` fails with the list of valid keys. Shape of 
                cosine_epochs, steps_per_epoch, step_offset ("after_epoch" | "before_epoch")
     batch_size, total_steps, num_epochs, seed, label_smoothing, eval_every, log_every,
     checkpoint_every, keep_checkpoints, keep_best, export_merged, parallel (jit|pmap),
-    compute_dtype (float32|bfloat16), mode (train|eval|export), restore_from (latest|best), progress
+    compute_dtype (float32|bfloat16), train_form (auto|weight|activation), mode (train|eval|export), restore_from (latest|best), progress
 """
 
 from __future__ import annotations
@@ -96,6 +96,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.export_merged = False       # write DIR/merged.npz (Google layout) at the end
     c.parallel = "jit"            # "jit" (NamedSharding over a mesh) | "pmap"
     c.compute_dtype = "float32"   # "float32" | "bfloat16" (parameters and optimizer stay float32)
+    c.train_form = "auto"         # "auto" (activation form for FacT/EFFT/LoRA) | "weight" | "activation"
     c.mode = "train"              # "train" | "eval" | "export"
     c.restore_from = "latest"     # eval/export modes: "latest" | "best" checkpoint
     c.progress = True             # progress bar on stderr

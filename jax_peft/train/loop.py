@@ -51,6 +51,7 @@ def validate_config(config: Any) -> None:
         "compute_dtype": (config.compute_dtype, ("float32", "bfloat16")),
         "mode": (config.mode, MODES),
         "restore_from": (config.restore_from, ("latest", "best")),
+        "train_form": (config.train_form, step_lib.TRAIN_FORMS),
         "optimizer.name": (config.optimizer.name, ("adamw", "sgd")),
         "schedule.kind": (config.schedule.kind, ("cosine", "timm_epoch", "constant")),
         "schedule.step_offset": (config.schedule.step_offset, schedules.STEP_OFFSETS),
@@ -120,7 +121,7 @@ def setup(config: Any) -> Setup:
     model = ViT(vcfg)
     runner = step_lib.make_runner(model, method, tx, seed=int(config.seed),
                                   label_smoothing=float(config.label_smoothing), parallel=config.parallel,
-                                  schedule=sched)
+                                  schedule=sched, train_form=config.train_form)
     distributed.per_process_batch_size(int(config.batch_size))  # config.batch_size is the global batch
     runner.check_batch_size(int(config.batch_size))
     return Setup(config, method, vcfg, model, params, trainable, frozen, sched, tx, runner, num_classes,

@@ -111,14 +111,17 @@ def build_params(config: Any, method: Method, num_classes: int, rng: jax.Array) 
         from jax_peft import checkpoint as ck  # written by another module; imported on use
 
         params = ck.load_checkpoint(ckpt)
-        loaded = vit.infer_config(params)
-        if loaded.image_size != image_size:
-            params = ck.resize_pos_embedding(params, image_size)
-        cfg = vit.vit_config(params, num_classes=num_classes, image_size=image_size, **_regularization(config))
-        if config.model.name and vit._canonical_name(config.model.name) in vit.NAMED_CONFIGS \
-                and cfg.name not in ("custom", vit._canonical_name(config.model.name)):
-            raise ValueError(f"checkpoint {ckpt!r} is a {cfg.name}, but config.model.name is "
-                             f"{config.model.name!r}; fix one of them (or set config.model.name='')")
+        stored = vit.infer_config(params)
+        name = config.model.name
+        if name and vit._canonical_name(name) in vit.NAMED_CONFIGS and stored.name != "custom" \
+                and stored.name != vit._canonical_name(name):
+            raise ValueError(f"checkpoint {ckpt!r} is a {stored.name}, but config.model.name is "
+                             f"{name!r}; fix one of them (or set config.model.name='')")
+        # vit_jax's fine-tuning load (as the PEFT codebases): pre_logits dropped, position
+        # embedding resized to the input grid, and a new head (re-initialized below).
+        cfg = vit.vit_config(params, num_classes=num_classes, image_size=image_size,
+                             representation_size=None, **_regularization(config))
+        params = ck.adapt_to_config(params, cfg, head="reset")
     width = cfg.representation_size or cfg.hidden_size
     params = dict(params)
     params["head"] = method.init_head(r_head, width, num_classes)

@@ -70,11 +70,35 @@ def effective_params(method: Method, frozen: Tree, trainable: Tree, rng: jax.Arr
     return method.apply(join_params(frozen, trainable), trainable["adapter"], rng=rng)
 
 
+TRAIN_FORMS = ("auto", "weight", "activation")
+
+
+def use_activation_form(method: Method, train_form: str = "auto") -> bool:
+    """Whether training runs the method in activation form (low-rank side paths beside the frozen
+    kernels, with the official activation dropout) rather than in weight form (`method.apply`).
+    "auto": activation form for the methods that have one (FacT, EFFT, LoRA)."""
+    if train_form not in TRAIN_FORMS:
+        raise ValueError(f"unknown train_form {train_form!r}; use one of {TRAIN_FORMS}")
+    if train_form == "weight":
+        return False
+    try:
+        from jax_peft.methods.activation import supports_activation_form
+    except ImportError:
+        supported = False
+    else:
+        supported = supports_activation_form(method)
+    if train_form == "activation" and not supported:
+        raise ValueError(f"method {method.name!r} has no activation form; use train_form='weight' or 'auto'")
+    return supported
+
+
 def make_train_fn(model: Any, method: Method, tx: optax.GradientTransformation, *, seed: int,
                   label_smoothing: float = 0.0, axis_name: str | None = None,
-                  schedule: Callable | None = None) -> Callable:
+                  schedule: Callable | None = None, train_form: str = "auto") -> Callable:
     """`train(state, frozen, batch) -> (state, metrics)` (un-jitted). Metrics: loss, accuracy,
-    grad_norm, and lr (the rate this update used) when `schedule` is given."""
+    grad_norm, and lr (the rate this update used) when `schedule` is given. `train_form` picks the
+    weight or activation form of the method (`use_activation_form`)."""
+    activation = use_activation_form(method, train_form)
 
     def train(state: dict, frozen: Tree, batch: Mapping[str, jax.Array]):
         rng = jax.random.fold_in(jax.random.PRNGKey(seed), state["step"])
@@ -83,8 +107,16 @@ def make_train_fn(model: Any, method: Method, tx: optax.GradientTransformation, 
         r_model, r_method = jax.random.split(rng)
 
         def loss_fn(trainable):
-            eff = effective_params(method, frozen, trainable, r_method)
-            logits = model.apply({"params": eff}, batch["image"], train=True, rngs={"dropout": r_model})
+            if activation:
+                from jax_peft.methods.activation import activation_form
+
+                p, side = activation_form(method, join_params(frozen, trainable), trainable["adapter"],
+                                          rng=r_method)
+                logits = model.apply({"params": p}, batch["image"], train=True, side=side,
+                                     rngs={"dropout": r_model})
+            else:
+                eff = effective_params(method, frozen, trainable, r_method)
+                logits = model.apply({"params": eff}, batch["image"], train=True, rngs={"dropout": r_model})
             loss = cross_entropy(logits, batch["label"], label_smoothing).mean()
             return loss, logits
 
@@ -150,7 +182,8 @@ class Runner:
 
 def make_runner(model: Any, method: Method, tx: optax.GradientTransformation, *, seed: int,
                 label_smoothing: float = 0.0, parallel: str = "jit",
-                devices: list | None = None, schedule: Callable | None = None) -> Runner:
+                devices: list | None = None, schedule: Callable | None = None,
+                train_form: str = "auto") -> Runner:
     """Builds the jitted (or pmapped) train/eval steps over `devices` (default: `jax.devices()`,
     i.e. every process's devices when `jax.distributed` is initialized; `put_batch` then takes this
     process's rows and assembles the global batch, see `jax_peft.train.distributed`)."""
@@ -166,7 +199,7 @@ def make_runner(model: Any, method: Method, tx: optax.GradientTransformation, *,
         mesh = jax.make_mesh((n,), (AXIS,), devices=devices, axis_types=(jax.sharding.AxisType.Auto,))
         repl, data = NamedSharding(mesh, P()), NamedSharding(mesh, P(AXIS))
         train = jax.jit(make_train_fn(model, method, tx, seed=seed, label_smoothing=label_smoothing,
-                                      schedule=schedule),
+                                      schedule=schedule, train_form=train_form),
                         in_shardings=(repl, repl, data), out_shardings=(repl, repl), donate_argnums=(0,))
         evaluate = jax.jit(make_eval_fn(model, method), in_shardings=(repl, repl, data),
                            out_shardings=repl)
@@ -178,7 +211,8 @@ def make_runner(model: Any, method: Method, tx: optax.GradientTransformation, *,
     mesh = jax.sharding.Mesh(np.asarray(devices), (AXIS,))
     stacked = NamedSharding(mesh, P(AXIS))
     train = jax.pmap(make_train_fn(model, method, tx, seed=seed, label_smoothing=label_smoothing,
-                                   axis_name=AXIS, schedule=schedule), axis_name=AXIS, devices=devices, donate_argnums=(0,))
+                                   axis_name=AXIS, schedule=schedule, train_form=train_form),
+                     axis_name=AXIS, devices=devices, donate_argnums=(0,))
     evaluate = jax.pmap(make_eval_fn(model, method, axis_name=AXIS), axis_name=AXIS, devices=devices)
 
     def replicate(tree):
