@@ -1,0 +1,214 @@
+"""Multi-process training: two local processes (2 x 4 CPU devices, gloo collectives) through the CLI
+reproduce a single process with 8 devices, and checkpoints move between the two set-ups.
+
+The end-to-end test runs four short `configs/smoke.py` trainings in two concurrent phases:
+
+    phase 1   pair (2 processes) -> A          single (1 process, 8 devices) -> B
+    phase 2   single resumes A's step-3 ckpt   pair resumes B's step-3 ckpt
+
+Every child has a deadline and runs in its own process group, killed in `finally`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jax_peft.train import distributed
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS, CKPT_EVERY = 6, 3
+SMOKE = ["--config", "configs/smoke.py", f"--config.total_steps={STEPS}",
+         f"--config.checkpoint_every={CKPT_EVERY}", "--config.eval_every=0",
+         "--config.schedule.warmup_steps=2"]
+PHASE_TIMEOUT_S = 240
+# Float summation order differs between one process and two (gloo all-reduce across processes).
+LOSS_RTOL = 1e-6  # measured: <= 1e-7 (one float32 ulp of the step-4 loss)
+
+
+# ------------------------------------------------------------------------------- unit checks
+def test_detect_cluster_markers():
+    assert distributed.detect_cluster({}) is None
+    assert distributed.detect_cluster({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1"}) is None  # salloc shell
+    assert distributed.detect_cluster({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "2"})
+    assert distributed.detect_cluster({"SLURM_NTASKS": "2"}) is None  # no job id: not inside SLURM
+    assert distributed.detect_cluster({"OMPI_COMM_WORLD_SIZE": "1"}) is None
+    assert distributed.detect_cluster({"OMPI_COMM_WORLD_SIZE": "4"})
+    assert distributed.detect_cluster({"TPU_WORKER_HOSTNAMES": "localhost"}) is None
+    assert distributed.detect_cluster({"TPU_WORKER_HOSTNAMES": "t1k-w-0,t1k-w-1"})
+    assert distributed.detect_cluster({"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234"})
+
+
+def test_initialize_is_a_no_op_for_a_plain_single_process():
+    import jax
+
+    assert distributed.initialize(env={}) is False
+    assert distributed.initialize(enable=False) is False
+    assert not jax.distributed.is_initialized()
+    assert jax.process_count() == 1 and distributed.is_main_process()
+
+
+def test_initialize_rejects_contradictions():
+    with pytest.raises(ValueError, match="disabled"):
+        distributed.initialize("127.0.0.1:1", 2, 0, enable=False)
+    with pytest.raises(ValueError, match="process_id"):
+        distributed.initialize("127.0.0.1:1", 2, 5)
+    with pytest.raises(ValueError, match="coordinator_address"):
+        distributed.initialize(num_processes=2, process_id=0, env={})
+
+
+def test_per_process_batch_size():
+    assert distributed.per_process_batch_size(32, 2) == 16
+    assert distributed.per_process_batch_size(32) == 32  # one process here
+    with pytest.raises(ValueError, match="multiple of the 3 processes"):
+        distributed.per_process_batch_size(32, 3)
+
+
+def test_global_batch_and_replicate_on_one_process():
+    import jax
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    mesh = distributed.global_mesh()
+    rows = {"image": np.arange(2 * jax.device_count() * 3, dtype=np.float32).reshape(-1, 3)}
+    out = distributed.global_batch(rows, NamedSharding(mesh, P("data")))
+    np.testing.assert_array_equal(np.asarray(out["image"]), rows["image"])
+    repl = NamedSharding(mesh, P())
+    tree = distributed.replicate({"a": np.ones(3), "b": jax.numpy.zeros(())}, repl)
+    assert all(x.sharding == repl for x in jax.tree_util.tree_leaves(tree))
+    assert distributed.replicate(tree, repl)["a"] is tree["a"]
+
+
+# ------------------------------------------------------------------------------- end to end
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _child_env(devices: int) -> dict:
+    env = {k: v for k, v in os.environ.items() if k.lower() not in ("http_proxy", "https_proxy", "all_proxy")}
+    env["NO_PROXY"] = env["no_proxy"] = "127.0.0.1,localhost"  # gRPC (coordinator) honours proxies
+    flags = [f for f in env.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
+    env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={devices}"])
+    env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in [env.get("PYTHONPATH")] if p])
+    return env
+
+
+class _Children:
+    """Launched CLI processes, each in its own session (process group), with their logs."""
+
+    def __init__(self, logs: Path):
+        self.logs, self.procs = logs, []
+
+    def train(self, name: str, workdir: Path, num_processes: int) -> None:
+        cmd = [sys.executable, "-m", "jax_peft.main", *SMOKE, "--workdir", str(workdir)]
+        if num_processes == 1:
+            self._start(f"{name}", cmd, _child_env(8))
+            return
+        port = _free_port()
+        for i in range(num_processes):
+            self._start(f"{name}_{i}", cmd + ["--coordinator_address", f"127.0.0.1:{port}",
+                                             "--num_processes", str(num_processes), "--process_id", str(i)],
+                        _child_env(8 // num_processes))
+
+    def _start(self, name, cmd, env):
+        log = open(self.logs / f"{name}.log", "w")
+        p = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.procs.append((name, p, log))
+
+    def wait(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        for name, p, _ in self.procs:
+            try:
+                rc = p.wait(timeout=max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"{name} did not finish within {timeout:.0f} s\n{self.tails()}")
+            if rc != 0:
+                pytest.fail(f"{name} exited with {rc}\n{self.tails()}")
+        self.close()
+
+    def tails(self) -> str:
+        out = []
+        for name, _, log in self.procs:
+            log.flush()
+            text = (self.logs / f"{name}.log").read_text(errors="replace")
+            out.append(f"--- {name} (last lines)\n" + "\n".join(text.splitlines()[-25:]))
+        return "\n".join(out)
+
+    def close(self) -> None:
+        for _, p, log in self.procs:
+            if p.poll() is None:
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                p.wait()
+            log.close()
+        self.procs = []
+
+
+def _losses(workdir: Path) -> dict[int, float]:
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines() if line]
+    steps = [r["step"] for r in records]
+    assert len(steps) == len(set(steps)), f"duplicate metric records (more than one writer?): {steps}"
+    return {r["step"]: r["loss"] for r in records}
+
+
+def _resume_copy(src: Path, dst: Path) -> None:
+    """`src` as it was right after step CKPT_EVERY: later checkpoints and the summary removed."""
+    shutil.copytree(src, dst)
+    for d in (dst / "checkpoints").iterdir():
+        if d.is_dir() and d.name.isdigit() and int(d.name) > CKPT_EVERY:
+            shutil.rmtree(d)
+    (dst / "summary.json").unlink()
+
+
+def _assert_losses_equal(got: dict, want: dict, steps, what: str) -> None:
+    g, w = np.array([got[s] for s in steps]), np.array([want[s] for s in steps])
+    np.testing.assert_allclose(g, w, rtol=LOSS_RTOL, atol=0, err_msg=f"{what}: steps {list(steps)}")
+
+
+def test_two_processes_match_one_and_exchange_checkpoints(tmp_path):
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    a, b, c, d = (tmp_path / n for n in ("pair", "single", "single_from_pair", "pair_from_single"))
+    children = _Children(logs)
+    try:
+        children.train("pair", a, 2)
+        children.train("single", b, 1)
+        children.wait(PHASE_TIMEOUT_S)
+
+        la, lb = _losses(a), _losses(b)
+        assert sorted(la) == sorted(lb) == list(range(1, STEPS + 1))
+        assert la[STEPS] < la[1]  # it trains
+        _assert_losses_equal(la, lb, range(1, STEPS + 1), "2 processes x 4 devices vs 1 x 8")
+        sa, sb = (json.loads((w / "summary.json").read_text()) for w in (a, b))
+        assert sa["num_devices"] == sb["num_devices"] == 8
+        assert sa["final_eval_accuracy"] == pytest.approx(sb["final_eval_accuracy"], abs=1 / 256)
+        for w in (a, b):
+            assert sorted(int(p.name) for p in (w / "checkpoints").iterdir() if p.name.isdigit()) == \
+                [CKPT_EVERY, STEPS]
+
+        _resume_copy(a, c)
+        _resume_copy(b, d)
+        children.train("single_from_pair", c, 1)
+        children.train("pair_from_single", d, 2)
+        children.wait(PHASE_TIMEOUT_S)
+        for name in ("single_from_pair", "pair_from_single_0"):
+            assert f"resuming from step {CKPT_EVERY}" in (logs / f"{name}.log").read_text(), name
+        later = range(CKPT_EVERY + 1, STEPS + 1)
+        _assert_losses_equal(_losses(c), lb, later, "single process resumed from the pair's checkpoint")
+        _assert_losses_equal(_losses(d), lb, later, "pair resumed from the single process's checkpoint")
+    finally:
+        children.close()
