@@ -39,9 +39,12 @@ LOSS_RTOL = 1e-6  # measured: <= 1e-7 (one float32 ulp of the step-4 loss)
 # ------------------------------------------------------------------------------- unit checks
 def test_detect_cluster_markers():
     assert distributed.detect_cluster({}) is None
-    assert distributed.detect_cluster({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "1"}) is None  # salloc shell
-    assert distributed.detect_cluster({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "2"})
-    assert distributed.detect_cluster({"SLURM_NTASKS": "2"}) is None  # no job id: not inside SLURM
+    srun = {"SLURM_JOB_ID": "7", "SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "2"}
+    assert distributed.detect_cluster(srun)
+    assert distributed.detect_cluster({**srun, "SLURM_STEP_NUM_TASKS": "1"}) is None
+    # The batch script's shell (no srun step) of a 2-task job is one process.
+    assert distributed.detect_cluster({"SLURM_JOB_ID": "7", "SLURM_NTASKS": "2"}) is None
+    assert distributed.detect_cluster({"SLURM_PROCID": "0", "SLURM_STEP_NUM_TASKS": "2"}) is None  # no job
     assert distributed.detect_cluster({"OMPI_COMM_WORLD_SIZE": "1"}) is None
     assert distributed.detect_cluster({"OMPI_COMM_WORLD_SIZE": "4"})
     assert distributed.detect_cluster({"TPU_WORKER_HOSTNAMES": "localhost"}) is None

@@ -41,7 +41,7 @@ AXIS = "data"
 # Environment variables that mark a multi-process job, with the check that it has > 1 process.
 _MARKERS: tuple[tuple[str, str], ...] = (
     ("JAX_COORDINATOR_ADDRESS", "JAX_COORDINATOR_ADDRESS is set"),
-    ("SLURM_NTASKS", "a SLURM job step with SLURM_NTASKS > 1"),
+    ("SLURM_STEP_NUM_TASKS", "an srun job step with SLURM_STEP_NUM_TASKS > 1"),
     ("OMPI_COMM_WORLD_SIZE", "an Open MPI launch with OMPI_COMM_WORLD_SIZE > 1"),
     ("TPU_WORKER_HOSTNAMES", "a multi-host TPU slice (TPU_WORKER_HOSTNAMES lists > 1 host)"),
     ("MEGASCALE_COORDINATOR_ADDRESS", "a multi-slice TPU job (MEGASCALE_COORDINATOR_ADDRESS is set)"),
@@ -51,7 +51,9 @@ _MARKERS: tuple[tuple[str, str], ...] = (
 def detect_cluster(env: Mapping[str, str] | None = None) -> str | None:
     """Why the environment looks like a multi-process job, or None for a plain single process.
 
-    Checked markers: `JAX_COORDINATOR_ADDRESS`; SLURM (`SLURM_JOB_ID` with `SLURM_NTASKS` > 1);
+    Checked markers: `JAX_COORDINATOR_ADDRESS`; SLURM (an `srun` step: `SLURM_JOB_ID`, `SLURM_PROCID`
+    and `SLURM_STEP_NUM_TASKS` > 1; a batch script's own shell is one process even when the job has
+    several tasks);
     Open MPI (`OMPI_COMM_WORLD_SIZE` > 1); TPU (`TPU_WORKER_HOSTNAMES` with several hosts, or
     `MEGASCALE_COORDINATOR_ADDRESS`). A Cloud TPU VM reached with `gcloud ... ssh --worker=all` does
     not always export these; pass `--distributed` (`initialize(enable=True)`) there.
@@ -61,8 +63,8 @@ def detect_cluster(env: Mapping[str, str] | None = None) -> str | None:
         value = env.get(name, "").strip()
         if not value:
             continue
-        if name == "SLURM_NTASKS":
-            if "SLURM_JOB_ID" in env and _int(value) > 1:
+        if name == "SLURM_STEP_NUM_TASKS":
+            if "SLURM_JOB_ID" in env and "SLURM_PROCID" in env and _int(value) > 1:
                 return reason
         elif name == "OMPI_COMM_WORLD_SIZE":
             if _int(value) > 1:
