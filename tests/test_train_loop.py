@@ -181,3 +181,19 @@ def test_config_typos_and_bad_values_are_rejected():
         loop.validate_config(c)
     with pytest.raises(TypeError, match="valid options"):
         loop.setup(smoke_config(**{"method.rnak": 4}))
+
+
+def test_export_writes_a_merged_google_npz(straight, tmp_path):
+    workdir, _ = straight
+    config = smoke_config()
+    path = loop.export(config, workdir, str(tmp_path / "merged.npz"))
+    merged = jax_peft.load_checkpoint(path)
+    s = loop.setup(config)
+    _, state = _final_trainable(workdir)
+    eff = loop.step_lib.effective_params(s.method, s.frozen, state["trainable"])
+    x = np.random.default_rng(0).uniform(-1, 1, (4, 32, 32, 3)).astype(np.float32)
+    model = jax_peft.ViT(s.vit_config)
+    want = model.apply({"params": eff}, x)
+    got = model.apply({"params": merged}, x)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    assert "pre_logits" not in merged and merged["head"]["kernel"].shape == (32, 4)
