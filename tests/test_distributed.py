@@ -98,12 +98,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _child_env(devices: int) -> dict:
+def _child_env(devices: int, cache: Path) -> dict:
     env = {k: v for k, v in os.environ.items() if k.lower() not in ("http_proxy", "https_proxy", "all_proxy")}
     env["NO_PROXY"] = env["no_proxy"] = "127.0.0.1,localhost"  # gRPC (coordinator) honours proxies
     flags = [f for f in env.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
     env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={devices}"])
     env["JAX_PLATFORMS"] = "cpu"
+    # Phase 2 compiles the same programs as phase 1: a per-test persistent cache skips that.
+    env["JAX_COMPILATION_CACHE_DIR"] = str(cache)
+    env["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    env["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
     env["PYTHONPATH"] = os.pathsep.join([str(REPO)] + [p for p in [env.get("PYTHONPATH")] if p])
     return env
 
@@ -111,19 +115,19 @@ def _child_env(devices: int) -> dict:
 class _Children:
     """Launched CLI processes, each in its own session (process group), with their logs."""
 
-    def __init__(self, logs: Path):
-        self.logs, self.procs = logs, []
+    def __init__(self, logs: Path, cache: Path):
+        self.logs, self.cache, self.procs = logs, cache, []
 
     def train(self, name: str, workdir: Path, num_processes: int) -> None:
         cmd = [sys.executable, "-m", "jax_peft.main", *SMOKE, "--workdir", str(workdir)]
         if num_processes == 1:
-            self._start(f"{name}", cmd, _child_env(8))
+            self._start(f"{name}", cmd, _child_env(8, self.cache))
             return
         port = _free_port()
         for i in range(num_processes):
             self._start(f"{name}_{i}", cmd + ["--coordinator_address", f"127.0.0.1:{port}",
                                              "--num_processes", str(num_processes), "--process_id", str(i)],
-                        _child_env(8 // num_processes))
+                        _child_env(8 // num_processes, self.cache))
 
     def _start(self, name, cmd, env):
         log = open(self.logs / f"{name}.log", "w")
@@ -186,7 +190,7 @@ def test_two_processes_match_one_and_exchange_checkpoints(tmp_path):
     logs = tmp_path / "logs"
     logs.mkdir()
     a, b, c, d = (tmp_path / n for n in ("pair", "single", "single_from_pair", "pair_from_single"))
-    children = _Children(logs)
+    children = _Children(logs, tmp_path / "jax_cache")
     try:
         children.train("pair", a, 2)
         children.train("single", b, 1)
