@@ -27,7 +27,8 @@ Tree = Mapping[str, Any]
 class SwappableForward:
     """`logits = fwd(params, adapter, images)` (eval mode), jitted once per input structure.
 
-    `num_traces` counts Python traces (one per new structure, counted inside the traced function);
+    `num_traces` counts Python traces of `__call__`'s program (one per new input structure, counted
+    inside the traced function; `stacked` has its own program and is not counted);
     `num_compilations` reads jax's compilation cache of this function (`_cache_size`, falling back
     to the trace count on jax versions without it).
     """
@@ -37,13 +38,15 @@ class SwappableForward:
         self.method = method
         self.num_traces = 0
 
-        def forward(params: Tree, adapter: Tree, images: jax.Array) -> jax.Array:
-            self.num_traces += 1  # runs at trace time only
+        def body(params: Tree, adapter: Tree, images: jax.Array) -> jax.Array:
             return model.apply({"params": method.apply(params, adapter)}, images, train=False)
 
-        self._forward = forward
+        def forward(params: Tree, adapter: Tree, images: jax.Array) -> jax.Array:
+            self.num_traces += 1  # runs at trace time only
+            return body(params, adapter, images)
+
         self._jit = jax.jit(forward)
-        self._stacked = jax.jit(jax.vmap(forward, in_axes=(None, 0, None)))
+        self._stacked = jax.jit(jax.vmap(body, in_axes=(None, 0, None)))
 
     def __call__(self, params: Tree, adapter: Tree, images: jax.Array) -> jax.Array:
         return self._jit(params, adapter, images)
