@@ -157,6 +157,11 @@ def test_corrupted_latest_checkpoint_falls_back_with_a_warning(tmp_path):
         restored, meta = ck.restore(abstract)
     assert meta["step"] == 1
     np.testing.assert_array_equal(restored["trainable"]["adapter"]["w"], np.arange(6, dtype=np.float32))
+    # The unreadable step is set aside (kept for inspection) and can be written again.
+    assert ck.all_steps() == [1] and (tmp_path / "ck" / "corrupted_2").is_dir()
+    assert ck.save({"step": np.int32(2), "trainable": {"adapter": {"w": np.ones(6, np.float32)}}},
+                   data_position=2)
+    assert ck.restore(abstract)[1]["step"] == 2
     ck.close()
 
 

@@ -9,7 +9,8 @@ checkpoint is a few MB), `meta` is JSON (`step`, `data_position` = train batches
 * Atomic: orbax writes into a temporary directory and renames it when complete, so a save killed
   midway leaves the previous checkpoints restorable (the temporary directory is ignored).
 * `restore` takes an abstract state (`jax.eval_shape` of the state builder); when the latest
-  checkpoint cannot be read (corrupted, truncated) it warns and falls back to the previous one.
+  checkpoint cannot be read (corrupted, truncated) it warns and falls back to the previous one,
+  moving the unreadable directory aside to `corrupted_<step>` so that step can be written again.
 """
 
 from __future__ import annotations
@@ -126,6 +127,7 @@ class Checkpointer:
                 state, meta = out["state"], dict(out["meta"])
                 if int(jax.device_get(state["step"])) != s or meta.get("step") != s:
                     raise ValueError(f"checkpoint {s} holds step {meta.get('step')}")
+                self._set_aside(steps[:i])
                 return state, meta
             except Exception as e:  # noqa: BLE001 - any failure means "unreadable"
                 if step is not None:
@@ -139,6 +141,22 @@ class Checkpointer:
                 warnings.warn(msg, CheckpointCorruptedWarning, stacklevel=2)
                 log.warning(msg)
         return None
+
+    def _set_aside(self, steps: list[int]) -> None:
+        """Renames unreadable step directories to `corrupted_<step>[_n]` (kept for inspection), so
+        the resumed run can write those steps again."""
+        for s in steps:
+            src = os.path.join(self.directory, str(s))
+            if not os.path.isdir(src) or jax.process_index() != 0:
+                continue
+            dst, n = os.path.join(self.directory, f"corrupted_{s}"), 0
+            while os.path.exists(dst):
+                n += 1
+                dst = os.path.join(self.directory, f"corrupted_{s}_{n}")
+            os.replace(src, dst)
+            log.warning("moved the unreadable checkpoint %s to %s", src, dst)
+        if steps:
+            self.manager.reload()
 
     def close(self) -> None:
         self.manager.wait_until_finished()
