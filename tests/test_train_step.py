@@ -46,8 +46,9 @@ def _train(runner, state, frozen, batch, n):
     return state, losses
 
 
-def test_frozen_leaves_bit_identical_and_only_targets_change(tiny_config, tiny_params):
-    method, runner, state, frozen_dev, frozen = _setup("bitfit", tiny_params, tiny_config)
+def test_frozen_leaves_bit_identical_and_only_targets_change(one_block):
+    cfg, tiny_params = one_block
+    method, runner, state, frozen_dev, frozen = _setup("bitfit", tiny_params, cfg)
     before = jax.tree_util.tree_map(np.copy, frozen)
     state, _ = _train(runner, state, frozen_dev, _batch(), 3)
     # The frozen argument is neither donated nor modified.

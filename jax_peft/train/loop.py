@@ -210,6 +210,15 @@ class _Preemption:
     def _handle(self, signum, frame):
         self.requested = True
 
+    def agree(self) -> None:
+        """Multi-process runs: stop when any process got the signal, so all save the same step
+        (orbax saves are collective). A no-op for a single process."""
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            flags = multihost_utils.process_allgather(np.int32(self.requested))
+            self.requested = bool(np.any(flags))
+
     def __exit__(self, *exc):
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
@@ -290,6 +299,7 @@ def train_and_evaluate(config: Any, workdir: str, *, stop_at: int | None = None)
             last = step == s.total_steps
             if stop_at is not None and step >= stop_at:
                 pre.requested = True
+            pre.agree()
             do_eval = last or (eval_every > 0 and step % eval_every == 0)
             do_log = do_eval or last or step % log_every == 0 or step == start + 1
             record = None
