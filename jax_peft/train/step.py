@@ -1,4 +1,4 @@
-"""Jitted train and eval steps, data parallel over all local devices (`jit` + NamedSharding, or `pmap`).
+"""Jitted train and eval steps, data parallel over all devices (`jit` + NamedSharding, or `pmap`).
 
 Train state (a plain dict, what the checkpoints hold)::
 
@@ -7,6 +7,12 @@ Train state (a plain dict, what the checkpoints hold)::
 The frozen base parameters (`params` without `head`) are a separate argument that is never
 differentiated and never donated; the state is donated. Dropout keys are
 `fold_in(PRNGKey(seed), step)`, so a resumed run draws the same masks as an uninterrupted one.
+
+Training runs each method in its cheaper form (`train_form="auto"`): activation form for FacT,
+EFFT and LoRA (low-rank side paths beside the frozen kernels, with the official dropout placement,
+no full-size weight gradient), weight form (`method.apply`) for the others. Eval always uses the
+weight form. Mixed precision: build the model with `ViTConfig.dtype="bfloat16"`; the parameters,
+gradients and optimizer state stay float32 and the loss is computed from float32 logits.
 
 `parallel="jit"`: one `jax.jit` step over `jax.make_mesh((n,), ("data",))`; the batch is sharded
 along its first axis (`P("data")`), the state and frozen parameters are replicated (`P()`); XLA adds
