@@ -99,22 +99,20 @@ def mm(*xs: jax.Array) -> jax.Array:
 
 def chunked_fc1(u: jax.Array, t1: jax.Array, v: jax.Array) -> jax.Array:
     """FacT fc1 increment (D, k·D) from U (D, r), T1 (r, k·r), V (r, D): column block i is
-    `U T1[:, i r:(i+1) r] V`."""
+    `U T1[:, i r:(i+1) r] V`. Computed as ((U T1) viewed (D·k, r)) V: two plain matmuls."""
     d, r = u.shape
     k = t1.shape[1] // r
-    t = f32(t1).reshape(r, k, r)
-    out = jnp.einsum("da,aib,be->die", f32(u), t, f32(v), precision=HI)
-    return out.reshape(d, k * v.shape[1])
+    ut = jnp.matmul(f32(u), f32(t1), precision=HI).reshape(d * k, r)  # row (d, i) = U[d] T1[:, i r:(i+1) r]
+    return jnp.matmul(ut, f32(v), precision=HI).reshape(d, k * v.shape[1])
 
 
 def chunked_fc2(u: jax.Array, t2: jax.Array, v: jax.Array) -> jax.Array:
     """FacT fc2 increment (k·D, D) from U (D, r), T2 (k·r, r), V (r, D): row block i is
-    `U T2[i r:(i+1) r, :] V`."""
+    `U T2[i r:(i+1) r, :] V`. Computed as [U T2_i]_i stacked (k·D, r) times V."""
     d, r = u.shape
     k = t2.shape[0] // r
-    t = f32(t2).reshape(k, r, r)
-    out = jnp.einsum("da,iab,be->ide", f32(u), t, f32(v), precision=HI)
-    return out.reshape(k * d, v.shape[1])
+    ut = jnp.einsum("da,iab->idb", f32(u), f32(t2).reshape(k, r, r), precision=HI).reshape(k * d, r)
+    return jnp.matmul(ut, f32(v), precision=HI)
 
 
 def add_increments(params: Mapping[str, Any], deltas: Mapping[tuple[int, str], jax.Array]) -> dict:
