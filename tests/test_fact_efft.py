@@ -393,3 +393,23 @@ def test_adapter_for_another_model_is_refused(tiny):
     tk = jax_peft.get_method("fact_tk", rank=4).init(KEY, params)
     with pytest.raises(ValueError, match="P has shape"):
         jax_peft.get_method("fact_tk", rank=4, blocks="ffn").apply(params, tk)
+
+
+def test_efft_per_layer_official_cores_and_dtypes():
+    """Per-layer import takes the first 4L / 2L core slices (the repository's SSF file has 48 / 24) and
+    exports exactly 4L / 2L; imported adapters are float32 (float64 only under jax x64)."""
+    g = _load("efft_r16_s1_d3")
+    params = _formula_shapes(3)
+    rng = np.random.default_rng(0)
+    sd = {**g["adapter"], "EFFTc1": rng.normal(size=(16, 16, 48)), "EFFTc2": rng.normal(size=(16, 16, 24))}
+    ad = jax_peft.from_official("efft", sd, params=params, rank=16, variant="per_layer")
+    assert ad["c1"].shape == (16, 16, 12) and ad["c2"].shape == (16, 16, 6)
+    assert all(v.dtype == jnp.float32 for v in ad.values())
+    np.testing.assert_allclose(np.asarray(ad["c1"]), sd["EFFTc1"][:, :, :12], rtol=1e-6)
+    out = jax_peft.to_official("efft", ad, rank=16, variant="per_layer")
+    assert out["EFFTc1"].shape == (16, 16, 12) and out["EFFTc2"].shape == (16, 16, 6)
+    with pytest.raises(ValueError, match="EFFTc1"):  # too few slices for depth 3
+        jax_peft.from_official("efft", {**sd, "EFFTc1": sd["EFFTc1"][:, :, :8]}, params=params, rank=16,
+                               variant="per_layer")
+    with pytest.raises(ValueError, match="EFFTc1"):  # the released (shared) layout needs exactly 4 slices
+        jax_peft.from_official("efft", sd, params=params, rank=16)
