@@ -311,6 +311,13 @@ def train_and_evaluate(config: Any, workdir: str, *, stop_at: int | None = None)
                 record = {"step": step, "loss": float(m["loss"]), "lr": lr, "accuracy": float(m["accuracy"]),
                           "grad_norm": float(m["grad_norm"]), "images_per_s": ips}
                 progress.update(step, record["loss"], lr, ips, t1 - t0, t2 - t1)
+                if not math.isfinite(record["loss"]):
+                    mfile.write(json.dumps(record) + "\n")
+                    raise FloatingPointError(
+                        f"the training loss is {record['loss']} at step {step} (lr {lr:.3g}); lower "
+                        "--config.optimizer.lr or set --config.optimizer.grad_clip_norm (and use "
+                        "--config.compute_dtype=float32 if it is bfloat16). Checkpoints saved before this "
+                        f"step are in {ckpt.directory}.")
             if do_eval:
                 ev = run_eval(s, state, frozen)
                 record.update(ev)
