@@ -9,6 +9,7 @@ checkpoint, `--config.restore_from`) or `export` (writes DIR/merged.npz, or `--e
 from __future__ import annotations
 
 import json
+import signal
 import sys
 
 from absl import app, flags, logging
@@ -38,6 +39,9 @@ def main(argv: list[str]) -> int:
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,
                            enable=_DISTRIBUTED.value)
     config, workdir = _CONFIG.value, _WORKDIR.value
+    early = signal.getsignal(signal.SIGTERM)
+    if config.mode != "train" and getattr(early, "requested", False):
+        return 0  # terminated before starting: nothing to save
     if config.mode == "train":
         out = loop.train_and_evaluate(config, workdir)
     elif config.mode == "eval":
@@ -50,7 +54,20 @@ def main(argv: list[str]) -> int:
     return 0
 
 
+class _EarlySigterm:
+    """SIGTERM handler for the time before the training loop installs its own (imports, flag parsing,
+    compilation): it records the signal, and the loop (which sees it as the previous handler through
+    its `requested` attribute) then stops cleanly before the first step."""
+
+    requested = False
+
+    def __call__(self, signum, frame) -> None:
+        self.requested = True
+
+
 def run() -> None:
+    early = _EarlySigterm()
+    signal.signal(signal.SIGTERM, early)
     app.run(main)
 
 

@@ -205,6 +205,8 @@ class _Preemption:
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, self._handle)
+            # A SIGTERM recorded by an earlier handler (the CLI's, during imports) counts too.
+            self.requested = bool(getattr(self._previous, "requested", False))
         return self
 
     def _handle(self, signum, frame):
@@ -245,7 +247,13 @@ def train_and_evaluate(config: Any, workdir: str, *, stop_at: int | None = None)
     Returns the dict written to `workdir/summary.json`, or `{"preempted": True, "step": ...}` when a
     SIGTERM stopped the run (a checkpoint at that step was saved; rerun to resume). `stop_at=k`
     stops the same way once step k is done (a programmatic preemption, e.g. for time budgets).
+    A SIGTERM during set-up (loading, compiling) returns the same way before the first step.
     """
+    with _Preemption() as pre:
+        return _train(config, workdir, pre, stop_at)
+
+
+def _train(config: Any, workdir: str, pre: "_Preemption", stop_at: int | None) -> dict:
     t_start = time.perf_counter()
     os.makedirs(workdir, exist_ok=True)
     s = setup(config)
@@ -289,8 +297,10 @@ def train_and_evaluate(config: Any, workdir: str, *, stop_at: int | None = None)
     ckpt_every = int(config.checkpoint_every)
     preempted = False
     step = start
-    with _Preemption() as pre, open(metrics_path if main else os.devnull, "a") as mfile:
-        while step < s.total_steps:
+    with open(metrics_path if main else os.devnull, "a") as mfile:
+        pre.agree()
+        preempted = pre.requested and step < s.total_steps  # signalled during set-up
+        while step < s.total_steps and not preempted:
             t0 = time.perf_counter()
             batch = runner.put_batch(next(data))
             t1 = time.perf_counter()
@@ -344,7 +354,10 @@ def train_and_evaluate(config: Any, workdir: str, *, stop_at: int | None = None)
     progress.close()
     ckpt.close()
     if preempted:
-        progress.message(f"SIGTERM: saved a checkpoint at step {step} in {ckpt.directory}; rerun to resume")
+        if step == start:
+            progress.message(f"SIGTERM before the first step (at step {step}); nothing new to save; rerun to resume")
+        else:
+            progress.message(f"SIGTERM: saved a checkpoint at step {step} in {ckpt.directory}; rerun to resume")
         return {"preempted": True, "step": step}
 
     wall = wall_before + time.perf_counter() - t_start
