@@ -202,3 +202,21 @@ def test_export_writes_a_merged_google_npz(straight, tmp_path):
     got = model.apply({"params": merged}, x)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
     assert "pre_logits" not in merged and merged["head"]["kernel"].shape == (32, 4)
+
+
+def test_sigterm_before_the_first_step_returns_cleanly(tmp_path):
+    """A SIGTERM recorded by an earlier handler (the CLI's, during imports) stops the run before step 1."""
+
+    class Early:
+        requested = True
+
+        def __call__(self, *args):
+            pass
+
+    previous = signal.signal(signal.SIGTERM, Early())
+    try:
+        out = loop.train_and_evaluate(smoke_config(), str(tmp_path))
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert out == {"preempted": True, "step": 0}
+    assert not (tmp_path / "summary.json").exists()
