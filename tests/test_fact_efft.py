@@ -2,10 +2,13 @@
 import/export, options (blocks, mlp_layout, variant, init string), EFFT factor dropout and errors.
 
 Golden parity runs twice per file through the public API (from_official -> apply -> ViT):
-* float32, as users run it: logits to 1e-4 of the largest logit, loss to 1e-5, gradients to 5e-3 of the
-  file's largest gradient. The golden models use s = 10 and saturated attention, and their float32
-  round-off is ~1e-3 of the gradient scale for any float32 implementation (the float64 run below shows
-  the formulas themselves are exact), so the per-tensor 1e-3 metric is checked in float64.
+* float32, as users run it: logits to 1e-4 of the largest logit, loss to 1e-5, and every gradient
+  tensor with the per-tensor metric below 1e-2. The golden FacT models (s = 10) drive q and k to
+  ~500, so attention logits reach ~1e6 and the softmax saturates: float32 round-off of the logits
+  themselves (~0.1 absolute) perturbs the non-dominant probabilities by a few per cent, which bounds
+  any float32 implementation near 5e-3 on the attention cores. (The ViT's `stable_softmax` removes
+  the larger, avoidable error of the standard softmax backward, which was ~1.2 on block 1's cores.)
+  The strict per-tensor 1e-3 metric is checked in float64, where the formulas agree to ~1e-9.
 * float64 (jax x64), to check the math: every gradient tensor with the per-tensor metric
   max|ours - golden| / max(max|golden|, 1e-4) < 1e-6, logits to 1e-9.
 """
@@ -76,9 +79,8 @@ def test_golden_float32(name):
     assert np.max(np.abs(logits - g["logits"])) / np.max(np.abs(g["logits"])) < 1e-4
     assert abs(loss - g["loss"]) / abs(g["loss"]) < 1e-5
     assert set(grads) >= set(g["grads"])  # TK export pads P; every golden tensor is present
-    scale = max(np.max(np.abs(v)) for v in g["grads"].values())
-    err = {k: float(np.max(np.abs(grads[k] - v))) / scale for k, v in g["grads"].items()}
-    assert max(err.values()) < 5e-3, err
+    err = {k: _per_tensor(grads[k], v) for k, v in g["grads"].items()}
+    assert max(err.values()) < 1e-2, err
 
 
 @pytest.mark.parametrize("name", GOLDEN)
