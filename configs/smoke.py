@@ -3,11 +3,12 @@
     python -m jax_peft.main --config configs/smoke.py --workdir /tmp/smoke
     python -m jax_peft.main --config configs/smoke.py:lora --workdir /tmp/smoke --config.total_steps=300
 
-The argument picks the method (default rlrr). Width 32, 2 blocks, 32x32 images of 4 colour classes;
+The argument picks the method (default rlrr); its hyper-parameters are all in `config.method`, so
+`--config.method.rank=4` (for a method that has a rank) works. Width 32, 2 blocks, 32x32 images of 4 colour classes;
 the loss is logged at every step and a checkpoint is written every 25 steps.
 """
 
-from jax_peft.train.config import default_config
+from jax_peft.train.config import default_config, method_config
 
 
 def get_config(arg: str | None = None):
@@ -21,7 +22,7 @@ def get_config(arg: str | None = None):
     c.model.mlp_dim = 64
     c.model.image_size = 32
 
-    c.method.name = arg or "rlrr"
+    c.method = method_config(arg or "rlrr")  # every hyper-parameter, overridable from the CLI
 
     c.data.name = "synthetic/smoke"
     c.data.train_split = "train"

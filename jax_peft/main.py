@@ -65,9 +65,51 @@ class _EarlySigterm:
         self.requested = True
 
 
+def _unknown_override(argv: list[str]) -> str | None:
+    """An error message for the first `--config.a.b=...` override whose key is not in the config
+    (listing the valid keys at that level), or None. ml_collections' own error names the key only."""
+    import importlib.util
+
+    import ml_collections
+
+    spec_arg, overrides = None, []
+    for i, a in enumerate(argv):
+        if a.startswith("--config="):
+            spec_arg = a.split("=", 1)[1]
+        elif a == "--config" and i + 1 < len(argv):
+            spec_arg = argv[i + 1]
+        elif a.startswith("--config."):
+            overrides.append(a[len("--config."):].split("=", 1)[0])
+    if not spec_arg or not overrides:
+        return None
+    path, _, arg = spec_arg.partition(":")
+    try:
+        spec = importlib.util.spec_from_file_location("_jax_peft_config_check", path)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        config = module.get_config(arg) if arg else module.get_config()
+    except Exception:  # noqa: BLE001 - config_flags reports problems with the file itself
+        return None
+    for key in overrides:
+        node, walked = config, []
+        for part in key.split("."):
+            if not isinstance(node, ml_collections.ConfigDict):
+                break
+            if part not in node:
+                where = f"config.{'.'.join(walked)}" if walked else "the config"
+                valid = ", ".join(sorted(node.keys()))
+                return f"unknown config key --config.{key}: {where} has no {part!r}. Valid keys: {valid}"
+            node, walked = node[part], walked + [part]
+    return None
+
+
 def run() -> None:
     early = _EarlySigterm()
     signal.signal(signal.SIGTERM, early)
+    message = _unknown_override(sys.argv[1:])
+    if message:
+        sys.stderr.write(message + "\n")
+        sys.exit(2)
     app.run(main)
 
 

@@ -11,6 +11,7 @@ import warnings
 from pathlib import Path
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
@@ -184,8 +185,20 @@ def test_config_typos_and_bad_values_are_rejected():
     c = smoke_config(parallel="pmapp")
     with pytest.raises(ValueError, match="parallel.*'jit', 'pmap'"):
         loop.validate_config(c)
+    with pytest.raises(AttributeError, match="targets"):  # method blocks list their hyper-parameters
+        smoke_config(**{"method.rnak": 4})
+    c = smoke_config()
+    c.method = ml_collections.ConfigDict({"name": "bitfit", "rnak": 4})  # a free-form method block
     with pytest.raises(TypeError, match="valid options"):
-        loop.setup(smoke_config(**{"method.rnak": 4}))
+        model_setup.build_method(c)
+    # Command line: the first unknown override is reported with the valid keys at its level.
+    from jax_peft.main import _unknown_override
+
+    smoke = str(ROOT / "configs" / "smoke.py")
+    msg = _unknown_override([f"--config={smoke}:lora", "--config.method.rank=4", "--config.optimizer.lr_rate=1"])
+    assert "config.optimizer has no 'lr_rate'" in msg and "grad_clip_norm, lr, momentum" in msg
+    assert "rank" in _unknown_override(["--config", f"{smoke}:lora", "--config.method.rnak=4"])
+    assert _unknown_override([f"--config={smoke}:lora", "--config.method.rank=4", "--config.total_steps=9"]) is None
 
 
 def test_export_writes_a_merged_google_npz(straight, tmp_path):

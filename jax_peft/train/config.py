@@ -19,6 +19,8 @@ as `--config.optimizer.lr_rate=...` fails with the list of valid keys. Shape of 
 
 from __future__ import annotations
 
+from typing import Any
+
 import ml_collections
 
 
@@ -103,4 +105,33 @@ def default_config() -> ml_collections.ConfigDict:
 
     c.lock()
     c.method.unlock()
+    return c
+
+
+def method_config(name: str, **hparams: Any) -> ml_collections.ConfigDict:
+    """The `method` block for `name` with every hyper-parameter of the method at its default (then
+    `hparams`), locked, so command-line overrides such as `--config.method.rank=16` work and typos
+    fail with the list of valid keys. Use as `config.method = method_config("lora", rank=4)`.
+
+    Fields whose default is None accept any value from the command line (e.g.
+    `--config.method.layers="(0, 1)"`).
+    """
+    import dataclasses
+
+    from jax_peft.methods.base import get_method, method_class
+
+    cls = method_class(name)
+    get_method(name, **hparams)  # validates the names (aliases allowed) and values early
+    fields = {f.name: f.default for f in dataclasses.fields(cls)}
+    aliases = dict(getattr(cls, "hparam_aliases", {}))
+    values = dict(fields)
+    for k, v in hparams.items():
+        values[aliases.get(k, k)] = v
+    c = ml_collections.ConfigDict({"name": name})
+    for k, v in values.items():
+        if v is None:
+            c[k] = ml_collections.FieldReference(None, field_type=object)
+        else:
+            c[k] = v
+    c.lock()
     return c
