@@ -161,3 +161,27 @@ def activation_form(method: Method, params: Tree, adapter: Tree, *,
     if layers.num_blocks(params) == 0:
         raise ValueError("the parameter tree has no Transformer/encoderblock_{i}; nothing to adapt")
     return params, builder(method, params, adapter, rng)
+
+
+def forward(model: Any, method: Method, params: Tree, adapter: Tree, images: jax.Array, *,
+            train: bool = False, rng: jax.Array | None = None, form: str = "auto") -> jax.Array:
+    """Logits (B, C) of `model` with `method`'s adapter, in the chosen execution form.
+
+    form: "activation" (frozen kernels + side paths), "weight" (`method.apply`), or "auto"
+    (activation form where the method has one: the cheaper form in training, and the only one with
+    the official activation dropout). With `train=True`, `rng` is split into the model's "dropout"
+    key and the method's key (EFFT's factor dropout), as the training step does.
+    """
+    if form not in ("auto", "activation", "weight"):
+        raise ValueError(f"unknown execution form {form!r}; use 'auto', 'activation' or 'weight'")
+    if form == "auto":
+        form = "activation" if supports_activation_form(method) else "weight"
+    if train and rng is None:
+        raise ValueError("train=True needs rng= (dropout keys); pass jax.random.PRNGKey(...)")
+    k_model, k_method = jax.random.split(rng) if train else (None, None)
+    rngs = {"dropout": k_model} if train else {}
+    if form == "activation":
+        p, side = activation_form(method, params, adapter, rng=k_method)
+        return model.apply({"params": p}, images, train=train, side=side, rngs=rngs)
+    eff = method.apply(params, adapter, rng=k_method)
+    return model.apply({"params": eff}, images, train=train, rngs=rngs)

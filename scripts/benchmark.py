@@ -1,0 +1,345 @@
+#!/usr/bin/env python
+"""Times every PEFT method's train step against its yardsticks, in one process on the same inputs.
+
+    python scripts/benchmark.py --model ViT-B_16 --batch 8 [--dtype bf16] --json OUT
+    python scripts/benchmark.py --quick --json OUT          # tiny model, smoke test (seconds)
+
+Measured (random weights with the model's shapes; no download):
+
+* forward:  eval logits (B, C).
+* floor:    forward + gradient w.r.t. the input images: the backward pass through every activation
+            that any frozen-backbone method needs, with no weight gradient.
+* full:     forward + gradients of every parameter (full fine-tuning without the optimizer).
+* methods:  each method's complete jitted train step (forward, gradients of the trainable tree
+            {adapter, head}, AdamW update, donated state); activation form for FacT-TT/TK, EFFT and
+            LoRA (their official training dropout on), weight form for RLRR, SSF, BitFit and full
+            fine-tuning; the linear probe trains the head only.
+
+Every function is compiled ahead of time (`jit(...).lower(...).compile()`: compile time), its FLOPs
+come from `compiled.cost_analysis()` and its peak memory from `compiled.memory_analysis()`. After a
+warm-up call, the functions are timed in interleaved rounds (one call of each per round, so a change
+in machine load hits all of them alike) and the median per function is reported, with ratios to the
+floor, full fine-tuning and the forward pass, and the targets of issue 6 (pass/fail).
+
+If `torch` and `timm` are importable, the official PyTorch formulation of the methods it covers is
+timed too on the same CPU (`--no-torch` skips it); otherwise that part is reported as skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Any, Callable
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if "--quick" in sys.argv:  # the smoke test is all compile time: skip LLVM's optimization passes
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+import optax  # noqa: E402
+
+import jax_peft  # noqa: E402
+from jax_peft.methods.activation import forward as method_forward  # noqa: E402
+from jax_peft.methods.activation import supports_activation_form  # noqa: E402
+from jax_peft.methods.base import get_method, init_head  # noqa: E402
+
+# Benchmarked methods and their hyper-parameters (the papers' ViT-B/16 settings).
+METHODS: dict[str, dict[str, Any]] = {
+    "rlrr": {},
+    "fact_tt": dict(rank=8, scale=10.0, dropout=0.1),
+    "fact_tk": dict(rank=32, scale=1.0, dropout=0.1),
+    "efft": dict(rank=16, scale=1.0, dropout=0.1),
+    "ssf": {},
+    "lora": dict(rank=8, variant="fused_qkv", dropout=0.1),
+    "bitfit": {},
+    "linear": {},
+    "full": {},
+}
+LOW_RANK = ("fact_tt", "fact_tk", "efft", "lora")
+RESCALE = ("rlrr", "ssf", "bitfit")
+# (methods, yardstick, max ratio) from issue 6
+TARGETS = [(LOW_RANK, "floor", 1.10), (RESCALE, "full", 1.05), (("linear",), "forward", 1.05)]
+TORCH_SPEEDUP = 2.0
+
+
+@dataclasses.dataclass
+class Timed:
+    """A compiled function with its arguments and measurements."""
+
+    name: str
+    compiled: Any
+    args: tuple
+    compile_s: float
+    gflops: float
+    peak_bytes: int
+    carry: bool = False  # the first output replaces the first argument (donated train state)
+    times: list = dataclasses.field(default_factory=list)
+
+    def call(self) -> None:
+        t0 = time.perf_counter()
+        out = self.compiled(*self.args)
+        jax.block_until_ready(out)
+        self.times.append(time.perf_counter() - t0)
+        if self.carry:
+            self.args = (out[0],) + self.args[1:]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.times)
+
+
+def compile_fn(name: str, fn: Callable, args: tuple, donate: tuple = (), carry: bool = False) -> Timed:
+    t0 = time.perf_counter()
+    compiled = jax.jit(fn, donate_argnums=donate).lower(*args).compile()
+    compile_s = time.perf_counter() - t0
+    cost = compiled.cost_analysis()
+    if isinstance(cost, (list, tuple)):  # older jax: one dict per computation
+        cost = cost[0] if cost else {}
+    flops = float((cost or {}).get("flops", 0.0))
+    mem = compiled.memory_analysis()
+    peak = int(getattr(mem, "peak_memory_in_bytes", 0) or 0)
+    if peak <= 0:
+        peak = int(mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+                   - mem.alias_size_in_bytes)
+    return Timed(name, compiled, args, compile_s, flops / 1e9, peak, carry)
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels).mean()
+
+
+def make_step(model: Any, method: Any, tx: optax.GradientTransformation, form: str) -> Callable:
+    """`step(state, frozen, images, labels, key) -> (state, loss)`: one AdamW step of {adapter, head}."""
+
+    def step(state, frozen, images, labels, key):
+        key = jax.random.fold_in(key, state["step"])
+
+        def loss_fn(trainable):
+            params = {**frozen, "head": trainable["head"]}
+            logits = method_forward(model, method, params, trainable["adapter"], images, train=True,
+                                    rng=key, form=form)
+            return cross_entropy(logits, labels)
+
+        loss, grads = jax.value_and_grad(loss_fn)(state["trainable"])
+        updates, opt = tx.update(grads, state["opt"], state["trainable"])
+        trainable = optax.apply_updates(state["trainable"], updates)
+        return {"step": state["step"] + 1, "trainable": trainable, "opt": opt}, loss
+
+    return step
+
+
+def model_config(args: argparse.Namespace):
+    dtype = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16"}[args.dtype]
+    if args.quick:
+        return jax_peft.vit_config(None, patch_size=8, hidden_size=32, num_layers=1, num_heads=2,
+                                   mlp_dim=128, num_classes=10, image_size=16, dtype=dtype, name="quick")
+    extra = {"num_layers": args.layers} if args.layers else {}
+    return jax_peft.vit_config(args.model, num_classes=args.num_classes, image_size=args.image_size,
+                               dtype=dtype, **extra)
+
+
+def quick_hparams(name: str, hp: dict) -> dict:
+    """Ranks that fit the tiny --quick model."""
+    return {**hp, "rank": min(hp["rank"], 4)} if "rank" in hp else hp
+
+
+def build(args: argparse.Namespace, methods: list[str]) -> tuple[list[Timed], dict]:
+    cfg = model_config(args)
+    model = jax_peft.ViT(cfg)
+    key = jax.random.PRNGKey(args.seed)
+    k_init, k_head, k_x, k_y, k_m = jax.random.split(key, 5)
+    params = jax_peft.init_params(cfg, k_init)
+    params["head"] = init_head(k_head, cfg.hidden_size, cfg.num_classes, "torch_linear")
+    images = jax.random.uniform(k_x, (args.batch, cfg.image_size, cfg.image_size, 3), jnp.float32, -1, 1)
+    labels = jax.random.randint(k_y, (args.batch,), 0, cfg.num_classes)
+    info = {"model": cfg.name, "config": dataclasses.asdict(cfg), "batch": args.batch}
+
+    def fwd(p, x):
+        return model.apply({"params": p}, x)
+
+    def floor(p, x, y):  # forward + input gradient, no weight gradient
+        return jax.grad(lambda x: cross_entropy(model.apply({"params": p}, x), y))(x)
+
+    def full(p, x, y):  # forward + every weight gradient
+        return jax.value_and_grad(lambda p: cross_entropy(model.apply({"params": p}, x), y))(p)
+
+    fns = [compile_fn("forward", fwd, (params, images)),
+           compile_fn("floor", floor, (params, images, labels)),
+           compile_fn("full_grads", full, (params, images, labels))]
+    print(f"compiled baselines: " + ", ".join(f"{t.name} {t.compile_s:.1f}s" for t in fns), flush=True)
+
+    frozen = {k: v for k, v in params.items() if k != "head"}
+    forms = {}
+    for i, name in enumerate(methods):
+        hp = METHODS[name]
+        method = get_method(name, **(quick_hparams(name, hp) if args.quick else hp))
+        adapter = method.init(jax.random.fold_in(k_m, i), params)
+        trainable = {"adapter": adapter, "head": params["head"]}
+        tx = optax.adamw(1e-3, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-4,
+                         mask=method.decay_mask(trainable))
+        state = {"step": jnp.zeros((), jnp.int32), "trainable": trainable, "opt": tx.init(trainable)}
+        state = jax.tree_util.tree_map(lambda a: jnp.array(a, copy=True), state)  # own buffers to donate
+        form = "activation" if supports_activation_form(method) else "weight"
+        forms[name] = {"form": form, "hparams": method.hparams(), "trainable_params": method.num_params(adapter)}
+        t = compile_fn(name, make_step(model, method, tx, form), (state, frozen, images, labels, k_m),
+                       donate=(0,), carry=True)
+        fns.append(t)
+        print(f"compiled {name} ({form} form): {t.compile_s:.1f}s, {t.gflops:.1f} GFLOP", flush=True)
+    info["methods"] = forms
+    return fns, info
+
+
+def run_rounds(fns: list[Timed], warmup: int, runs: int) -> None:
+    for _ in range(warmup):
+        for t in fns:
+            t.call()
+        for t in fns:
+            t.times.clear()
+    for r in range(runs):
+        for t in fns:
+            t.call()
+        print(f"round {r + 1}/{runs}: " + " ".join(f"{t.name}={t.times[-1]:.3f}" for t in fns), flush=True)
+
+
+# --- optional: the official PyTorch formulations ------------------------------------------------
+def torch_benchmark(args: argparse.Namespace, methods: list[str]) -> dict:
+    """Times the official PyTorch formulations (timm ViT) when torch and timm are installed."""
+    try:
+        import torch  # noqa: F401
+        import timm  # noqa: F401
+    except ImportError as e:
+        return {"skipped": f"torch/timm not importable ({e.name}); install both to time the official code"}
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import benchmark_torch  # the PyTorch formulations live in their own module
+
+    return benchmark_torch.run(args, methods)
+
+
+# --- report -----------------------------------------------------------------------------------
+def report(fns: list[Timed], info: dict, args: argparse.Namespace, torch_res: dict) -> dict:
+    by = {t.name: t for t in fns}
+    fwd, floor, full = by["forward"].median, by["floor"].median, by["full_grads"].median
+    yard = {"forward": fwd, "floor": floor, "full": full}
+    res: dict[str, Any] = {
+        **info,
+        "dtype": args.dtype, "runs": args.runs, "warmup": args.warmup,
+        "jax": jax.__version__, "backend": jax.default_backend(), "devices": len(jax.devices()),
+        "cpu_count": os.cpu_count(), "platform": platform.platform(),
+        "loadavg_1m_start_end": info.pop("loadavg", None),
+        "forward_s": fwd, "floor_s": floor, "full_s": full,
+        "floor_over_forward": floor / fwd, "full_over_forward": full / fwd,
+        "baselines": {t.name: {"step_s": t.median, "times_s": t.times, "gflops": t.gflops,
+                               "peak_bytes": t.peak_bytes, "compile_s": t.compile_s}
+                      for t in fns[:3]},
+        "methods": {},
+    }
+    for t in fns[3:]:
+        res["methods"][t.name] = {
+            **info["methods"][t.name],
+            "step_s": t.median, "times_s": t.times, "gflops": t.gflops, "peak_bytes": t.peak_bytes,
+            "compile_s": t.compile_s,
+            "over_floor": t.median / floor, "over_full": t.median / full, "over_forward": t.median / fwd,
+        }
+    targets = []
+    for names, base, limit in TARGETS:
+        for n in names:
+            if n in res["methods"]:
+                ratio = res["methods"][n]["step_s"] / yard[base]
+                targets.append({"method": n, "vs": base, "ratio": ratio, "max": limit, "pass": ratio <= limit})
+    res["torch"] = torch_res
+    for n, row in (torch_res.get("methods") or {}).items():
+        if n in res["methods"]:
+            speedup = row["step_s"] / res["methods"][n]["step_s"]
+            res["methods"][n]["torch_step_s"] = row["step_s"]
+            res["methods"][n]["speedup_vs_torch"] = speedup
+            targets.append({"method": n, "vs": "torch", "ratio": speedup, "min": TORCH_SPEEDUP,
+                            "pass": speedup >= TORCH_SPEEDUP})
+    res["targets"] = targets
+    res["all_targets_pass"] = all(t["pass"] for t in targets)
+
+    print()
+    print(f"{res['model']} batch {args.batch} {args.dtype} on {res['backend']} ({res['cpu_count']} CPUs), "
+          f"median of {args.runs} interleaved rounds after {args.warmup} warm-up")
+    print(f"forward {fwd:.3f}s | floor (fwd + input grad) {floor:.3f}s = {floor / fwd:.2f}x fwd | "
+          f"full grads {full:.3f}s = {full / fwd:.2f}x fwd")
+    head = f"{'method':<9} {'form':<10} {'step s':>8} {'/floor':>7} {'/full':>6} {'/fwd':>6} " \
+           f"{'GFLOP':>8} {'peak MB':>8} {'compile s':>9}  target"
+    print(head)
+    print("-" * len(head))
+    goal = {n: (base, limit) for names, base, limit in TARGETS for n in names}
+    for t in fns:
+        row = res["methods"].get(t.name)
+        form = row["form"] if row else "-"
+        tgt = ""
+        if t.name in goal:
+            base, limit = goal[t.name]
+            r = t.median / yard[base]
+            tgt = f"<= {limit:.2f}x {base}: {'PASS' if r <= limit else 'FAIL'} ({r:.3f})"
+        print(f"{t.name:<9} {form:<10} {t.median:8.3f} {t.median / floor:7.3f} {t.median / full:6.3f} "
+              f"{t.median / fwd:6.3f} {t.gflops:8.1f} {t.peak_bytes / 2**20:8.0f} {t.compile_s:9.1f}  {tgt}")
+    if "skipped" in torch_res:
+        print(f"PyTorch comparison skipped: {torch_res['skipped']}")
+    else:
+        for n, row in torch_res.get("methods", {}).items():
+            if n in res["methods"]:
+                print(f"torch {n}: {row['step_s']:.3f}s, jax_peft {res['methods'][n]['speedup_vs_torch']:.2f}x faster")
+    return res
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="ViT-B_16", help="model name (ViT-B_16, ViT-S/16, ...)")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "float32", "bfloat16"],
+                   help="compute dtype (parameters, gradients and optimizer state stay float32)")
+    p.add_argument("--image-size", type=int, default=224)
+    p.add_argument("--num-classes", type=int, default=100)
+    p.add_argument("--layers", type=int, default=0, help="override the depth (0: the model's own)")
+    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of methods")
+    p.add_argument("--runs", type=int, default=None, help="timed rounds (default 7; 3 with --quick)")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument("--quick", action="store_true", help="tiny model (smoke test)")
+    p.add_argument("--no-torch", action="store_true", help="do not time the PyTorch formulations")
+    args = p.parse_args(argv)
+    if args.runs is None:
+        args.runs = 3 if args.quick else 7
+    if args.quick:
+        args.batch = min(args.batch, 4)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        p.error(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+    args.method_list = methods
+    if args.runs < 1 or args.warmup < 0 or args.batch < 1:
+        p.error("--runs and --batch must be >= 1 and --warmup >= 0")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    load0 = os.getloadavg()[0]
+    fns, info = build(args, args.method_list)
+    run_rounds(fns, args.warmup, args.runs)
+    info["loadavg"] = [load0, os.getloadavg()[0]]
+    torch_res = {"skipped": "--no-torch"} if args.no_torch or args.quick else torch_benchmark(args, args.method_list)
+    res = report(fns, info, args, torch_res)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=1, default=str)
+        print(f"wrote {args.json}")
+    return res
+
+
+if __name__ == "__main__":
+    main()
