@@ -247,3 +247,23 @@ def test_sigterm_before_the_first_step_returns_cleanly(tmp_path):
         signal.signal(signal.SIGTERM, previous)
     assert out == {"preempted": True, "step": 0}
     assert not (tmp_path / "summary.json").exists()
+
+
+def test_fine_tunes_from_a_google_npz(straight, tmp_path):
+    """model.checkpoint = a .npz path (here the merged export of the smoke run): the base comes from
+    the file (architecture inferred), the head is new for the dataset's classes."""
+    workdir, _ = straight
+    npz = loop.export(smoke_config(), workdir, str(tmp_path / "base.npz"))
+    base = jax_peft.load_checkpoint(npz)
+    config = smoke_config(**{"model.checkpoint": npz, "model.hidden_size": -1, "model.num_layers": -1,
+                             "total_steps": 4, "eval_every": 0, "schedule.warmup_steps": 1})
+    s = loop.setup(config)
+    flat, want = paths.flatten(s.params), paths.flatten(base)
+    assert set(flat) == set(want)
+    for p in flat:
+        if not p.startswith("head/"):
+            np.testing.assert_array_equal(flat[p], want[p])
+    assert np.any(base["head"]["kernel"] != 0)  # the trained head in the file ...
+    np.testing.assert_array_equal(s.params["head"]["kernel"], 0.0)  # ... is replaced (BitFit: zeros init)
+    summary = loop.train_and_evaluate(config, str(tmp_path / "run"))
+    assert summary["steps"] == 4 and summary["final_eval_accuracy"] is not None
