@@ -36,6 +36,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from jax_peft.methods.activation import forward, supports_activation_form
 from jax_peft.methods.base import Method
 from jax_peft.train import distributed
 
@@ -87,12 +88,7 @@ def use_activation_form(method: Method, train_form: str = "auto") -> bool:
         raise ValueError(f"unknown train_form {train_form!r}; use one of {TRAIN_FORMS}")
     if train_form == "weight":
         return False
-    try:
-        from jax_peft.methods.activation import supports_activation_form
-    except ImportError:
-        supported = False
-    else:
-        supported = supports_activation_form(method)
+    supported = supports_activation_form(method)
     if train_form == "activation" and not supported:
         raise ValueError(f"method {method.name!r} has no activation form; use train_form='weight' or 'auto'")
     return supported
@@ -110,19 +106,12 @@ def make_train_fn(model: Any, method: Method, tx: optax.GradientTransformation, 
         rng = jax.random.fold_in(jax.random.PRNGKey(seed), state["step"])
         if axis_name is not None:
             rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
-        r_model, r_method = jax.random.split(rng)
+        form = "activation" if activation else "weight"
 
         def loss_fn(trainable):
-            if activation:
-                from jax_peft.methods.activation import activation_form
-
-                p, side = activation_form(method, join_params(frozen, trainable), trainable["adapter"],
-                                          rng=r_method)
-                logits = model.apply({"params": p}, batch["image"], train=True, side=side,
-                                     rngs={"dropout": r_model})
-            else:
-                eff = effective_params(method, frozen, trainable, r_method)
-                logits = model.apply({"params": eff}, batch["image"], train=True, rngs={"dropout": r_model})
+            # rng is split into the model's dropout key and the method's key (EFFT factor dropout).
+            logits = forward(model, method, join_params(frozen, trainable), trainable["adapter"],
+                             batch["image"], train=True, rng=rng, form=form)
             loss = cross_entropy(logits, batch["label"], label_smoothing).mean()
             return loss, logits
 
