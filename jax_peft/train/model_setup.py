@@ -28,22 +28,10 @@ _ARCH = ("patch_size", "hidden_size", "num_layers", "num_heads", "mlp_dim")
 
 # --------------------------------------------------------------------------------------- data
 def data_api() -> tuple[Callable[..., Iterator[dict]], Callable[..., dict]]:
-    """(make_dataset, dataset_info) of `jax_peft.data` (falls back to the synthetic module alone)."""
-    try:
-        from jax_peft import data as d
-        return d.make_dataset, d.dataset_info
-    except (ImportError, AttributeError):
-        from jax_peft.data import synthetic as s
+    """(make_dataset, dataset_info) of `jax_peft.data` (imported on first use: it pulls in TFDS)."""
+    from jax_peft import data
 
-        def only_synthetic(fn):
-            def wrapped(name, *args, **kwargs):
-                if not name.startswith("synthetic/"):
-                    raise ImportError(f"jax_peft.data is not available to load {name!r}; "
-                                      "only 'synthetic/...' datasets can be used")
-                return fn(name, *args, **kwargs)
-            return wrapped
-
-        return only_synthetic(s.make_dataset), only_synthetic(s.dataset_info)
+    return data.make_dataset, data.dataset_info
 
 
 def dataset_info(config: Any, split: str) -> dict:
