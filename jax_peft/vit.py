@@ -201,6 +201,11 @@ class SidePath:
     output x K + b, where j = `dropout_after` (-1: dropout on the input x itself, as LoRA; k-2:
     dropout on the last rank-r activation, as FacT). Equal to the weight form `K + scale · F_0 … F_{k-1}`
     when dropout is off, without materializing the (d_in, d_out) increment or its gradient.
+
+    A factor F (a, b) whose row count a is a proper divisor of the current width w = k·a acts on each
+    of the k consecutive width-a chunks, i.e. as the block-diagonal kron(I_k, F) (k·a, k·b), without
+    building it: FacT's chunked MLP paths, fc1 `(x U T1) → drop → kron(I_k, V)` and fc2
+    `h kron(I_k, U) → T2 → drop → V`, are factors (U, T1, V) and (U, T2, V).
     """
 
     factors: tuple
@@ -208,12 +213,27 @@ class SidePath:
     dropout: float = flax.struct.field(pytree_node=False, default=0.0)
     dropout_after: int = flax.struct.field(pytree_node=False, default=-1)
 
-    def increment(self) -> Array:
-        """The equivalent dense increment (d_in, d_out) (for tests and merging)."""
-        out = self.factors[0]
-        for f in self.factors[1:]:
-            out = out @ f
+    def increment(self, d_in: int | None = None) -> Array:
+        """The equivalent dense increment (d_in, d_out) (for tests and merging). `d_in` is needed
+        only when the first factor is chunked (its rows divide d_in)."""
+        if d_in is None:
+            out, rest = self.factors[0], self.factors[1:]
+        else:
+            out, rest = jnp.eye(d_in, dtype=self.factors[0].dtype), self.factors
+        for f in rest:
+            out = _chunked_matmul(out, f)
         return self.scale * out
+
+
+def _chunked_matmul(h: Array, f: Array) -> Array:
+    """h (n, w) @ f (a, b) for w = a, or, for w = k·a, f applied to each of h's k chunks: (n, k·b)."""
+    w, a = h.shape[-1], f.shape[0]
+    if w == a:
+        return h @ f
+    if w % a:
+        raise ValueError(f"SidePath factor with {a} rows cannot act on width {w}: the rows must equal the "
+                         f"width or divide it (block-diagonal chunks)")
+    return (h.reshape(-1, a) @ f).reshape(h.shape[0], (w // a) * f.shape[1])
 
 
 def _side(module: nn.Module, path: "SidePath | None", x: Array, deterministic: bool) -> Array | None:
@@ -235,7 +255,7 @@ def _side(module: nn.Module, path: "SidePath | None", x: Array, deterministic: b
     if path.dropout_after < 0:
         h = drop(h)
     for j, f in enumerate(path.factors):
-        h = h @ f.astype(x.dtype)
+        h = _chunked_matmul(h, f.astype(x.dtype))
         if j == path.dropout_after:
             h = drop(h)
     return (h * jnp.asarray(path.scale, x.dtype)).reshape(lead + (h.shape[-1],))
