@@ -169,3 +169,23 @@ def test_efft_factor_dropout_matches_weight_form_with_the_same_key():
     act = model.apply({"params": p}, x, train=True, side=side, rngs={"dropout": key})
     np.testing.assert_allclose(act, weight, rtol=1e-5, atol=1e-5)
     assert all(path.dropout == 0.0 for blk in side.values() for path in blk.values())
+
+
+def test_side_path_chunked_factor_equals_block_diagonal():
+    from jax_peft.vit import SidePath, _chunked_matmul
+
+    k1, k2, k3, k4 = jax.random.split(jax.random.PRNGKey(0), 4)
+    u, t1, v = (jax.random.normal(k1, (6, 2)), jax.random.normal(k2, (2, 8)), jax.random.normal(k3, (2, 6)))
+    x = jax.random.normal(k4, (5, 6))
+    dense = u @ t1 @ jnp.kron(jnp.eye(4), v)  # fc1-style (6, 24)
+    np.testing.assert_allclose(SidePath((u, t1, v)).increment(), dense, rtol=1e-5, atol=1e-5)
+    h = x
+    for f in (u, t1, v):
+        h = _chunked_matmul(h, f)
+    np.testing.assert_allclose(h, x @ dense, rtol=1e-5, atol=1e-5)
+    # fc2-style: the first factor acts on chunks of the input, so the dense form needs d_in
+    t2 = jax.random.normal(k2, (8, 2))
+    dense2 = jnp.kron(jnp.eye(4), u) @ t2 @ v  # (24, 6)
+    np.testing.assert_allclose(SidePath((u, t2, v)).increment(d_in=24), dense2, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="rows"):
+        _chunked_matmul(jnp.ones((2, 7)), jnp.ones((3, 2)))

@@ -17,7 +17,9 @@ Where the training-time dropout sits (as in the official code):
 * FacT-TT / FacT-TK: `Dropout(method.dropout)` on the rank-r activation after the core, before V
   (`dropout_after=1`). The MLP kernels are chunked into k = M/D square blocks: fc1 runs as
   `(x U T1) → drop → kron(I_k, V)` (the (r·k)-wide activation split into k chunks, each times V),
-  fc2 as `h kron(I_k, U) → T2 → drop → V` (h split into k chunks of D, each times U).
+  fc2 as `h kron(I_k, U) → T2 → drop → V` (h split into k chunks of D, each times U). The
+  block-diagonal kron(I_k, ·) is never built: a SidePath factor whose rows divide the current width
+  acts chunk-wise.
 * LoRA: `Dropout(method.dropout)` on the LoRA input x (`dropout_after=-1`).
 * EFFT: dropout acts on the factor *entries*; the factors are dropped first with `rng`, exactly as
   `EFFT.apply(params, adapter, rng=rng)` drops them, and the side paths carry no activation dropout.
@@ -43,26 +45,14 @@ Side = dict[int, dict[str, SidePath]]
 _ATTN = ("q", "k", "v", "o")
 
 
-def _block_diag(x: jax.Array, k: int) -> jax.Array:
-    """kron(I_k, x): k copies of x (a, b) on the diagonal of a (k·a, k·b) matrix."""
-    return jnp.kron(jnp.eye(k, dtype=x.dtype), x)
-
-
-def _fact_paths(method: Method, u: jax.Array, v: jax.Array, cores: Mapping[str, jax.Array],
-                k: int) -> dict[str, SidePath]:
+def _fact_paths(method: Method, u: jax.Array, v: jax.Array,
+               cores: Mapping[str, jax.Array]) -> dict[str, SidePath]:
     """FacT side paths of one block from U (D, r), V (r, D) and its cores: attention (r, r),
     fc1 T1 (r, k·r), fc2 T2 (k·r, r). Dropout on the core's output (factor index 1)."""
     opts = dict(scale=float(method.scale), dropout=float(method.dropout), dropout_after=1)
-    out = {}
-    for m, core in cores.items():
-        if m in _ATTN:
-            factors = (u, core, v)
-        elif m == "fc1":
-            factors = (u, core, _block_diag(v, k))
-        else:
-            factors = (_block_diag(u, k), core, v)
-        out[m] = SidePath(factors, **opts)
-    return out
+    # fc1 (U, T1, V): V acts on each of the k rank-r chunks of x U T1; fc2 (U, T2, V): U acts on each
+    # of the k width-D chunks of h (SidePath's block-diagonal chunk rule, no kron(I_k, ·) built).
+    return {m: SidePath((u, core, v), **opts) for m, core in cores.items()}
 
 
 def _check_depth(name: str, got: int, depth: int) -> None:
@@ -76,7 +66,7 @@ def _fact_tt(method: Method, params: Tree, adapter: Tree, rng: jax.Array | None)
     method._check_keys(adapter, ("U", "V") + method.modules)
     _check_depth(method.name, adapter[method.modules[0]].shape[0], depth)
     u, v = adapter["U"], adapter["V"]
-    return {i: _fact_paths(method, u, v, {m: adapter[m][i] for m in method.modules}, k)
+    return {i: _fact_paths(method, u, v, {m: adapter[m][i] for m in method.modules})
             for i in range(depth)}
 
 
@@ -105,7 +95,7 @@ def _fact_tk(method: Method, params: Tree, adapter: Tree, rng: jax.Array | None)
             else:
                 cores["fc1"] = mlp[:, :, :k].transpose(0, 2, 1).reshape(r, k * r)
                 cores["fc2"] = mlp[:, :, k:].transpose(2, 0, 1).reshape(k * r, r)
-        side[i] = _fact_paths(method, adapter["U"], adapter["V"], cores, k)
+        side[i] = _fact_paths(method, adapter["U"], adapter["V"], cores)
     return side
 
 
