@@ -466,3 +466,15 @@ def test_report_cli_on_a_training_checkpoint_and_on_npz(tmp_path):
         cli.main(["--base", str(tmp_path / "base.npz")])
     with pytest.raises(FileNotFoundError, match="no orbax checkpoint"):
         cli.load_run(str(tmp_path / "empty_dir_that_is_missing"))
+
+
+def test_k0_gives_values_without_angles():
+    w = RNG.normal(size=(2, 10, 14))
+    d = np.stack([orth(10, 2, 20) @ orth(14, 2, 21).T] * 2)
+    full = jax.device_get(sp.matrix_spectra(f32(w), f32(w + d), k=3))
+    cheap = jax.device_get(sp.matrix_spectra(f32(w), f32(w + d), k=0))
+    for key in ("s_base", "s_adapted", "delta_s", "delta_rank", "delta_erank", "delta_fro"):
+        np.testing.assert_allclose(cheap[key], full[key], rtol=1e-4, atol=1e-5, err_msg=key)
+    assert cheap["angles_left"].shape == (2, 0) and np.all(np.isnan(cheap["overlap_left"]))
+    rows = sp.ModuleSpectra("q", (10, 14), 0, (0, 1), {k: np.asarray(v) for k, v in cheap.items()}).rows()
+    assert math.isnan(rows[0]["max_angle_left_deg"]) and rows[0]["delta_rank"] == 2
