@@ -416,24 +416,25 @@ def test_plots_without_matplotlib_say_how_to_install(monkeypatch, params, tmp_pa
 
 
 def test_report_cli_on_a_training_checkpoint_and_on_npz(tmp_path):
-    import ml_collections
+    """A checkpoint laid out as training writes it; the loader must rebuild the exact base that
+    `loop.setup` trains on (random init from the run's seed) and restore adapter and head."""
+    import importlib.util
 
     from jax_peft.analysis import __main__ as cli
-    from jax_peft.train import checkpointing, model_setup
-    from jax_peft.train.config import default_config
+    from jax_peft.train import checkpointing, loop
 
     lora = method_or_skip("lora", rank=2)
-    c = default_config()
-    with c.unlocked():
-        c.model.name, c.model.checkpoint, c.model.image_size = "", "random", 16
-        for k, v in dict(patch_size=8, hidden_size=32, num_layers=2, num_heads=2, mlp_dim=64).items():
-            c.model[k] = v
-        c.data.image_size = 16
-    c.method = ml_collections.ConfigDict({"name": "lora", "rank": 2})
-    r_params, _ = jax.random.split(jax.random.PRNGKey(int(c.seed)))
-    _, base = model_setup.build_params(c, lora, 3, r_params)
+    spec = importlib.util.spec_from_file_location(
+        "smoke_cfg", os.path.join(os.path.dirname(__file__), "..", "configs", "smoke.py"))
+    smoke = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(smoke)
+    c = smoke.get_config("lora")
+    c.method.rank = 2
+    s = loop.setup(c)
+    assert s.method == lora
+    base = s.params
     adapter = jax.tree_util.tree_map(np.asarray, perturbed(lora, base, 1))
-    head = jax.tree_util.tree_map(lambda h: h + 0.5, base["head"])
+    head = jax.tree_util.tree_map(lambda h: np.asarray(h) + 0.5, base["head"])
     state = {"step": jnp.asarray(7, jnp.int32), "trainable": {"adapter": adapter, "head": head}, "opt_state": {}}
     ck = checkpointing.Checkpointer(str(tmp_path / "run" / "checkpoints"), config=checkpointing.config_to_json(c))
     ck.save(state, data_position=7)
@@ -478,3 +479,18 @@ def test_k0_gives_values_without_angles():
     assert cheap["angles_left"].shape == (2, 0) and np.all(np.isnan(cheap["overlap_left"]))
     rows = sp.ModuleSpectra("q", (10, 14), 0, (0, 1), {k: np.asarray(v) for k, v in cheap.items()}).rows()
     assert math.isnan(rows[0]["max_angle_left_deg"]) and rows[0]["delta_rank"] == 2
+
+
+def test_report_with_figures(params, tmp_path):
+    pytest.importorskip("matplotlib")
+    import re
+
+    from jax_peft.analysis import report
+
+    bitfit = method_or_skip("bitfit")
+    path = report(params, bitfit, perturbed(bitfit, params, 1), str(tmp_path / "rep"), k=2)
+    text = open(path).read()
+    figs = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text)
+    assert figs and all((tmp_path / "rep" / f).is_file() for f in figs)
+    # BitFit changes no matrix: the report says so and lists the biases instead
+    assert "Adapted matrices: 0 of 12" in text and "MlpBlock_0/Dense_0/bias" in text

@@ -23,7 +23,8 @@ _EXPORTS = {
     "numerical_rank": "similarity", "singular_vectors": "similarity",
     "adapter_similarity": "similarity",
     "AdapterBank": "arithmetic", "task_vector": "arithmetic", "combine_deltas": "arithmetic",
-    "combine_adapters": "arithmetic", "apply_delta": "arithmetic",
+    "combine_adapters": "arithmetic", "apply_delta": "arithmetic", "identity_adapter": "arithmetic",
+    "Entry": "arithmetic", "AFFINE_METHODS": "arithmetic",
     "SwappableForward": "swap", "make_forward": "swap",
     "report": "__main__", "report_trees": "__main__", "load_run": "__main__",
 }
