@@ -46,6 +46,10 @@ _EXPORTS = {
     "dataset_info": "jax_peft.data",
     "vtab_tasks": "jax_peft.data",
     "SidePath": "jax_peft.vit",
+    "train_and_evaluate": "jax_peft.train.loop",
+    "evaluate": "jax_peft.train.loop",
+    "default_config": "jax_peft.train.config",
+    "method_config": "jax_peft.train.config",
 }
 _MODULES = {"paths", "data", "analysis"}
 
