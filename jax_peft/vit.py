@@ -320,13 +320,18 @@ class Attention(nn.Module):
         d = x.shape[-1]
         hd = d // self.num_heads
         side = side or {}
+        # "qkv": one path for the fused projection (..., 3D), columns q | k | v: one input dropout
+        # mask shared by q, k and v, as NOAH's LoRA on timm's fused qkv.
+        fused = _side(self, side.get("qkv"), x, deterministic)
+        fused = (None,) * 3 if fused is None else jnp.split(fused, 3, axis=-1)
 
-        def proj(name: str, short: str) -> Array:
+        def proj(name: str, short: str, j: int) -> Array:
             y = nn.DenseGeneral((self.num_heads, hd), dtype=self.dtype, name=name)(x)  # (B, T, H, hd)
-            extra = _side(self, side.get(short), x, deterministic)
-            return y if extra is None else y + extra.reshape(y.shape)
+            for extra in (_side(self, side.get(short), x, deterministic), fused[j]):
+                y = y if extra is None else y + extra.reshape(y.shape)
+            return y
 
-        q, k, v = proj("query", "q"), proj("key", "k"), proj("value", "v")
+        q, k, v = proj("query", "q", 0), proj("key", "k", 1), proj("value", "v", 2)
         q = q / jnp.sqrt(hd).astype(q.dtype)
         logits = jnp.einsum("bqhd,bkhd->bhqk", q, k)
         soft = jnp.promote_types(logits.dtype, jnp.float32)  # float32 (float64 in x64 parity checks)
@@ -412,7 +417,8 @@ class ViT(nn.Module):
     pooled representation fed to the head (after `pre_logits` when present).
 
     `side` (optional) adds activation-form low-rank branches: `{block_index: {"q"|"k"|"v"|"o"|
-    "fc1"|"fc2": SidePath}}`, evaluated beside the frozen kernels (see `SidePath`).
+    "fc1"|"fc2"|"qkv": SidePath}}`, evaluated beside the frozen kernels (see `SidePath`); "qkv" is
+    one path of width 3D for the fused projection (columns q | k | v, one dropout mask).
     """
 
     config: ViTConfig
