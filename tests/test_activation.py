@@ -189,3 +189,12 @@ def test_side_path_chunked_factor_equals_block_diagonal():
     np.testing.assert_allclose(SidePath((u, t2, v)).increment(d_in=24), dense2, rtol=1e-5, atol=1e-5)
     with pytest.raises(ValueError, match="rows"):
         _chunked_matmul(jnp.ones((2, 7)), jnp.ones((3, 2)))
+
+
+def test_lora_fused_qkv_shares_one_input_dropout_mask():
+    cfg, params, x = _tiny()
+    method = _method("lora", rank=3, variant="fused_qkv", dropout=0.5)
+    _, side = activation_form(method, params, _adapter(method, params))
+    assert set(side) == {0, 1} and all(set(s) == {"qkv"} for s in side.values())
+    path = side[0]["qkv"]
+    assert path.dropout == 0.5 and path.dropout_after == -1 and path.factors[1].shape == (3, 96)

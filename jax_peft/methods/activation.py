@@ -20,7 +20,8 @@ Where the training-time dropout sits (as in the official code):
   fc2 as `h kron(I_k, U) → T2 → drop → V` (h split into k chunks of D, each times U). The
   block-diagonal kron(I_k, ·) is never built: a SidePath factor whose rows divide the current width
   acts chunk-wise.
-* LoRA: `Dropout(method.dropout)` on the LoRA input x (`dropout_after=-1`).
+* LoRA: `Dropout(method.dropout)` on the LoRA input x (`dropout_after=-1`); the fused-qkv variant
+  is one "qkv" path, so q, k and v share the mask (NOAH draws one).
 * EFFT: dropout acts on the factor *entries*; the factors are dropped first with `rng`, exactly as
   `EFFT.apply(params, adapter, rng=rng)` drops them, and the side paths carry no activation dropout.
 
@@ -30,11 +31,13 @@ Other methods (RLRR, SSF, BitFit, linear probe, full fine-tuning) have no cheape
 
 from __future__ import annotations
 
+import re
 from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
 
+from jax_peft import paths
 from jax_peft.methods import layers
 from jax_peft.methods import lowrank as lr
 from jax_peft.methods.base import Method
@@ -110,14 +113,37 @@ def _efft(method: Method, params: Tree, adapter: Tree, rng: jax.Array | None) ->
 
 
 def _lora(method: Method, params: Tree, adapter: Tree, rng: jax.Array | None) -> Side:
-    """`x K + drop(x) A (s B)`: the LoRA module's own `side_paths` (built from `increments`, the
-    same (A, s·B) pairs as `apply`). The fused-qkv variant splits B into its q, k and v columns."""
+    """`x K + drop(x) A (s B)`. Separate pairs: the LoRA module's own `side_paths` (built from
+    `increments`, the same (A, s·B) pairs as `apply`). Fused qkv: one "qkv" path per block with
+    A (D, r) and s·B (r, 3D), so q, k and v share one input dropout mask as in NOAH's code."""
     depth = layers.num_blocks(params)
-    side = method.side_paths(adapter)
+    if method.variant == "fused_qkv":
+        side = {}
+        for path, (a, b) in _lora_nodes(adapter).items():
+            m = re.fullmatch(r"Transformer/encoderblock_(\d+)/MultiHeadDotProductAttention_0/qkv", path)
+            if m is None:
+                raise ValueError(f"lora (fused_qkv): unexpected adapter node {path!r}; build the adapter with "
+                                 "method.init for this variant")
+            side[int(m.group(1))] = {"qkv": SidePath((a, b * method.scale), dropout=float(method.dropout),
+                                                     dropout_after=-1)}
+    else:
+        side = method.side_paths(adapter)
     over = sorted(i for i in side if i >= depth)
     if over:
         raise ValueError(f"lora: the adapter has blocks {over} that a {depth}-block model does not have")
     return side
+
+
+def _lora_nodes(adapter: Tree) -> dict[str, tuple[jax.Array, jax.Array]]:
+    """{node path: (lora_a, lora_b)} of a LoRA adapter tree."""
+    nodes: dict[str, dict[str, jax.Array]] = {}
+    for path, leaf in paths.flatten(adapter).items():
+        node, _, name = path.rpartition("/")
+        nodes.setdefault(node, {})[name] = leaf
+    bad = {n: sorted(v) for n, v in nodes.items() if set(v) != {"lora_a", "lora_b"}}
+    if bad:
+        raise ValueError(f"lora adapter nodes need leaves lora_a and lora_b; got {bad}")
+    return {n: (v["lora_a"], v["lora_b"]) for n, v in nodes.items()}
 
 
 _BUILDERS: dict[str, Callable[[Method, Tree, Tree, Any], Side]] = {
