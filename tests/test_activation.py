@@ -198,3 +198,23 @@ def test_lora_fused_qkv_shares_one_input_dropout_mask():
     assert set(side) == {0, 1} and all(set(s) == {"qkv"} for s in side.values())
     path = side[0]["qkv"]
     assert path.dropout == 0.5 and path.dropout_after == -1 and path.factors[1].shape == (3, 96)
+
+
+def test_forward_picks_the_form_and_checks_its_arguments():
+    from jax_peft.methods.activation import forward
+
+    cfg, params, x = _tiny()
+    model = jax_peft.ViT(cfg)
+    method = _method("fact_tt", rank=3, scale=2.0, dropout=0.1)
+    adapter = _adapter(method, params)
+    a = forward(model, method, params, adapter, x)
+    w = forward(model, method, params, adapter, x, form="weight")
+    np.testing.assert_allclose(a, w, rtol=1e-5, atol=1e-5)
+    t1 = forward(model, method, params, adapter, x, train=True, rng=jax.random.PRNGKey(3))
+    assert not np.allclose(t1, a, atol=1e-4)  # auto = activation form: dropout active in training
+    with pytest.raises(ValueError, match="rng"):
+        forward(model, method, params, adapter, x, train=True)
+    with pytest.raises(ValueError, match="execution form"):
+        forward(model, method, params, adapter, x, form="merged")
+    with pytest.raises(ValueError, match="weight form"):
+        forward(model, get_method("rlrr"), params, {}, x, form="activation")

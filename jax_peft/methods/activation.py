@@ -163,7 +163,7 @@ def activation_form(method: Method, params: Tree, adapter: Tree, *,
                     rng: jax.Array | None = None) -> tuple[Tree, Side]:
     """(params, side) for `ViT.apply(..., side=side)`: the frozen parameters (the low-rank methods
     change nothing else, so `params` is returned as is) and one `SidePath` per adapted matrix,
-    `{block: {"q"|"k"|"v"|"o"|"fc1"|"fc2": SidePath}}`.
+    `{block: {"q"|"k"|"v"|"o"|"fc1"|"fc2"|"qkv": SidePath}}` ("qkv": LoRA's fused variant).
 
     `rng` is used only by methods whose training noise lives in the factors (EFFT); pass the same
     key as to `method.apply(..., rng=rng)` to draw the same masks. FacT and LoRA dropout is
