@@ -54,7 +54,7 @@ PALETTE = np.array([
     [0.95, 0.95, 0.95],  # white
 ], dtype=np.float32)
 SPLITS = ("train", "val", "test")
-NORMALIZATIONS = ("minus_one_one", "imagenet")
+NORMALIZATIONS = ("minus_one_one", "imagenet", "zero_one")
 _IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
 _IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 
@@ -239,6 +239,8 @@ def _normalize(images: np.ndarray, normalization: str) -> np.ndarray:
     x = images.astype(np.float32) / 255.0
     if normalization == "minus_one_one":
         return x * 2.0 - 1.0
+    if normalization == "zero_one":
+        return x
     return (x - _IMAGENET_MEAN) / _IMAGENET_STD
 
 
