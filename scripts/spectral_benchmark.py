@@ -2,6 +2,11 @@
 
     python scripts/spectral_benchmark.py                 # ViT-B/16, k = 8, LoRA-like rank-8 increments
     python scripts/spectral_benchmark.py --model ViT-S/16 --repeats 2
+    OPENBLAS_NUM_THREADS=1 python scripts/spectral_benchmark.py   # on a busy/shared machine
+
+jax's CPU SVD calls LAPACK (scipy's OpenBLAS). On a machine where other processes hold the cores,
+OpenBLAS's spinning worker threads can make the same SVD 10-50x slower and wildly variable; with
+OPENBLAS_NUM_THREADS=1 the timings are steady.
 
 Measures `jax_peft.analysis.compare(base, adapted)` (the 72 matrices of a 12-block ViT: per matrix the
 SVD of W and W' with vectors, the singular values of ΔW and the top-k principal angles), first call

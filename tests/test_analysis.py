@@ -494,3 +494,14 @@ def test_report_with_figures(params, tmp_path):
     assert figs and all((tmp_path / "rep" / f).is_file() for f in figs)
     # BitFit changes no matrix: the report says so and lists the biases instead
     assert "Adapted matrices: 0 of 12" in text and "MlpBlock_0/Dense_0/bias" in text
+
+
+def test_unchanged_fast_path_matches_the_full_computation():
+    w = f32(RNG.normal(size=(3, 12, 20)))
+    for k in (0, 4):
+        full = jax.device_get(sp.matrix_spectra(w, w, k=k))
+        fast = jax.device_get(sp._unchanged_spectra(w, k=k))
+        assert set(full) == set(fast)
+        for key in full:
+            assert fast[key].shape == full[key].shape and fast[key].dtype == full[key].dtype, key
+            np.testing.assert_allclose(fast[key], full[key], atol=2e-3, err_msg=key)

@@ -116,6 +116,27 @@ def matrix_spectra(w: Array, w_adapted: Array, k: int = 8, rtol: float | None = 
     }
 
 
+@functools.partial(jax.jit, static_argnames=("k", "rtol"))
+def _unchanged_spectra(w: Array, k: int = 8, rtol: float | None = None) -> dict[str, Array]:
+    """`matrix_spectra(w, w, k, rtol)` for W' = W exactly, from one values-only SVD."""
+    w = jnp.asarray(w, jnp.float32)
+    r = min(w.shape[-2:])
+    if not 0 <= k <= r:
+        raise ValueError(f"k={k} must be between 1 and min(in, out) = {r} (or 0: no subspace angles)")
+    s = jnp.linalg.svd(w, compute_uv=False)
+    batch = s.shape[:-1]
+    zeros = jnp.zeros_like(s)
+    angles = jnp.zeros(batch + (k,), s.dtype)
+    overlap = jnp.ones(batch, s.dtype) if k else jnp.full(batch, jnp.nan, s.dtype)
+    return {
+        "s_base": s, "s_adapted": s, "rel_change": relative_change(s, s), "delta_s": zeros,
+        "delta_fro": jnp.zeros(batch, s.dtype), "base_fro": jnp.sqrt(jnp.sum(w * w, axis=(-2, -1))),
+        "delta_rank": jnp.zeros(batch, jnp.int32), "delta_erank": jnp.zeros(batch, s.dtype),
+        "delta_tol": delta_tolerance(zeros, w, rtol), "angles_left": angles, "angles_right": angles,
+        "overlap_left": overlap, "overlap_right": overlap,
+    }
+
+
 # --- trees ------------------------------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class ModuleSpectra:
@@ -186,13 +207,18 @@ def compare(base: Tree, adapted: Tree, *, k: int = 8, modules: Iterable[str] = A
         if flip:
             w, w2 = jnp.swapaxes(w, 1, 2), jnp.swapaxes(w2, 1, 2)
         stacks[m] = (w, w2)
-        groups.setdefault(tuple(w.shape[1:]), []).append((m, flip))
+        # bitwise-unchanged modules (e.g. k, o, fc1, fc2 under LoRA on q, v) skip two of three SVDs
+        same = bool(jnp.array_equal(w, w2))
+        groups.setdefault((*w.shape[1:], same), []).append((m, flip))
     out: dict[str, ModuleSpectra] = {}
     n = len(blocks)
-    for shape, members in groups.items():
+    for (*shape, same), members in groups.items():
         w = jnp.concatenate([stacks[m][0] for m, _ in members])
-        w2 = jnp.concatenate([stacks[m][1] for m, _ in members])
-        stats = jax.device_get(matrix_spectra(w, w2, k=k, rtol=rtol))
+        if same:
+            stats = jax.device_get(_unchanged_spectra(w, k=k, rtol=rtol))
+        else:
+            w2 = jnp.concatenate([stacks[m][1] for m, _ in members])
+            stats = jax.device_get(matrix_spectra(w, w2, k=k, rtol=rtol))
         for j, (m, flip) in enumerate(members):
             st = {name: np.asarray(v[j * n:(j + 1) * n]) for name, v in stats.items()}
             if flip:
