@@ -261,6 +261,11 @@ def report(fns: list[Timed], info: dict, args: argparse.Namespace, torch_res: di
             "cpu_over_floor": t.cpu_median / cyard["floor"], "cpu_over_full": t.cpu_median / cyard["full"],
             "cpu_over_forward": t.cpu_median / cyard["forward"],
         }
+    if "full" in res["methods"]:  # context: against the complete full fine-tuning train step (AdamW too)
+        full_step = res["methods"]["full"]
+        for row in res["methods"].values():
+            row["over_full_step"] = row["step_s"] / full_step["step_s"]
+            row["cpu_over_full_step"] = row["cpu_s"] / full_step["cpu_s"]
     targets = []
     for names, base, limit in TARGETS:
         for n in names:
