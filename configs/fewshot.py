@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from jax_peft.train.config import default_config
+from jax_peft.train.config import default_config, lock_method
 
 DATASETS = {"food101": 101, "stanford_cars": 196, "oxford_flowers102": 102, "oxford_iiit_pet": 37,
             "fgvc_aircraft": 100}
@@ -75,4 +75,4 @@ def get_config(arg: str = "food101,16,0,fact_tt") -> ml_collections.ConfigDict:
     c.schedule.warmup_epochs, c.schedule.warmup_lr, c.schedule.min_lr = 10, 1e-6, 1e-5
     c.schedule.cosine_epochs, c.schedule.step_offset = 100, "after_epoch"
     c.eval_every = 10 * max(1, (k * n_cls) // c.batch_size)
-    return c
+    return lock_method(c)

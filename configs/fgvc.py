@@ -36,7 +36,7 @@ import sys
 
 import ml_collections
 
-from jax_peft.train.config import default_config
+from jax_peft.train.config import default_config, lock_method
 
 
 def _recipes():
@@ -92,6 +92,7 @@ def get_config(arg: str = "cub200,rlrr") -> ml_collections.ConfigDict:
         lr, dp = R.RLRR_FGVC[dataset]
         c.optimizer.lr, c.optimizer.weight_decay = lr, 5e-2
         c.model.drop_path_rate, c.model.drop_path_mode = dp, "element"
+        c.data.drop_remainder = False  # RLRR's loader keeps the last partial batch
         c.data.normalization = "minus_one_one"
     else:
         lr, wd, norm = _OTHER[method]
@@ -100,4 +101,4 @@ def get_config(arg: str = "cub200,rlrr") -> ml_collections.ConfigDict:
         c.data.normalization = norm
         if method == "lora":
             c.method.rank, c.method.variant = 8, "fused_qkv"
-    return c
+    return lock_method(c)

@@ -42,7 +42,7 @@ import sys
 
 import ml_collections
 
-from jax_peft.train.config import default_config
+from jax_peft.train.config import default_config, lock_method
 
 
 def _recipes():
@@ -78,7 +78,8 @@ def _timm_schedule(c, *, warmup_lr: float, min_lr: float, cosine_epochs: int = 1
 
 
 def _eval_every_epochs(c, epochs: int) -> None:
-    c.eval_every = epochs * max(1, TRAIN_EXAMPLES // c.batch_size)
+    n, b = TRAIN_EXAMPLES, c.batch_size
+    c.eval_every = epochs * (max(1, n // b) if c.data.drop_remainder else -(-n // b))
 
 
 def _fact_like(c, lr: float = 1e-3, wd: float = 1e-4) -> None:
@@ -127,6 +128,7 @@ def apply_recipe(c: ml_collections.ConfigDict, task: str, method: str) -> ml_col
         _timm_schedule(c, warmup_lr=1e-7, min_lr=1e-8)
         c.model.drop_path_rate, c.model.drop_path_mode = dp, "element"
         c.data.normalization, c.data.hflip = "minus_one_one", flip
+        c.data.drop_remainder = False  # RLRR's loader keeps the last batch: 32 steps per epoch (31 x 32 + 8)
         _eval_every_epochs(c, 1)
     elif method in ("fact_tt", "fact_tk"):
         rank, scale = (R.FACT_TT if method == "fact_tt" else R.FACT_TK)[task]
@@ -168,7 +170,7 @@ def get_config(arg: str = "cifar100,rlrr") -> ml_collections.ConfigDict:
     c.data.train_split, c.data.eval_split = "train800val200", "test"
     c.data.image_size = c.model.image_size = 224
     c.model.num_classes = NUM_CLASSES[task]
-    return apply_recipe(c, task, method)
+    return lock_method(apply_recipe(c, task, method))
 
 
 def _paper_table() -> str:

@@ -226,8 +226,11 @@ def test_hosts_take_disjoint_slices_of_each_global_batch():
 
 def test_train_without_drop_remainder_keeps_last_partial_batch():
     it = _train(n=10, drop_remainder=False)
-    sizes = [len(next(it)["label"]) for _ in range(6)]
-    assert sizes == [4, 4, 2, 4, 4, 2]
+    batches = [next(it) for _ in range(6)]
+    # static shapes: the epoch's last batch is padded to 4 and masked (2 real examples)
+    assert [len(b["label"]) for b in batches] == [4] * 6
+    assert [int(b["mask"].sum()) for b in batches] == [4, 4, 2, 4, 4, 2]
+    assert not batches[2]["image"][2:].any() and batches[2]["mask"][:2].all()
     with pytest.raises(ValueError, match="drop_remainder=True"):
         _train(n=11, batch_size=3, drop_remainder=False, process_index=0, process_count=2)
     with pytest.raises(ValueError, match="fewer than one global batch"):

@@ -195,3 +195,20 @@ def test_activation_form_training_matches_weight_form_without_dropout(one_block)
         state = runner.put_state(step_lib.init_state(trainable, tx))
         _, losses[form] = _train(runner, state, runner.put_frozen(frozen), _batch(), 2)
     np.testing.assert_allclose(losses["activation"], losses["weight"], rtol=1e-5)
+
+
+def test_padded_last_batch_equals_the_short_batch(one_block):
+    """data.drop_remainder=False: a batch padded with mask 0 trains exactly like the short batch."""
+    cfg, tiny_params = one_block
+    short = _batch(n=3, seed=3)
+    padded = {"image": np.concatenate([short["image"], np.zeros((5, 32, 32, 3), np.float32)]),
+              "label": np.concatenate([short["label"], np.zeros((5,), np.int32)]),
+              "mask": np.asarray([1, 1, 1, 0, 0, 0, 0, 0], np.float32)}
+    _, runner_a, state_a, frozen_a, _ = _setup("lora", tiny_params, cfg, rank=2, dropout=0.0)
+    _, runner_b, state_b, frozen_b, _ = _setup("lora", tiny_params, cfg, rank=2, dropout=0.0)
+    state_a, loss_a = _train(runner_a, state_a, frozen_a, short, 2)
+    state_b, loss_b = _train(runner_b, state_b, frozen_b, padded, 2)
+    np.testing.assert_allclose(loss_a, loss_b, rtol=1e-5)
+    a = jax.device_get(runner_a.get_state(state_a)["trainable"])
+    b = jax.device_get(runner_b.get_state(state_b)["trainable"])
+    jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6), a, b)

@@ -165,6 +165,13 @@ class BatchIterator:
             out = self._map(lambda i: self._load_one(i, example_rng(seed, epoch, i)), idx)
             batch = {"image": np.stack([o[0] for o in out]).astype(np.float32, copy=False),
                      "label": np.asarray([o[1] for o in out], np.int32)}
+            if not plan.drop_remainder:  # static shapes: pad the epoch's last batch and mask it
+                pad = plan.batch_size - len(out)
+                batch = {"image": np.concatenate([batch["image"], np.zeros((pad,) + batch["image"].shape[1:],
+                                                                          np.float32)]),
+                         "label": np.concatenate([batch["label"], np.zeros((pad,), np.int32)]),
+                         "mask": np.concatenate([np.ones((len(out),), np.float32),
+                                                 np.zeros((pad,), np.float32)])}
         else:
             idx, mask = plan.eval_batch(k)
             real = [int(i) for i, m in zip(idx, mask) if m]

@@ -60,6 +60,8 @@ def default_config() -> ml_collections.ConfigDict:
         hflip=False,
         random_resized_crop=False,
         shuffle_buffer=10_000,
+        drop_remainder=True,      # training: False keeps the last partial batch of each epoch
+                                  # (padded + masked, as PyTorch's drop_last=False; RLRR's loader)
         prefetch=2,
     ))
 
@@ -122,11 +124,12 @@ def method_config(name: str, **hparams: Any) -> ml_collections.ConfigDict:
 
     cls = method_class(name)
     get_method(name, **hparams)  # validates the names (aliases allowed) and values early
-    fields = {f.name: f.default for f in dataclasses.fields(cls)}
+    # Keys are the public option names (e.g. EFFT's `init`, stored in the field `init_scheme`).
     aliases = dict(getattr(cls, "hparam_aliases", {}))
-    values = dict(fields)
+    public = {field: alias for alias, field in aliases.items()}
+    values = {public.get(f.name, f.name): f.default for f in dataclasses.fields(cls)}
     for k, v in hparams.items():
-        values[aliases.get(k, k)] = v
+        values[public.get(k, k)] = v
     c = ml_collections.ConfigDict({"name": name})
     for k, v in values.items():
         if v is None:
@@ -135,3 +138,12 @@ def method_config(name: str, **hparams: Any) -> ml_collections.ConfigDict:
             c[k] = v
     c.lock()
     return c
+
+
+def lock_method(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """Replaces a free-form `config.method` block ({"name": ..., some hyper-parameters}) by the full
+    locked `method_config`, so every hyper-parameter can be overridden from the command line and
+    typos fail. Config files call it last; returns `config`."""
+    hp = {k: v for k, v in config.method.to_dict().items() if k != "name"}
+    config.method = method_config(config.method.name, **hp)
+    return config

@@ -113,7 +113,8 @@ def setup(config: Any) -> Setup:
 
     spe = int(config.schedule.steps_per_epoch)
     if spe <= 0:
-        spe = max(1, int(info["num_examples"]) // int(config.batch_size))
+        n, b = int(info["num_examples"]), int(config.batch_size)
+        spe = max(1, n // b) if config.data.drop_remainder else -(-n // b)
     total = int(config.total_steps) if config.total_steps > 0 else int(config.num_epochs) * spe
     sched = schedules.make_schedule(config.schedule, lr=float(config.optimizer.lr), total_steps=total,
                                     steps_per_epoch=spe)

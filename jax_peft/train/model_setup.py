@@ -50,6 +50,8 @@ def make_dataset(config: Any, split: str, *, train: bool, start_batch: int = 0,
         hflip=bool(d.hflip) and train, random_resized_crop=bool(d.random_resized_crop) and train,
         data_dir=d.data_dir, start_batch=int(start_batch), prefetch=int(d.prefetch),
     )
+    if train and not bool(d.drop_remainder):
+        kwargs["drop_remainder"] = False
     kwargs.update(process_index=jax.process_index(), process_count=jax.process_count())
     return data_api()[0](d.name, split, **kwargs)
 

@@ -112,11 +112,18 @@ def make_train_fn(model: Any, method: Method, tx: optax.GradientTransformation, 
             # rng is split into the model's dropout key and the method's key (EFFT factor dropout).
             logits = forward(model, method, join_params(frozen, trainable), trainable["adapter"],
                              batch["image"], train=True, rng=rng, form=form)
-            loss = cross_entropy(logits, batch["label"], label_smoothing).mean()
+            loss = _masked_mean(cross_entropy(logits, batch["label"], label_smoothing), weights, count)
             return loss, logits
 
+        # A padded last batch (data.drop_remainder=False) carries "mask": the loss is the mean over
+        # its real examples, as PyTorch's drop_last=False. Under pmap each device divides by the
+        # mean per-device count, so the pmean below is the global masked mean.
+        weights = batch.get("mask")
+        count = None if weights is None else jnp.sum(weights)
+        if count is not None and axis_name is not None:
+            count = jax.lax.pmean(count, axis_name)
         (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["trainable"])
-        acc = jnp.mean((jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32))
+        acc = _masked_mean((jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32), weights, count)
         if axis_name is not None:
             grads, loss, acc = jax.lax.pmean((grads, loss, acc), axis_name)
         updates, opt_state = tx.update(grads, state["opt_state"], state["trainable"])
@@ -128,6 +135,13 @@ def make_train_fn(model: Any, method: Method, tx: optax.GradientTransformation, 
         return new, metrics
 
     return train
+
+
+def _masked_mean(values: jax.Array, weights: jax.Array | None, count: jax.Array | None) -> jax.Array:
+    """Mean of `values` (B,), or sum(values * weights) / count for a padded batch."""
+    if weights is None:
+        return values.mean()
+    return jnp.sum(values * weights) / jnp.maximum(count, 1.0)
 
 
 def make_eval_fn(model: Any, method: Method, *, axis_name: str | None = None) -> Callable:
