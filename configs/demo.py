@@ -4,7 +4,7 @@
     python -m jax_peft.main --config configs/demo.py:rlrr --workdir DIR/rlrr \
         --config.model.checkpoint=DIR/upstream_vit.npz
 
-`pretrain`: a small ViT (patch 4, width 96, 3 blocks, 32x32 images) trained from scratch with `full`
+`pretrain`: a small ViT (patch 8, width 96, 3 blocks, 32x32 images) trained from scratch with `full`
 on `synthetic/upstream` (shape x texture, one object). Any other argument is a method name
 (`rlrr`, `fact_tt`, `fact_tk`, `lora`, `linear`, `full`, `ssf`, `bitfit`, `efft`) adapting the
 pretrained checkpoint (`model.checkpoint`, a Google-layout .npz) to `synthetic/downstream` (shape of
@@ -26,7 +26,7 @@ ADAPT = {
     "bitfit": (1e-2, {}),
     "efft": (5e-3, {}),
 }
-PRETRAIN_STEPS, ADAPT_STEPS = 600, 300
+PRETRAIN_STEPS, ADAPT_STEPS = 400, 200
 QUICK_PRETRAIN_STEPS, QUICK_ADAPT_STEPS = 8, 6
 
 
@@ -59,7 +59,7 @@ def get_config(arg: str | None = None):
     if which == "pretrain":
         c.model.name = ""
         c.model.checkpoint = "random"
-        c.model.patch_size = 4
+        c.model.patch_size = 8
         c.model.hidden_size = 96 if not quick else 32
         c.model.num_layers = 3 if not quick else 1
         c.model.num_heads = 3 if not quick else 2

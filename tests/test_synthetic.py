@@ -137,6 +137,6 @@ def test_bad_arguments_fail_clearly():
 def test_dispatch_through_data_layer():
     from jax_peft import data
 
-    assert data.dataset_info("synthetic/downstream", "test") == dict(num_examples=2000, num_classes=6)
+    assert data.dataset_info("synthetic/downstream", "test") == dict(num_examples=2000, num_classes=8)
     b = next(iter(data.make_dataset("synthetic/smoke", "val", batch_size=8, image_size=16, train=False)))
     assert b["image"].shape == (8, 16, 16, 3) and b["mask"].shape == (8,)

@@ -7,14 +7,14 @@ resizing and `interpolation` is accepted only for contract compatibility.
 
 Tasks (names may carry the `synthetic/` prefix):
 
-    upstream    one object; label = shape x texture (18 classes). Colour, position, size,
-                rotation and background are nuisances. A pretraining task: it teaches a
-                backbone shape and texture features and to be invariant to position.
-    downstream  two objects, one in the left half and one in the right half; label = shape of
-                the LEFT object (6 classes). The right object is a distractor with random
-                attributes. The backbone has the needed shape features, but its pooled
+    upstream    one object; label = colour x texture (8 x 3 = 24 classes). Shape, position,
+                size, rotation and background are nuisances. A pretraining task: it teaches a
+                backbone colour and texture features and to be invariant to position.
+    downstream  two objects, one in the left half and one in the right half; label = colour of
+                the LEFT object (8 classes). The right object is a distractor with random
+                attributes. The backbone has the needed colour features, but its pooled
                 (CLS) representation mixes both objects, so a linear probe on frozen features
-                cannot tell which shape is on the left; adapting attention can.
+                cannot tell which colour is on the left; adapting attention can.
     smoke       one object; label = its colour among 4 (4 classes), tiny splits. Learnable in a
                 few dozen steps; used by `configs/smoke.py` and tests.
 
@@ -72,10 +72,10 @@ class TaskSpec:
 
 
 TASKS: dict[str, TaskSpec] = {
-    "upstream": TaskSpec("upstream", len(SHAPES) * len(TEXTURES), (16000, 1000, 2000), 101, True,
-                         "one object; label = shape x texture"),
-    "downstream": TaskSpec("downstream", len(SHAPES), (4000, 500, 2000), 202, False,
-                           "two objects (left half, right half); label = shape of the left one"),
+    "upstream": TaskSpec("upstream", len(PALETTE) * len(TEXTURES), (16000, 1000, 2000), 101, True,
+                         "one object; label = colour x texture"),
+    "downstream": TaskSpec("downstream", len(PALETTE), (4000, 500, 2000), 202, False,
+                           "two objects (left half, right half); label = colour of the left one"),
     "smoke": TaskSpec("smoke", 4, (1024, 256, 256), 303, True,
                       "one object; label = its colour (red, green, blue, yellow)"),
 }
@@ -139,7 +139,7 @@ def _sample_scenes(spec: TaskSpec, rng: np.random.Generator, n: int) -> tuple[di
     )
     if spec.kind == "upstream":
         obj = _sample_objects(rng, n, r_lo=0.12, r_hi=0.24, x_lo=0.02, x_hi=0.98)
-        labels = obj["shape"] * len(TEXTURES) + obj["texture"]
+        labels = obj["color"] * len(TEXTURES) + obj["texture"]
         return background, [obj], labels
     if spec.kind == "smoke":
         color = rng.integers(0, 4, n)
@@ -148,7 +148,7 @@ def _sample_scenes(spec: TaskSpec, rng: np.random.Generator, n: int) -> tuple[di
     if spec.kind == "downstream":
         left = _sample_objects(rng, n, r_lo=0.12, r_hi=0.19, x_lo=0.02, x_hi=0.49)
         right = _sample_objects(rng, n, r_lo=0.12, r_hi=0.19, x_lo=0.51, x_hi=0.98)
-        return background, [left, right], left["shape"]
+        return background, [left, right], left["color"]
     raise AssertionError(spec.kind)
 
 
