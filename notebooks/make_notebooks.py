@@ -149,13 +149,13 @@ def quickstart() -> nbformat.NotebookNode:
         print(paths.summarize(adapter, max_rows=8))
 
         model = jax_peft.ViT(cfg)
+        forward = jax.jit(lambda p, x: model.apply({"params": p}, x, train=False))   # one compilation per shape
         x = jax.random.normal(jax.random.PRNGKey(1), (4, IMAGE_SIZE, IMAGE_SIZE, 3))
-        logits = model.apply({"params": params}, x, train=False)
-        official = model.apply({"params": method.apply(params, adapter)}, x, train=False)
+        logits = forward(params, x)
+        official = forward(method.apply(params, adapter), x)
         print(f"official init: max |logit change| at step 0 = {float(jnp.max(jnp.abs(official - logits))):.3g}")
         ident = jax_peft.get_method("rlrr", init="identity")
-        same = np.array_equal(logits, model.apply({"params": ident.apply(params, ident.init(jax.random.PRNGKey(0), params))},
-                                                  x, train=False))
+        same = np.array_equal(logits, forward(ident.apply(params, ident.init(jax.random.PRNGKey(0), params)), x))
         print("init='identity': bitwise the pretrained logits at step 0:", same)
         """),
         md("""
@@ -207,8 +207,9 @@ def quickstart() -> nbformat.NotebookNode:
         batch = next(jax_peft.make_dataset("synthetic/downstream", "test", batch_size=256, image_size=IMAGE_SIZE,
                                            train=False))
         model = jax_peft.ViT(jax_peft.vit_config(reloaded))
-        adapted_logits = model.apply({"params": method.apply(base, adapter)}, batch["image"], train=False)
-        merged_logits = model.apply({"params": reloaded}, batch["image"], train=False)
+        forward = jax.jit(lambda p, x: model.apply({"params": p}, x, train=False))
+        adapted_logits = forward(method.apply(base, adapter), batch["image"])   # adapter applied on the fly
+        merged_logits = forward(reloaded, batch["image"])                       # plain ViT weights
         diff = float(jnp.max(jnp.abs(adapted_logits - merged_logits)))
         agree = float(jnp.mean(jnp.argmax(adapted_logits, -1) == jnp.argmax(merged_logits, -1)))
         acc = float(jnp.mean(jnp.argmax(merged_logits, -1) == batch["label"]))
@@ -229,6 +230,142 @@ def quickstart() -> nbformat.NotebookNode:
     return new_notebook(cells=cells, metadata=_metadata())
 
 
+def surgery() -> nbformat.NotebookNode:
+    cells = [
+        md("""
+        # 02 · Parameter-pytree surgery
+
+        Parameters in jax_peft are plain nested dicts of arrays with Linen names
+        (`Transformer/encoderblock_0/MultiHeadDotProductAttention_0/query/kernel`, ...), so everything
+        below is a pure function from trees to trees: inspect, select by regex, replace a head, resize
+        the position embedding for a new image size, and convert adapters to and from the official
+        PyTorch layouts. No training; runs in seconds.
+        """),
+        code("""
+        import os
+
+        import jax
+        import jax.numpy as jnp
+        import numpy as np
+
+        import jax_peft
+        from jax_peft import paths
+
+        # A tiny ViT in the Google .npz layout (random weights; any real checkpoint works the same way).
+        cfg = jax_peft.vit_config("ViT-B/16", num_classes=10, image_size=32, patch_size=8, hidden_size=64,
+                                  num_layers=2, num_heads=2, mlp_dim=128)
+        jax_peft.save_checkpoint("tiny_vit.npz", jax_peft.init_params(cfg, 0))
+        params = jax_peft.load_checkpoint("tiny_vit.npz")
+        with np.load("tiny_vit.npz") as f:
+            print("layout on disk:", jax_peft.detect_layout(f.files), "| e.g.", sorted(f.files)[:2])
+        print(jax_peft.vit_config(params))
+        """),
+        md("""
+        ## Inspect
+
+        `paths.summarize` tabulates path, shape, dtype and size; `paths.count` counts scalars. Shapes of a
+        full-size model come from `jax_peft.param_shapes` (via `jax.eval_shape`, nothing allocated).
+        """),
+        code("""
+        print(paths.summarize(params, max_rows=14))
+        vit_b = jax_peft.param_shapes(jax_peft.vit_config("ViT-B/16"))
+        print(f"ViT-B/16: {paths.count(vit_b):,} parameters in {len(paths.leaf_paths(vit_b))} leaves "
+              f"(abstract: {type(jax.tree_util.tree_leaves(vit_b)[0]).__name__})")
+        """),
+        md("""
+        ## Select by regex
+
+        `paths.select(tree, pattern)` returns the '/'-joined paths matched by `re.search`; `paths.mask`
+        turns the same patterns into a bool tree (e.g. for `optax.masked`). A pattern that matches
+        nothing is an error, not a silent no-op: a typo would otherwise freeze or train the wrong thing.
+        """),
+        code("""
+        attn_kernels = paths.select(params, r"MultiHeadDotProductAttention_0/(query|value)/kernel$")
+        print("\\n".join(attn_kernels))
+        biases_and_norms = paths.mask(params, [r"/bias$", r"LayerNorm|encoder_norm"])
+        n_true = sum(paths.count(paths.get(params, p)) for p, m in paths.flatten(biases_and_norms).items() if m)
+        print(f"bias + norm parameters (BitFit-like selection): {n_true:,} of {paths.count(params):,}")
+        """),
+        code("""
+        try:
+            paths.select(params, r"encoderblock_\\d+/Attention/query")   # wrong module name
+        except ValueError as e:
+            print("ValueError:", e)
+        """),
+        md("""
+        ## Replace a head, edit leaves
+
+        `jax_peft.reset_head` gives a fresh head for a new number of classes with the initializer of
+        the method you fine-tune with (`zeros` as vit_jax/RLRR, `torch_linear` as FacT/EFFT,
+        `trunc_normal` as timm/SSF). `paths.replace` swaps any leaves by path. Both return new trees:
+        the input is untouched.
+        """),
+        code("""
+        p5 = jax_peft.reset_head(params, num_classes=5, init="torch_linear", rng=jax.random.PRNGKey(0))
+        print("head:", {k: v.shape for k, v in params["head"].items()}, "->", {k: v.shape for k, v in p5["head"].items()})
+        path = "Transformer/encoder_norm/scale"
+        p_edit = paths.replace(params, {path: 2.0 * paths.get(params, path)})
+        print("edited", path, "| original unchanged:", bool(np.all(paths.get(params, path) == 1.0)),
+              "| copy doubled:", bool(np.all(paths.get(p_edit, path) == 2.0)))
+        print("pre_logits present:", "pre_logits" in params, "-> drop_pre_logits keys:", sorted(jax_peft.drop_pre_logits(params)))
+        """),
+        md("""
+        ## Resize the position embedding to a new image size
+
+        vit_jax's rule: keep the CLS row, reshape the patch rows to their grid, resample bilinearly with
+        corners aligned. 32 px with patch 8 is a 4×4 grid (17 tokens); 48 px is 6×6 (37 tokens).
+        The corners of the grid are kept exactly, and the resized model runs at the new size.
+        """),
+        code("""
+        p48 = jax_peft.resize_pos_embedding(params, image_size=48)
+        pe_old = params["Transformer"]["posembed_input"]["pos_embedding"]
+        pe_new = p48["Transformer"]["posembed_input"]["pos_embedding"]
+        print("pos_embedding:", pe_old.shape, "->", pe_new.shape)
+        g_old, g_new = pe_old[0, 1:].reshape(4, 4, -1), pe_new[0, 1:].reshape(6, 6, -1)
+        corners = [(0, 0), (0, -1), (-1, 0), (-1, -1)]
+        print("CLS row kept:", np.array_equal(pe_old[0, 0], pe_new[0, 0]),
+              "| grid corners kept:", all(np.allclose(g_old[c], g_new[c], atol=1e-6) for c in corners))
+        model48 = jax_peft.ViT(jax_peft.vit_config(p48))
+        logits = jax.jit(lambda p, x: model48.apply({"params": p}, x, train=False))(p48, jnp.zeros((2, 48, 48, 3)))
+        print("forward at 48 px:", logits.shape)
+        """),
+        md("""
+        ## Adapters to and from the official PyTorch layouts
+
+        `jax_peft.to_official(name, adapter, **hparams)` returns the flat `{name: array}` state dict of the
+        method's official repository (names, shapes, transposes as PyTorch stores them);
+        `jax_peft.from_official(name, state_dict, params, **hparams)` reads one (torch tensors accepted;
+        backbone and head keys are ignored). We perturb freshly initialized adapters with noise, so the
+        check is not on zeros, and require the round trip to be **bitwise** exact for RLRR and FacT-TT.
+        """),
+        code("""
+        def noisy(tree, seed):
+            leaves, treedef = jax.tree_util.tree_flatten(tree)
+            keys = jax.random.split(jax.random.PRNGKey(seed), len(leaves))
+            return jax.tree_util.tree_unflatten(
+                treedef, [np.asarray(x + 0.1 * jax.random.normal(k, x.shape)) for x, k in zip(leaves, keys)])
+
+        for name, hp in [("rlrr", {}), ("fact_tt", dict(rank=8, scale=1.0))]:
+            method = jax_peft.get_method(name, **hp)
+            adapter = noisy(method.init(jax.random.PRNGKey(0), params), seed=1)
+            state_dict = jax_peft.to_official(name, adapter, **hp)
+            back = jax_peft.from_official(name, state_dict, params, **hp)
+            fa, fb = paths.flatten(adapter), paths.flatten(back)          # compare leaf by leaf, by path
+            exact = sorted(fa) == sorted(fb) and all(np.array_equal(fa[p], np.asarray(fb[p])) for p in fa)
+            print(f"{name}: {len(state_dict)} official tensors, {method.num_params(adapter):,} parameters; "
+                  f"round trip bitwise exact: {exact}")
+            for k in list(state_dict)[:4]:
+                print(f"    {k:45s} {tuple(state_dict[k].shape)}")
+            assert exact, name
+        """),
+        md("""
+        Because the official layouts round-trip exactly, an adapter trained here can be loaded into the
+        official PyTorch code (and vice versa), e.g. to compare with published checkpoints.
+        """),
+    ]
+    return new_notebook(cells=cells, metadata=_metadata())
+
+
 def _metadata() -> dict:
     return {"kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
             "language_info": {"name": "python"}}
@@ -236,6 +373,7 @@ def _metadata() -> dict:
 
 NOTEBOOKS = {
     "01_quickstart.ipynb": quickstart,
+    "02_pytree_surgery.ipynb": surgery,
 }
 
 
