@@ -1,10 +1,10 @@
 """End-to-end demo on a CPU, no download: `python -m jax_peft.demo --workdir DIR`.
 
 1. Pretrains a small ViT (patch 8, width 96, 3 blocks, 32x32 images) on `synthetic/upstream`
-   (shape x texture of one object) with the real training loop, exports it as a Google-layout
+   (colour x texture of one object) with the real training loop, exports it as a Google-layout
    `.npz` (`save_checkpoint`) and caches it as `DIR/upstream_vit.npz` (reused by later runs).
 2. Adapts the reloaded checkpoint (`load_checkpoint`, via the config's `model.checkpoint`) to
-   `synthetic/downstream` (shape of the LEFT of two objects) with each method, through
+   `synthetic/downstream` (colour of the LEFT of two objects) with each method, through
    `jax_peft.train.loop.train_and_evaluate`, and measures held-out test accuracy.
 3. Prints a table and writes `DIR/demo_summary.json`; accuracies are fractions in [0, 1].
 4. Merges the best PEFT adapter (`jax_peft.merge`), exports it as `.npz` and checks that the merged
@@ -30,12 +30,12 @@ NOT_PEFT = ("linear", "full")  # the baselines the best PEFT method is compared 
 
 EXPLANATION = """\
 What this demo shows: the whole jax_peft pipeline on a laptop-sized problem with no download. A small
-ViT is pretrained on generated images (classify the shape and texture of one object) and saved as a
+ViT is pretrained on generated images (classify the colour and texture of one object) and saved as a
 Google-layout .npz, reloaded through load_checkpoint, then adapted to a different generated task
-(name the shape of the LEFT of two objects) with each method through the real training loop
+(name the colour of the LEFT of two objects) with each method through the real training loop
 (optax-masked jit steps, orbax checkpoints), evaluated on a held-out test split, and the best
 adapter is merged into plain ViT weights and exported as .npz with identical logits. The
-downstream task needs features the backbone already has (shapes) but pooled differently (attend to
+downstream task needs features the backbone already has (colours) but pooled differently (attend to
 the left object only): a linear probe on frozen features cannot separate the two objects, while
 methods that adapt the backbone (RLRR, FacT, LoRA, full fine-tuning) can, so they beat the probe by
 a wide margin. What it does not show: paper numbers. The model, data and training budget are tiny;
