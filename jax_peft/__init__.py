@@ -36,7 +36,6 @@ _EXPORTS = {
     "get_method": "jax_peft.methods.base",
     "method_names": "jax_peft.methods.base",
     "Method": "jax_peft.methods.base",
-    "merge": "jax_peft.merge",
     "from_official": "jax_peft.convert",
     "to_official": "jax_peft.convert",
     "paths": "jax_peft.paths",
@@ -53,7 +52,11 @@ _EXPORTS = {
 }
 _MODULES = {"paths", "data", "analysis"}
 
-__all__ = sorted(_EXPORTS) + ["__version__"]
+# `merge` is both a submodule and the public function: import the function eagerly, so that a
+# later `import jax_peft.merge` (which finds the module in sys.modules) cannot rebind the name.
+from jax_peft.merge import merge  # noqa: E402
+
+__all__ = sorted(_EXPORTS) + ["merge", "__version__"]
 
 
 def __getattr__(name: str) -> Any:
