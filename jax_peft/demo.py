@@ -134,12 +134,14 @@ def adapt(method: str, backbone: str, workdir: str, *, quick: bool = False, seed
 
 def merge_and_check(method: str, backbone: str, run_dir: str, out_path: str, *, quick: bool = False,
                     seed: int = 0, num_images: int = 64) -> dict:
-    """Exports the merged model of a finished run and compares its logits with the adapted model's."""
+    """Exports the merged model of a finished run (Google .npz) and compares the reloaded file's logits
+    with the adapted model's on `num_images` test images (max |difference|, argmax agreement)."""
     import jax
 
     from jax_peft import checkpoint as ck
     from jax_peft.data import synthetic
     from jax_peft.merge import merge
+    from jax_peft.methods import activation
     from jax_peft.train import checkpointing, loop, step as step_lib
 
     cfg = _config(method, quick, seed, checkpoint=backbone)
@@ -160,7 +162,9 @@ def merge_and_check(method: str, backbone: str, run_dir: str, out_path: str, *, 
                                         image_size=int(cfg.data.image_size), train=False,
                                         process_index=0, process_count=1))
     x = batch["image"]
-    adapted = s.model.apply({"params": s.method.apply(params, trainable["adapter"])}, x, train=False)
+    # Adapted logits in the form training used (activation form, side paths beside the frozen kernels,
+    # for FacT/EFFT/LoRA; weight form otherwise) vs the merged plain model reloaded from the .npz.
+    adapted = activation.forward(s.model, s.method, params, trainable["adapter"], x, train=False, form="auto")
     plain = s.model.apply({"params": reloaded}, x, train=False)
     diff = float(np.max(np.abs(np.asarray(adapted) - np.asarray(plain))))
     agree = float(np.mean(np.argmax(adapted, -1) == np.argmax(plain, -1)))
@@ -169,10 +173,12 @@ def merge_and_check(method: str, backbone: str, run_dir: str, out_path: str, *, 
 
 
 def format_table(results: Sequence[dict]) -> str:
-    rows = [("method", "trainable params", "test accuracy", "time (s)")]
-    rows += [(r["method"], f"{r['trainable_params']:,}", f"{r['test_accuracy']:.3f}", f"{r['time_s']:.1f}")
-             for r in results]
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    """Plain-text table: method, trainable parameters (without / with the head), test accuracy, time."""
+    rows = [("method", "trainable params", "+ head", "test accuracy", "time (s)")]
+    rows += [(r["method"], f"{r['trainable_params']:,}",
+              f"{r.get('trainable_params_with_head', r['trainable_params']):,}",
+              f"{r['test_accuracy']:.3f}", f"{r['time_s']:.1f}") for r in results]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     line = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))  # noqa: E731
     return "\n".join([line(rows[0]), "  ".join("-" * w for w in widths)] + [line(r) for r in rows[1:]])
 
@@ -191,7 +197,7 @@ def run(workdir: str, *, methods: Sequence[str] = DEFAULT_METHODS, quick: bool =
         _say(f"[2/3] adapting to synthetic/downstream: {m} ({i + 1}/{len(methods)}) ...")
         r = adapt(m, backbone, workdir, quick=quick, seed=seed)
         _say(f"      {m}: test accuracy {r['test_accuracy']:.3f}, {r['trainable_params']:,} trainable "
-             f"parameters, {r['time_s']:.1f} s")
+             f"parameters (+ head: {r['trainable_params_with_head']:,}), {r['time_s']:.1f} s")
         results.append(r)
 
     probe = next(r for r in results if r["method"] == "linear")
