@@ -454,7 +454,7 @@ def spectral_lens() -> nbformat.NotebookNode:
         m, _ = runs["rlrr"]
         at_init = analysis.spectral_lens(base, m, m.init(jax.random.PRNGKey(1), base), k=0)
         mean_rel = lambda sp: np.mean([r["delta_rel"] for r in analysis.table(sp)])
-        print(f"\nrlrr mean ‖ΔW‖/‖W‖: at an official init {mean_rel(at_init):.3f}, after training {mean_rel(spectra['rlrr']):.3f}")
+        print(f"\\nrlrr mean ‖ΔW‖/‖W‖: at an official init {mean_rel(at_init):.3f}, after training {mean_rel(spectra['rlrr']):.3f}")
 
         # Structural facts that hold for any training run (checked, not just printed):
         lora_rows = analysis.table(spectra["lora"])
@@ -523,8 +523,14 @@ def spectral_lens() -> nbformat.NotebookNode:
 
         *Magnitudes and subspaces, which depend on this run:* after 100 steps from a tiny backbone,
         the relative changes ‖ΔW‖/‖W‖ and the rotation of W's top singular subspaces are what the
-        heatmaps and tables show; the φ grids compare three different methods after one short run
-        each, against the random-subspace level printed beside them.
+        heatmaps and tables show. RLRR's are much larger than FacT-TT's or LoRA's, but the line under
+        the table shows why: most of RLRR's ΔW is already there at its official (random, non-identity)
+        initialization (when we ran it: 0.24 at init, 0.26 after training), so ‖ΔW‖ measures the
+        initialization more than what was learned; `get_method("rlrr", init="identity")` starts from
+        ΔW = 0 if you want the lens to show only the learned part. The φ grids compare three different
+        methods after one short run each, against the random-subspace level printed beside them; a φ
+        above that level says the two adapters moved some of the same input directions of W_q, on this
+        toy task, in this run.
 
         *What it does not show:* anything about ViT-B/16 on real data. The width (64), depth (2),
         training length (100 steps) and the single seed are far from the papers' settings; φ between two
