@@ -420,7 +420,12 @@ def spectral_lens() -> nbformat.NotebookNode:
         from jax_peft import analysis
         from jax_peft.analysis import plots
 
-        spectra = {name: analysis.spectral_lens(base, m, a, k=4) for name, (m, a) in runs.items()}
+        from jax_peft.merge import merge
+
+        # spectral_lens(base, method, adapter) is compare(base, merge(base, method, adapter)); we merge once
+        # and reuse the merged trees for the φ grids below.
+        merged = {name: merge(base, m, a) for name, (m, a) in runs.items()}
+        spectra = {name: analysis.compare(base, merged[name], k=4) for name in runs}
 
         fig, axes = plt.subplots(1, 3, figsize=(12, 2.6))
         for ax, (name, sp) in zip(axes, spectra.items()):
@@ -450,9 +455,9 @@ def spectral_lens() -> nbformat.NotebookNode:
                       f"{row['delta_erank']:9.2f} {row['max_abs_rel_change']:9.4f} {row['overlap_left']:8.4f}")
 
         # RLRR's official initialization is not the identity (random s_in, s_out): how much of its ΔW is there
-        # before any training? (k=0: singular values only)
+        # before any training?
         m, _ = runs["rlrr"]
-        at_init = analysis.spectral_lens(base, m, m.init(jax.random.PRNGKey(1), base), k=0)
+        at_init = analysis.spectral_lens(base, m, m.init(jax.random.PRNGKey(1), base), k=4)
         mean_rel = lambda sp: np.mean([r["delta_rel"] for r in analysis.table(sp)])
         print(f"\\nrlrr mean ‖ΔW‖/‖W‖: at an official init {mean_rel(at_init):.3f}, after training {mean_rel(spectra['rlrr']):.3f}")
 
@@ -492,7 +497,8 @@ def spectral_lens() -> nbformat.NotebookNode:
         code("""
         I = (1, 2, 4, 8)
         pairs = [("lora", "fact_tt"), ("lora", "rlrr"), ("fact_tt", "rlrr")]
-        sims = {pair: analysis.adapter_similarity(base, runs[pair[0]], runs[pair[1]], i_values=I, modules=("q",))["q"]
+        # run_a / run_b: a (method, adapter) pair, or a merged tree as here (e.g. also a fully fine-tuned model)
+        sims = {pair: analysis.adapter_similarity(base, merged[pair[0]], merged[pair[1]], i_values=I, modules=("q",))["q"]
                 for pair in pairs}
         d = spectra["lora"]["q"].shape[0]
         fig, axes = plt.subplots(1, 3, figsize=(12, 3))
@@ -525,7 +531,7 @@ def spectral_lens() -> nbformat.NotebookNode:
         the relative changes ‖ΔW‖/‖W‖ and the rotation of W's top singular subspaces are what the
         heatmaps and tables show. RLRR's are much larger than FacT-TT's or LoRA's, but the line under
         the table shows why: most of RLRR's ΔW is already there at its official (random, non-identity)
-        initialization (when we ran it: 0.24 at init, 0.26 after training), so ‖ΔW‖ measures the
+        initialization (in our runs about 0.24 at init and 0.25 after training), so ‖ΔW‖ measures the
         initialization more than what was learned; `get_method("rlrr", init="identity")` starts from
         ΔW = 0 if you want the lens to show only the learned part. The φ grids compare three different
         methods after one short run each, against the random-subspace level printed beside them; a φ
