@@ -46,6 +46,21 @@ def test_notebooks_are_stored_without_outputs():
         assert not dirty, f"{name}: cells {dirty} have outputs; regenerate with python notebooks/make_notebooks.py"
 
 
+def test_notebooks_match_their_generator():
+    """The committed .ipynb files are what notebooks/make_notebooks.py writes (edit the script, not the JSON)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_notebooks", os.path.join(NOTEBOOK_DIR, "make_notebooks.py"))
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    assert sorted(gen.NOTEBOOKS) == sorted(NOTEBOOKS)
+    for name, build in gen.NOTEBOOKS.items():
+        stored = nbformat.read(os.path.join(NOTEBOOK_DIR, name), as_version=4)
+        fresh = build()
+        assert [(c.cell_type, c.source) for c in stored.cells] == [(c.cell_type, c.source) for c in fresh.cells], (
+            f"{name} is out of date: run python notebooks/make_notebooks.py")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", NOTEBOOKS)
 def test_notebook_executes(name, tmp_path, kernel_env):
