@@ -194,10 +194,8 @@ def quickstart() -> nbformat.NotebookNode:
         run, saved in the Google `.npz` layout.
         """),
         code("""
-        from jax_peft.merge import merge   # (the function; see notebooks/README.md about `jax_peft.merge`)
-
         base, method, adapter, info = jax_peft.analysis.load_run(run_dir)
-        merged = jax.device_get(merge(base, method, adapter))
+        merged = jax.device_get(jax_peft.merge(base, method, adapter))
         export_path = os.path.join(RUNS, "rlrr_merged.npz")
         jax_peft.save_checkpoint(export_path, merged)
         reloaded = jax_peft.load_checkpoint(export_path)
@@ -420,11 +418,9 @@ def spectral_lens() -> nbformat.NotebookNode:
         from jax_peft import analysis
         from jax_peft.analysis import plots
 
-        from jax_peft.merge import merge
-
         # spectral_lens(base, method, adapter) is compare(base, merge(base, method, adapter)); we merge once
         # and reuse the merged trees for the φ grids below.
-        merged = {name: merge(base, m, a) for name, (m, a) in runs.items()}
+        merged = {name: jax_peft.merge(base, m, a) for name, (m, a) in runs.items()}
         spectra = {name: analysis.compare(base, merged[name], k=4) for name in runs}
 
         fig, axes = plt.subplots(1, 3, figsize=(12, 2.6))
