@@ -25,6 +25,7 @@ def code(text: str):
 
 # --- pieces shared by the notebooks that train (one source, copied into each notebook) ---------
 SETUP = """
+%matplotlib inline
 import json
 import os
 import shutil
@@ -411,8 +412,8 @@ def spectral_lens() -> nbformat.NotebookNode:
         ## ‖ΔW‖ per block and module
 
         `spectral_lens` merges the adapter and computes every statistic batched over blocks with
-        `jnp.linalg.svd`. The heatmaps show the relative change ‖ΔW‖_F / ‖W‖_F; `analysis.plots` writes
-        the same figures as PNG files (used by `python -m jax_peft.analysis RUN_DIR`).
+        `jnp.linalg.svd`. The heatmaps show the relative change ‖ΔW‖_F / ‖W‖_F (`analysis.plots` writes
+        the same figures as PNG files; see the last section).
         """),
         code("""
         from jax_peft import analysis
@@ -432,7 +433,6 @@ def spectral_lens() -> nbformat.NotebookNode:
             fig.colorbar(im, ax=ax)
         fig.tight_layout(); plt.show()
 
-        print("PNG:", plots.heatmap(spectra["rlrr"], os.path.join(RUNS, "rlrr_delta_rel.png"), value="delta_rel"))
         """),
         md("""
         ## Rank of ΔW, and how far the top singular subspaces of W move
@@ -480,7 +480,6 @@ def spectral_lens() -> nbformat.NotebookNode:
             ax.set_title(f"{name}: block 0, q"); ax.set_xlabel("index i")
         axes[0].set_ylabel("singular value"); axes[0].legend(fontsize=8)
         fig.tight_layout(); plt.show()
-        print("PNG:", plots.spectrum(spectra["lora"], "q", 0, os.path.join(RUNS, "lora_q_block0_spectrum.png")))
         """),
         md("""
         ## φ similarity between adapters
@@ -510,8 +509,23 @@ def spectral_lens() -> nbformat.NotebookNode:
         for (a, b), g in sims.items():
             print(f"{a} vs {b}: mean φ over the grid and blocks {np.nanmean(g):.3f} "
                   f"(random subspaces: {random_level.mean():.3f}); φ(1, 1) per block {np.round(g[:, 0, 0], 3)}")
-        print("PNG:", plots.similarity_grid(sims[pairs[0]][0], I, I, os.path.join(RUNS, "phi_lora_fact_tt_q0.png"),
-                                            title="φ(LoRA, FacT-TT), block 0, q", labels=("i (LoRA)", "j (FacT-TT)")))
+        """),
+        md("""
+        ## The same figures as PNG files
+
+        `jax_peft.analysis.plots` writes each figure as a PNG (what `python -m jax_peft.analysis RUN_DIR`
+        puts in its markdown report). It renders off-screen with matplotlib's Agg backend, so we call it
+        after the inline figures.
+        """),
+        code("""
+        written = [
+            plots.heatmap(spectra["rlrr"], os.path.join(RUNS, "rlrr_delta_rel.png"), value="delta_rel"),
+            plots.spectrum(spectra["lora"], "q", 0, os.path.join(RUNS, "lora_q_block0_spectrum.png")),
+            plots.similarity_grid(sims[pairs[0]][0], I, I, os.path.join(RUNS, "phi_lora_fact_tt_q0.png"),
+                                  title="φ(LoRA, FacT-TT), block 0, q", labels=("i (LoRA)", "j (FacT-TT)")),
+        ]
+        for path in written:
+            print(f"{os.path.getsize(path) / 1e3:6.1f} kB  {path}")
         """),
         md("""
         ## What this shows, and what it does not

@@ -20,6 +20,7 @@ pytest.importorskip("matplotlib", reason="the notebooks plot with matplotlib (pi
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NOTEBOOK_DIR = os.path.join(ROOT, "notebooks")
 NOTEBOOKS = ("01_quickstart.ipynb", "02_pytree_surgery.ipynb", "03_spectral_lens.ipynb")
+FIGURES = {"01_quickstart.ipynb": 1, "02_pytree_surgery.ipynb": 0, "03_spectral_lens.ipynb": 3}  # inline PNGs
 CELL_TIMEOUT_S = 240  # generous per cell on a loaded machine; each notebook takes < 40 s on an idle 2-core CPU
 
 
@@ -71,3 +72,5 @@ def test_notebook_executes(name, tmp_path, kernel_env):
     errors = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs if o.output_type == "error"]
     assert not errors, errors
     assert all(c.execution_count for c in nb.cells if c.cell_type == "code"), "a code cell did not run"
+    figures = sum("image/png" in o.get("data", {}) for c in nb.cells if c.cell_type == "code" for o in c.outputs)
+    assert figures == FIGURES[name], f"{name}: {figures} inline figures rendered, expected {FIGURES[name]}"
