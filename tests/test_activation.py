@@ -125,7 +125,9 @@ def test_fact_dropout_sits_on_the_rank_r_activation():
     _, side = activation_form(method, params, _adapter(method, params))
     for m, path in side[0].items():
         assert path.dropout == 0.1 and path.dropout_after == 1, m
-        assert path.factors[1].shape[1] in (3, 3 * 4), m  # rank-r (or k·r for fc1) after the core
+        # rank-r after the core (3·r for the fused q|k|v path, k·r for fc1)
+        assert path.factors[1].shape[1] == {"qkv": 3 * 3, "fc1": 3 * 4}.get(m, 3), m
+    assert set(side[0]) == {"qkv", "o", "fc1", "fc2"}  # q, k, v share x: one fused path
 
 
 def test_weight_form_methods_raise_a_clear_error():

@@ -55,7 +55,16 @@ def _fact_paths(method: Method, u: jax.Array, v: jax.Array,
     opts = dict(scale=float(method.scale), dropout=float(method.dropout), dropout_after=1)
     # fc1 (U, T1, V): V acts on each of the k rank-r chunks of x U T1; fc2 (U, T2, V): U acts on each
     # of the k width-D chunks of h (SidePath's block-diagonal chunk rule, no kron(I_k, ·) built).
-    return {m: SidePath((u, core, v), **opts) for m, core in cores.items()}
+    cores = dict(cores)
+    paths = {}
+    if all(m in cores for m in ("q", "k", "v")):
+        # q, k and v read the same x: one fused path x U [T_q | T_k | T_v] (r, 3r), then V on each
+        # rank-r chunk, reads x once (and once more for dU) instead of three times. Dropout on the
+        # (n, 3r) activation draws an independent mask per chunk, as the official per-path Dropout.
+        paths["qkv"] = SidePath((u, jnp.concatenate([cores.pop(m) for m in ("q", "k", "v")], axis=1), v),
+                                **opts)
+    paths.update({m: SidePath((u, core, v), **opts) for m, core in cores.items()})
+    return paths
 
 
 def _check_depth(name: str, got: int, depth: int) -> None:
