@@ -30,27 +30,15 @@ RLRR paper's Table 3: `PAPER_RESULTS[method][dataset]`.
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import sys
 
 import ml_collections
 
-from jax_peft.train.config import default_config, lock_method
+from jax_peft.train.config import default_config, load_config_module, lock_method
 
 
-def _recipes():
-    name = "jax_peft_configs_recipes"
-    if name not in sys.modules:
-        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "recipes.py")
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-R = _recipes()
+R = load_config_module(os.path.join(os.path.dirname(os.path.abspath(__file__)), "recipes.py"),
+                       "jax_peft_configs_recipes")
 PAPER_RESULTS = R.PAPER_FGVC
 DATASETS = tuple(R.RLRR_FGVC)
 NUM_CLASSES = {"cub200": 200, "nabirds": 555, "oxford_flowers": 102, "stanford_dogs": 120,

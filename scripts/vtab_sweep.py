@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import importlib.util
 import io
 import json
 import os
@@ -28,20 +27,12 @@ import shlex
 import subprocess
 import sys
 
+from jax_peft.train.config import load_config_module
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _recipes():
-    name = "jax_peft_configs_recipes"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "configs", "recipes.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-R = _recipes()
+R = load_config_module(os.path.join(ROOT, "configs", "recipes.py"), "jax_peft_configs_recipes")
 TASKS = R.VTAB_TASKS
 GROUPS = R.VTAB_GROUPS
 

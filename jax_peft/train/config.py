@@ -147,3 +147,19 @@ def lock_method(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     hp = {k: v for k, v in config.method.to_dict().items() if k != "name"}
     config.method = method_config(config.method.name, **hp)
     return config
+
+
+def load_config_module(path: str, name: str):
+    """Imports a Python file from `configs/` (not an installed package) once, as module `name`.
+
+    Config files are loaded by path (`--config configs/x.py`), so shared tables such as
+    `configs/recipes.py` are imported the same way; later calls return the cached module."""
+    import importlib.util
+    import sys
+
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
