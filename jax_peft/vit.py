@@ -71,6 +71,9 @@ class ViTConfig:
     drop_path_mode: Literal["sample", "element"] = "sample"
     dtype: str = "float32"  # compute dtype; parameters stay float32
     remat: bool = False  # rematerialize each block in the backward pass
+    # One lax.scan over the blocks (params `Transformer/encoderblock/...` stacked on a leading depth
+    # axis, see jax_peft.scan): compiles one block instead of L.
+    scan: bool = False
     name: str = "custom"
 
     def __post_init__(self):
@@ -102,6 +105,9 @@ class ViTConfig:
 
     def replace(self, **changes: Any) -> "ViTConfig":
         return dataclasses.replace(self, **changes)
+
+
+STACKED_BLOCKS = "encoderblock"  # the scanned encoder's parameter scope (jax_peft.scan.STACKED)
 
 
 def _canonical_name(name: str) -> str:
@@ -155,18 +161,24 @@ def vit_config(
 
 
 def infer_config(params: Mapping[str, Any]) -> ViTConfig:
-    """Infers the architecture of a canonical parameter tree (see module docstring)."""
+    """Infers the architecture of a canonical parameter tree (see module docstring); a stacked tree
+    (`Transformer/encoderblock/...`, jax_peft.scan) gives a config with `scan=True`."""
     try:
         emb = params["embedding"]["kernel"]
         tr = params["Transformer"]
+        scanned = STACKED_BLOCKS in tr
         blocks = sorted(
             (k for k in tr if re.fullmatch(r"encoderblock_\d+", k)), key=lambda k: int(k.split("_")[1])
         )
-        if not blocks:
+        if not blocks and not scanned:
             raise KeyError("Transformer/encoderblock_0")
-        blk = tr[blocks[0]]
+        blk = tr[STACKED_BLOCKS] if scanned else tr[blocks[0]]
         q = blk["MultiHeadDotProductAttention_0"]["query"]["kernel"]
         mlp = blk["MlpBlock_0"]["Dense_0"]["kernel"]
+        if scanned:  # leading depth axis
+            depth, q, mlp = int(q.shape[0]), q[0], mlp[0]
+        else:
+            depth = len(blocks)
         pe = tr["posembed_input"]["pos_embedding"]
     except KeyError as e:
         raise ValueError(
@@ -184,12 +196,12 @@ def infer_config(params: Mapping[str, Any]) -> ViTConfig:
     rep = int(params["pre_logits"]["kernel"].shape[-1]) if "pre_logits" in params else None
     name = "custom"
     for n, cfg in NAMED_CONFIGS.items():
-        if cfg == (patch, width, len(blocks), heads, int(mlp.shape[-1])):
+        if cfg == (patch, width, depth, heads, int(mlp.shape[-1])):
             name = n
     return ViTConfig(
-        patch_size=patch, hidden_size=width, num_layers=len(blocks), num_heads=heads,
+        patch_size=patch, hidden_size=width, num_layers=depth, num_heads=heads,
         mlp_dim=int(mlp.shape[-1]), num_classes=num_classes, image_size=grid * patch,
-        classifier=classifier, representation_size=rep, name=name,
+        classifier=classifier, representation_size=rep, name=name, scan=scanned,
     )
 
 
@@ -299,10 +311,11 @@ class DropPath(nn.Module):
     mode: str = "sample"
 
     @nn.compact
-    def __call__(self, x: Array, deterministic: bool) -> Array:
-        if deterministic or self.rate == 0.0:
+    def __call__(self, x: Array, deterministic: bool, rate: Array | None = None) -> Array:
+        """`rate` (a traced scalar) overrides the attribute: the scanned encoder's per-block rate."""
+        if deterministic or (rate is None and self.rate == 0.0):
             return x
-        keep = 1.0 - self.rate
+        keep = 1.0 - (self.rate if rate is None else rate)
         shape = (x.shape[0],) + (1,) * (x.ndim - 1) if self.mode == "sample" else x.shape
         mask = jax.random.bernoulli(self.make_rng("dropout"), keep, shape)
         return jnp.where(mask, x / keep, jnp.zeros_like(x))
@@ -372,7 +385,9 @@ class Encoder1DBlock(nn.Module):
     drop_path: float = 0.0
 
     @nn.compact
-    def __call__(self, x: Array, deterministic: bool, side: Mapping[str, SidePath] | None = None) -> Array:
+    def __call__(self, x: Array, deterministic: bool, side: Mapping[str, SidePath] | None = None,
+                 drop_rate: Array | None = None) -> Array:
+        """x (B, T, D) -> (B, T, D). `drop_rate` (traced) replaces `drop_path` in the scanned encoder."""
         c = self.config
         dt = jnp.dtype(c.dtype)
         y = nn.LayerNorm(epsilon=LN_EPS, dtype=dt, name="LayerNorm_0")(x)
@@ -380,10 +395,10 @@ class Encoder1DBlock(nn.Module):
             y, deterministic, side
         )
         y = nn.Dropout(c.dropout_rate)(y, deterministic=deterministic)
-        x = x + DropPath(self.drop_path, c.drop_path_mode)(y, deterministic)
+        x = x + DropPath(self.drop_path, c.drop_path_mode)(y, deterministic, drop_rate)
         y = nn.LayerNorm(epsilon=LN_EPS, dtype=dt, name="LayerNorm_1")(x)
         y = MlpBlock(c.mlp_dim, c.gelu, c.dropout_rate, dt, name="MlpBlock_0")(y, deterministic, side)
-        return x + DropPath(self.drop_path, c.drop_path_mode)(y, deterministic)
+        return x + DropPath(self.drop_path, c.drop_path_mode)(y, deterministic, drop_rate)
 
 
 class AddPositionEmbs(nn.Module):
@@ -391,6 +406,38 @@ class AddPositionEmbs(nn.Module):
     def __call__(self, x: Array) -> Array:
         pe = self.param("pos_embedding", nn.initializers.normal(0.02), (1,) + x.shape[1:])
         return x + pe.astype(x.dtype)
+
+
+def stack_side_paths(side: Mapping[int, Mapping[str, SidePath]], depth: int) -> dict[str, SidePath]:
+    """`{block: {module: SidePath}}` -> `{module: SidePath}` with factors stacked on a leading depth
+    axis: the per-block inputs of the scanned encoder. Every block needs the same paths and shapes."""
+    missing = [i for i in range(depth) if i not in side]
+    extra = sorted(set(side) - set(range(depth)))
+    if missing or extra:
+        raise ValueError(f"a scanned ViT (config.scan=True) needs side paths for every block 0..{depth - 1}; "
+                         f"missing {missing}, unknown {extra}. Use config.scan=False for per-block paths")
+    trees = [jax.tree_util.tree_structure(side[i]) for i in range(depth)]
+    if any(t != trees[0] for t in trees):
+        raise ValueError("a scanned ViT needs the same side paths (modules, scale, dropout) in every block; "
+                         "use config.scan=False otherwise")
+    return jax.tree_util.tree_map(lambda *xs: jnp.stack(xs), *[side[i] for i in range(depth)])
+
+
+def _scan_blocks(block_cls: Any, c: ViTConfig, x: Array, deterministic: bool, rates: list[float],
+                 side: Mapping[int, Any]) -> Array:
+    """The encoder blocks as one `nn.scan` (parameters `Transformer/encoderblock/...` with a leading
+    depth axis, the layout of `jax_peft.scan.stack_blocks`): one block body compiled instead of L.
+    Per-block drop-path rates and side paths are scanned inputs; dropout keys differ per block."""
+    stacked = stack_side_paths(side, c.num_layers) if side else None
+
+    def body(block: nn.Module, carry: Array, xs: tuple) -> tuple[Array, None]:
+        rate, paths = xs
+        return block(carry, deterministic, paths, rate if c.drop_path_rate > 0 else None), None
+
+    scan = nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                   length=c.num_layers)
+    x, _ = scan(block_cls(c, 0.0, name=STACKED_BLOCKS), x, (jnp.asarray(rates, jnp.float32), stacked))
+    return x
 
 
 class Encoder(nn.Module):
@@ -403,10 +450,13 @@ class Encoder(nn.Module):
         x = AddPositionEmbs(name="posembed_input")(x)
         x = nn.Dropout(c.dropout_rate)(x, deterministic=deterministic)
         block_cls = nn.remat(Encoder1DBlock, static_argnums=(2,)) if c.remat else Encoder1DBlock
-        for i in range(c.num_layers):
-            # Linear drop-path schedule p_l = rate * l / (L - 1), as timm and RLRR.
-            rate = c.drop_path_rate * i / max(c.num_layers - 1, 1)
-            x = block_cls(c, rate, name=f"encoderblock_{i}")(x, deterministic, side.get(i))
+        # Linear drop-path schedule p_l = rate * l / (L - 1), as timm and RLRR.
+        rates = [c.drop_path_rate * i / max(c.num_layers - 1, 1) for i in range(c.num_layers)]
+        if c.scan:
+            x = _scan_blocks(block_cls, c, x, deterministic, rates, side)
+        else:
+            for i in range(c.num_layers):
+                x = block_cls(c, rates[i], name=f"encoderblock_{i}")(x, deterministic, side.get(i))
         return nn.LayerNorm(epsilon=LN_EPS, dtype=jnp.dtype(c.dtype), name="encoder_norm")(x)
 
 

@@ -42,3 +42,72 @@ def test_stack_errors_are_clear():
     odd["Transformer"]["encoderblock_1"]["LayerNorm_0"]["scale"] = np.ones(7, np.float32)
     with pytest.raises(ValueError, match="leaf shapes"):
         stack_blocks(odd)
+
+
+def _scanned_pair(num_layers=3, **overrides):
+    import jax_peft
+
+    cfg = tiny_vit_config(num_layers=num_layers, **overrides)
+    params = random_params(cfg, seed=2)
+    return jax_peft.ViT(cfg), jax_peft.ViT(cfg.replace(scan=True)), params, stack_blocks(params)
+
+
+def test_scanned_encoder_equals_the_unrolled_one():
+    """config.scan=True: one nn.scan body over the stacked layout; same logits and gradients."""
+    import jax.numpy as jnp
+
+    import jax_peft
+
+    model, scanned, params, stacked = _scanned_pair()
+    init = jax_peft.init_params(scanned.config, 0)
+    assert jax.tree_util.tree_structure(init) == jax.tree_util.tree_structure(stacked)
+    inferred = jax_peft.vit_config(stacked)
+    assert inferred.scan and inferred.num_layers == 3
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 32, 32, 3))
+    np.testing.assert_allclose(scanned.apply({"params": stacked}, x), model.apply({"params": params}, x),
+                               rtol=1e-5, atol=1e-5)
+
+    def loss(m):
+        return lambda p: jnp.sum(m.apply({"params": p}, x) ** 2)
+
+    g_scan, g_loop = jax.grad(loss(scanned))(stacked), jax.grad(loss(model))(params)
+    ref = jax.tree_util.tree_leaves(stack_blocks(g_loop))
+    scale = max(float(np.abs(b).max()) for b in ref)  # leaves near zero are round-off in both
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g_scan), ref):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * scale, err_msg=str(path))
+
+
+@pytest.mark.parametrize("name, hp", [("fact_tt", dict(rank=3, scale=2.0)), ("rlrr", {}),
+                                      ("lora", dict(rank=3, variant="fused_qkv"))])
+def test_method_forward_on_a_scanned_model(name, hp):
+    """methods.activation.forward accepts a scanned model with stacked or canonical params, in both
+    execution forms; train mode (dropout, drop path per block) is keyed and deterministic."""
+    from jax_peft.methods.activation import forward
+    from jax_peft.methods.base import get_method
+
+    model, scanned, params, stacked = _scanned_pair(drop_path_rate=0.1)
+    method = get_method(name, **hp)
+    adapter = method.init(jax.random.PRNGKey(0), params)
+    adapter = jax.tree_util.tree_map(lambda a: a + 0.1, adapter)
+    x = jax.random.normal(jax.random.PRNGKey(1), (2, 32, 32, 3))
+    ref = forward(model, method, params, adapter, x)
+    for p in (stacked, params):
+        np.testing.assert_allclose(forward(scanned, method, p, adapter, x), ref, rtol=1e-5, atol=1e-5)
+    key = jax.random.PRNGKey(5)
+    t1, t2 = (forward(scanned, method, stacked, adapter, x, train=True, rng=key) for _ in range(2))
+    np.testing.assert_array_equal(t1, t2)
+    assert not np.allclose(t1, forward(scanned, method, stacked, adapter, x, train=True,
+                                       rng=jax.random.PRNGKey(6)), atol=1e-6)
+
+
+def test_scanned_side_paths_need_every_block():
+    from jax_peft.methods.activation import activation_form
+    from jax_peft.methods.base import get_method
+
+    _, scanned, params, stacked = _scanned_pair()
+    method = get_method("fact_tt", rank=3)
+    _, side = activation_form(method, params, method.init(jax.random.PRNGKey(0), params))
+    del side[1]
+    x = np.zeros((1, 32, 32, 3), np.float32)
+    with pytest.raises(ValueError, match="every block"):
+        scanned.apply({"params": stacked}, x, side=side)
