@@ -34,6 +34,10 @@ def main(argv: list[str]) -> int:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+    from jax_peft import host
+
+    if host.requested():  # JAX_PEFT_REUSE_FREED_MEMORY=1: before JAX's CPU backend starts (jax_peft/host.py)
+        host.keep_freed_memory()
     from jax_peft.train import distributed, loop  # imported after flag parsing (JAX flags such as XLA_FLAGS)
 
     distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value,

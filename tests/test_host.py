@@ -1,0 +1,56 @@
+"""jax_peft.host: glibc keeps XLA:CPU's freed temporaries for reuse (no page faults per call)."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+_PROBE = textwrap.dedent("""
+    import sys
+    import os
+    from jax_peft import host
+    applied = False if os.environ.get("SKIP") else host.keep_freed_memory()
+    import jax, jax.numpy as jnp
+    x, k = jnp.ones((512, 2048)), jnp.ones((2048, 2048))
+    f = jax.jit(lambda x, k: jnp.sum(jnp.tanh(x @ k) @ k.T @ k))  # ~12 MB of temporaries per call
+    jax.block_until_ready(f(x, k))
+    faults = []
+    for _ in range(3):
+        p = host.page_faults()
+        jax.block_until_ready(f(x, k))
+        faults.append(host.page_faults() - p)
+    print(applied, min(faults))
+""")
+
+
+def _probe(**env):
+    out = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, cwd=ROOT,
+                         env={**os.environ, "PYTHONPATH": ROOT, **env}, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    applied, faults = out.stdout.split()[-2:]
+    return applied == "True", int(faults)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt")
+def test_freed_temporaries_are_reused_instead_of_faulted_in_again():
+    applied, faults = _probe()
+    assert applied
+    off, faults_default = _probe(SKIP="1")
+    assert not off
+    # glibc's default maps each large temporary afresh (one fault per 4 KiB page touched)
+    assert faults_default > 1000, faults_default
+    assert faults < faults_default / 10, (faults, faults_default)
+
+
+def test_the_cli_opts_in_through_the_environment(monkeypatch):
+    from jax_peft import host
+
+    for value, want in (("1", True), ("0", False), ("", False)):
+        monkeypatch.setenv("JAX_PEFT_REUSE_FREED_MEMORY", value)
+        assert host.requested() is want, value
+    monkeypatch.delenv("JAX_PEFT_REUSE_FREED_MEMORY")
+    assert not host.requested()
