@@ -17,9 +17,15 @@ Measured (random weights with the model's shapes; no download):
 
 Every function is compiled ahead of time (`jit(...).lower(...).compile()`: compile time), its FLOPs
 come from `compiled.cost_analysis()` and its peak memory from `compiled.memory_analysis()`. After a
-warm-up call, the functions are timed in interleaved rounds (one call of each per round, so a change
-in machine load hits all of them alike) and the median per function is reported, with ratios to the
-floor, full fine-tuning and the forward pass, and the targets of issue 6 (pass/fail).
+warm-up call, the functions are timed in interleaved rounds (so a change in machine load hits all of
+them alike; `--repeat N` makes N calls in a row and times the last). The median per function is
+reported, with ratios to the floor, full fine-tuning and the forward pass, and the targets of issue 6
+(pass/fail). Page faults per call are recorded: glibc's default hands XLA's freed temporaries back to
+the kernel and the next call faults them in again (~0.4-0.7 million faults, ~1-3 s of kernel CPU
+time per ViT-B/16 step here, more for methods that keep more activations). `--reuse-freed-memory`
+applies `jax_peft.host.keep_freed_memory()` (as `python -m jax_peft.main` does), which removes them
+for a function called repeatedly, but with a dozen executables of different sizes interleaved the
+one reused heap fragments and the timings become erratic, so it is off by default here.
 
 If `torch` and `timm` are importable, the official PyTorch formulation of the methods it covers is
 timed too on the same CPU (`--no-torch` skips it); otherwise that part is reported as skipped.
@@ -41,6 +47,13 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 if "--quick" in sys.argv:  # the smoke test is all compile time: skip LLVM's optimization passes
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true").strip()
 
+from jax_peft import host  # noqa: E402
+
+# --reuse-freed-memory: glibc keeps XLA's freed temporaries (jax_peft/host.py, as `python -m jax_peft.main`
+# does) instead of page-faulting them in afresh on every call. Off by default: with a dozen executables
+# of different sizes interleaved, the single reused heap fragments and timings turn erratic.
+MALLOC_TUNED = "--reuse-freed-memory" in sys.argv and host.keep_freed_memory()
+
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -50,6 +63,7 @@ import jax_peft  # noqa: E402
 from jax_peft.methods.activation import forward as method_forward  # noqa: E402
 from jax_peft.methods.activation import supports_activation_form  # noqa: E402
 from jax_peft.methods.base import get_method, init_head  # noqa: E402
+from jax_peft.scan import unstack_blocks  # noqa: E402
 
 # Benchmarked methods and their hyper-parameters (the papers' ViT-B/16 settings).
 METHODS: dict[str, dict[str, Any]] = {
@@ -84,13 +98,26 @@ class Timed:
     xla_peak_bytes: int = 0
     times: list = dataclasses.field(default_factory=list)
     cpu_times: list = dataclasses.field(default_factory=list)  # process CPU time (all threads)
+    faults: list = dataclasses.field(default_factory=list)  # minor page faults per call
 
-    def call(self) -> None:
-        t0, c0 = time.perf_counter(), time.process_time()
+    def call(self, repeat: int = 1) -> None:
+        """`repeat` calls in a row (as a training loop makes them); the last one is measured."""
+        for _ in range(repeat - 1):
+            self._run()
+        f0, t0, c0 = host.page_faults(), time.perf_counter(), time.process_time()
         out = self.compiled(*self.args)
         jax.block_until_ready(out)
         self.times.append(time.perf_counter() - t0)
         self.cpu_times.append(time.process_time() - c0)
+        self.faults.append(host.page_faults() - f0)
+        self._advance(out)
+
+    def _run(self) -> None:
+        out = self.compiled(*self.args)
+        jax.block_until_ready(out)
+        self._advance(out)
+
+    def _advance(self, out: Any) -> None:
         if self.carry:
             self.args = (out[0],) + self.args[1:]
 
@@ -101,6 +128,10 @@ class Timed:
     @property
     def cpu_median(self) -> float:
         return statistics.median(self.cpu_times)
+
+    @property
+    def faults_median(self) -> int:
+        return int(statistics.median(self.faults))
 
 
 def compile_fn(name: str, fn: Callable, args: tuple, donate: tuple = (), carry: bool = False) -> Timed:
@@ -149,10 +180,11 @@ def model_config(args: argparse.Namespace):
     dtype = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16"}[args.dtype]
     if args.quick:
         return jax_peft.vit_config(None, patch_size=8, hidden_size=32, num_layers=1, num_heads=2,
-                                   mlp_dim=128, num_classes=10, image_size=16, dtype=dtype, name="quick")
+                                   mlp_dim=128, num_classes=10, image_size=16, dtype=dtype, name="quick",
+                                   scan=args.scan)
     extra = {"num_layers": args.layers} if args.layers else {}
     return jax_peft.vit_config(args.model, num_classes=args.num_classes, image_size=args.image_size,
-                               dtype=dtype, **extra)
+                               dtype=dtype, scan=args.scan, **extra)
 
 
 def quick_hparams(name: str, hp: dict) -> dict:
@@ -165,8 +197,9 @@ def build(args: argparse.Namespace, methods: list[str]) -> tuple[list[Timed], di
     model = jax_peft.ViT(cfg)
     key = jax.random.PRNGKey(args.seed)
     k_init, k_head, k_x, k_y, k_m = jax.random.split(key, 5)
-    params = jax_peft.init_params(cfg, k_init)
+    params = jax_peft.init_params(cfg, k_init)  # stacked blocks with --scan (jax_peft.scan layout)
     params["head"] = init_head(k_head, cfg.hidden_size, cfg.num_classes, "torch_linear")
+    canonical = unstack_blocks(params) if cfg.scan else params  # what methods are built on
     images = jax.random.uniform(k_x, (args.batch, cfg.image_size, cfg.image_size, 3), jnp.float32, -1, 1)
     labels = jax.random.randint(k_y, (args.batch,), 0, cfg.num_classes)
     info = {"model": cfg.name, "config": dataclasses.asdict(cfg), "batch": args.batch}
@@ -191,7 +224,7 @@ def build(args: argparse.Namespace, methods: list[str]) -> tuple[list[Timed], di
         hp = METHODS[name]
         method = get_method(name, **(quick_hparams(name, hp) if args.quick else hp))
         key = jax.random.fold_in(k_m, i)
-        abstract = {"adapter": jax.eval_shape(method.init, key, params), "head": params["head"]}
+        abstract = {"adapter": jax.eval_shape(method.init, key, canonical), "head": params["head"]}
         tx = optax.adamw(1e-3, b1=0.9, b2=0.999, eps=1e-8, weight_decay=1e-4,
                          mask=method.decay_mask(abstract))
 
@@ -199,7 +232,7 @@ def build(args: argparse.Namespace, methods: list[str]) -> tuple[list[Timed], di
             trainable = {"adapter": method.init(key, params), "head": params["head"]}
             return {"step": jnp.zeros((), jnp.int32), "trainable": trainable, "opt": tx.init(trainable)}
 
-        state = jax.jit(init_state)(key, params)
+        state = jax.jit(init_state)(key, canonical)
         state = jax.tree_util.tree_map(lambda a: jnp.array(a, copy=True), state)  # own buffers to donate
         adapter = state["trainable"]["adapter"]
         form = "activation" if supports_activation_form(method) else "weight"
@@ -212,16 +245,20 @@ def build(args: argparse.Namespace, methods: list[str]) -> tuple[list[Timed], di
     return fns, info
 
 
-def run_rounds(fns: list[Timed], warmup: int, runs: int) -> None:
+def run_rounds(fns: list[Timed], warmup: int, runs: int, repeat: int = 2) -> None:
+    """`runs` interleaved rounds (so a change in machine load hits every function alike); in each,
+    every function runs `repeat` times in a row and the last call is timed: the steady state of a
+    training loop, where the previous step's freed buffers are there to reuse."""
     for _ in range(warmup):
         for t in fns:
             t.call()
         for t in fns:
             t.times.clear()
             t.cpu_times.clear()
+            t.faults.clear()
     for r in range(runs):
         for t in fns:
-            t.call()
+            t.call(repeat)
         print(f"round {r + 1}/{runs}: " + " ".join(f"{t.name}={t.times[-1]:.3f}" for t in fns), flush=True)
 
 
@@ -247,15 +284,16 @@ def report(fns: list[Timed], info: dict, args: argparse.Namespace, torch_res: di
     cyard = {"forward": by["forward"].cpu_median, "floor": by["floor"].cpu_median, "full": by["full_grads"].cpu_median}
     res: dict[str, Any] = {
         **info,
-        "dtype": args.dtype, "runs": args.runs, "warmup": args.warmup,
+        "dtype": args.dtype, "runs": args.runs, "warmup": args.warmup, "repeat": args.repeat,
         "jax": jax.__version__, "backend": jax.default_backend(), "devices": len(jax.devices()),
         "cpu_count": os.cpu_count(), "platform": platform.platform(),
+        "malloc": "reuse freed memory (jax_peft.host.keep_freed_memory)" if MALLOC_TUNED else "system default",
         "loadavg_1m_start_end": info.pop("loadavg", None),
         "forward_s": fwd, "floor_s": floor, "full_s": full,
         "floor_over_forward": floor / fwd, "full_over_forward": full / fwd,
         "cpu_forward_s": cyard["forward"], "cpu_floor_s": cyard["floor"], "cpu_full_s": cyard["full"],
         "baselines": {t.name: {"step_s": t.median, "times_s": t.times, "cpu_s": t.cpu_median,
-                               "cpu_times_s": t.cpu_times, "gflops": t.gflops,
+                               "cpu_times_s": t.cpu_times, "page_faults": t.faults_median, "gflops": t.gflops,
                                "peak_bytes": t.peak_bytes, "compile_s": t.compile_s}
                       for t in fns[:3]},
         "methods": {},
@@ -266,7 +304,7 @@ def report(fns: list[Timed], info: dict, args: argparse.Namespace, torch_res: di
             "step_s": t.median, "times_s": t.times, "gflops": t.gflops, "peak_bytes": t.peak_bytes,
             "xla_peak_bytes": t.xla_peak_bytes, "compile_s": t.compile_s,
             "over_floor": t.median / floor, "over_full": t.median / full, "over_forward": t.median / fwd,
-            "cpu_s": t.cpu_median, "cpu_times_s": t.cpu_times,
+            "cpu_s": t.cpu_median, "cpu_times_s": t.cpu_times, "page_faults": t.faults_median,
             "cpu_over_floor": t.cpu_median / cyard["floor"], "cpu_over_full": t.cpu_median / cyard["full"],
             "cpu_over_forward": t.cpu_median / cyard["forward"],
         }
@@ -296,12 +334,13 @@ def report(fns: list[Timed], info: dict, args: argparse.Namespace, torch_res: di
 
     print()
     print(f"{res['model']} batch {args.batch} {args.dtype} on {res['backend']} ({res['cpu_count']} CPUs), "
-          f"median of {args.runs} interleaved rounds after {args.warmup} warm-up")
+          f"median of {args.runs} interleaved rounds (call {args.repeat} of {args.repeat} in a row timed) after "
+          f"{args.warmup} warm-up; malloc: {res['malloc']}")
     print(f"forward {fwd:.3f}s | floor (fwd + input grad) {floor:.3f}s = {floor / fwd:.2f}x fwd | "
           f"full grads {full:.3f}s = {full / fwd:.2f}x fwd")
     head = f"{'method':<10} {'form':<10} {'step s':>7} {'/floor':>6} {'/full':>6} {'/fwd':>6} " \
            f"{'cpu s':>7} {'c/floor':>7} {'c/full':>6} {'c/fwd':>6} " \
-           f"{'GFLOP':>7} {'peak MB':>7} {'compile':>7}  target (wall ratio; cpu ratio)"
+           f"{'GFLOP':>7} {'peak MB':>7} {'faults':>7} {'compile':>7}  target (wall ratio; cpu ratio)"
     print(head)
     print("-" * len(head))
     goal = {n: (base, limit) for names, base, limit in TARGETS for n in names}
@@ -317,7 +356,7 @@ def report(fns: list[Timed], info: dict, args: argparse.Namespace, torch_res: di
         cy = t.cpu_median
         print(f"{t.name:<10} {form:<10} {t.median:7.3f} {t.median / floor:6.3f} {t.median / full:6.3f} "
               f"{t.median / fwd:6.3f} {cy:7.3f} {cy / cyard['floor']:7.3f} {cy / cyard['full']:6.3f} "
-              f"{cy / cyard['forward']:6.3f} {t.gflops:7.1f} {t.peak_bytes / 2**20:7.0f} {t.compile_s:7.1f}  {tgt}")
+              f"{cy / cyard['forward']:6.3f} {t.gflops:7.1f} {t.peak_bytes / 2**20:7.0f} {t.faults_median:7d} {t.compile_s:7.1f}  {tgt}")
     if "skipped" in torch_res:
         print(f"PyTorch comparison skipped: {torch_res['skipped']}")
     else:
@@ -340,10 +379,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of methods")
     p.add_argument("--runs", type=int, default=None, help="timed rounds (default 7; 3 with --quick)")
     p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--repeat", type=int, default=1,
+                   help="calls of each function in a row per round, the last one timed")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument("--quick", action="store_true", help="tiny model (smoke test)")
+    p.add_argument("--scan", action="store_true",
+                   help="one lax.scan over the blocks (ViTConfig.scan; stacked frozen parameters): compile time")
     p.add_argument("--no-torch", action="store_true", help="do not time the PyTorch formulations")
+    p.add_argument("--reuse-freed-memory", action="store_true",
+                   help="call jax_peft.host.keep_freed_memory() first (no page faults for XLA's temporaries "
+                        "on repeated calls; see --repeat)")
     args = p.parse_args(argv)
     if args.runs is None:
         args.runs = 3 if args.quick else 7
@@ -354,8 +400,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if unknown:
         p.error(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
     args.method_list = methods
-    if args.runs < 1 or args.warmup < 0 or args.batch < 1:
-        p.error("--runs and --batch must be >= 1 and --warmup >= 0")
+    if args.runs < 1 or args.warmup < 0 or args.batch < 1 or args.repeat < 1:
+        p.error("--runs, --repeat and --batch must be >= 1 and --warmup >= 0")
     return args
 
 
@@ -363,7 +409,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     load0 = os.getloadavg()[0]
     fns, info = build(args, args.method_list)
-    run_rounds(fns, args.warmup, args.runs)
+    run_rounds(fns, args.warmup, args.runs, args.repeat)
     info["loadavg"] = [load0, os.getloadavg()[0]]
     torch_res = {"skipped": "--no-torch"} if args.no_torch or args.quick else torch_benchmark(args, args.method_list)
     res = report(fns, info, args, torch_res)

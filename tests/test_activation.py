@@ -142,11 +142,13 @@ def test_weight_form_methods_raise_a_clear_error():
             activation_form(method, params, {})
 
 
-def test_benchmark_quick_runs_and_writes_json(tmp_path):
+@pytest.mark.parametrize("extra", [[], ["--scan", "--methods", "fact_tt,rlrr,linear,full"]],
+                         ids=["unrolled", "scan"])
+def test_benchmark_quick_runs_and_writes_json(tmp_path, extra):
     out = tmp_path / "bench.json"
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "benchmark.py"), "--quick",
-                           "--json", str(out)], capture_output=True, text=True, timeout=60, env=env,
+                           "--json", str(out), *extra], capture_output=True, text=True, timeout=120, env=env,
                           cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     res = json.loads(out.read_text())
@@ -156,7 +158,9 @@ def test_benchmark_quick_runs_and_writes_json(tmp_path):
     for name, row in res["methods"].items():
         for key in ("step_s", "gflops", "peak_bytes", "compile_s"):
             assert row[key] > 0, (name, key)
+        assert row["page_faults"] >= 0
     assert "targets" in res and res["targets"]
+    assert res["config"]["scan"] == ("--scan" in extra)
 
 
 def test_efft_factor_dropout_matches_weight_form_with_the_same_key():
