@@ -12,7 +12,7 @@ reuse (`mallopt`: no mmap, no trimming, one arena so the freed blocks of XLA's w
 found again), which removes those faults when the same executables run again and again. Measured
 on ViT-B/16, batch 8, three step functions interleaved (`tests/test_host.py` checks the fault
 count on a small program): faults per call 385k-700k -> 0; floor 4.25 -> 3.78 s, FacT-TT step
-4.84 -> 4.18 s, RLRR 6.82 -> 5.24 s, full fine-tuning 5.86 -> 5.23 s. With a dozen executables of
+5.04 -> 4.18 s, RLRR 6.65 -> 5.24 s, full fine-tuning 5.78 -> 5.23 s. With a dozen executables of
 different sizes interleaved (`scripts/benchmark.py --reuse-freed-memory`) the one heap fragments
 and timings become erratic, which is why it is opt-in. The process keeps its peak heap for its
 lifetime, as GPU/TPU runtimes do with their own allocators.
