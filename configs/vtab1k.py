@@ -40,7 +40,7 @@ import os
 
 import ml_collections
 
-from jax_peft.train.config import default_config, load_config_module, lock_method
+from jax_peft.train.config import default_config, load_config_module, lock_method, steps_per_epoch
 
 
 R = load_config_module(os.path.join(os.path.dirname(os.path.abspath(__file__)), "recipes.py"),
@@ -66,8 +66,7 @@ def _timm_schedule(c, *, warmup_lr: float, min_lr: float, cosine_epochs: int = 1
 
 
 def _eval_every_epochs(c, epochs: int) -> None:
-    n, b = TRAIN_EXAMPLES, c.batch_size
-    c.eval_every = epochs * (max(1, n // b) if c.data.drop_remainder else -(-n // b))
+    c.eval_every = epochs * steps_per_epoch(TRAIN_EXAMPLES, c.batch_size, c.data.drop_remainder)
 
 
 def _fact_like(c, lr: float = 1e-3, wd: float = 1e-4) -> None:

@@ -37,7 +37,7 @@ _M_MMAP_MAX = -4
 _M_ARENA_MAX = -8
 
 _TOP_PAD = 64 << 20  # grow the heap in 64 MiB steps (fewer brk calls)
-_TRIM_THRESHOLD = 1 << 36  # never hand the heap's free top back
+_TRIM_THRESHOLD = 2**31 - 1  # mallopt takes an int: never hand the heap's free top back
 
 
 def keep_freed_memory() -> bool:
@@ -58,7 +58,7 @@ def keep_freed_memory() -> bool:
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
     ok = all(mallopt(param, value) == 1 for param, value in (
         (_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0), (_M_TOP_PAD, _TOP_PAD),
-        (_M_TRIM_THRESHOLD, min(_TRIM_THRESHOLD, 2**31 - 1))))
+        (_M_TRIM_THRESHOLD, _TRIM_THRESHOLD)))
     return ok
 
 

@@ -33,6 +33,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from jax_peft.scan import STACKED  # the scanned encoder's parameter scope
+
 Array = jax.Array
 LN_EPS = 1e-6
 
@@ -107,9 +109,6 @@ class ViTConfig:
         return dataclasses.replace(self, **changes)
 
 
-STACKED_BLOCKS = "encoderblock"  # the scanned encoder's parameter scope (jax_peft.scan.STACKED)
-
-
 def _canonical_name(name: str) -> str:
     """'ViT-B_16', 'vit-b/16', 'B/16', 'B_16' -> 'ViT-B/16'."""
     m = re.fullmatch(r"(?i)(?:vit[-_]?)?(ti|s|b|l|h)[-_/]?(\d+)", name.strip())
@@ -166,13 +165,13 @@ def infer_config(params: Mapping[str, Any]) -> ViTConfig:
     try:
         emb = params["embedding"]["kernel"]
         tr = params["Transformer"]
-        scanned = STACKED_BLOCKS in tr
+        scanned = STACKED in tr
         blocks = sorted(
             (k for k in tr if re.fullmatch(r"encoderblock_\d+", k)), key=lambda k: int(k.split("_")[1])
         )
         if not blocks and not scanned:
             raise KeyError("Transformer/encoderblock_0")
-        blk = tr[STACKED_BLOCKS] if scanned else tr[blocks[0]]
+        blk = tr[STACKED] if scanned else tr[blocks[0]]
         q = blk["MultiHeadDotProductAttention_0"]["query"]["kernel"]
         mlp = blk["MlpBlock_0"]["Dense_0"]["kernel"]
         if scanned:  # leading depth axis
@@ -436,7 +435,7 @@ def _scan_blocks(block_cls: Any, c: ViTConfig, x: Array, deterministic: bool, ra
 
     scan = nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
                    length=c.num_layers)
-    x, _ = scan(block_cls(c, 0.0, name=STACKED_BLOCKS), x, (jnp.asarray(rates, jnp.float32), stacked))
+    x, _ = scan(block_cls(c, 0.0, name=STACKED), x, (jnp.asarray(rates, jnp.float32), stacked))
     return x
 
 

@@ -23,7 +23,8 @@ reported, with ratios to the floor, full fine-tuning and the forward pass, and t
 (pass/fail). Page faults per call are recorded: glibc's default hands XLA's freed temporaries back to
 the kernel and the next call faults them in again (~0.4-0.7 million faults, ~1-3 s of kernel CPU
 time per ViT-B/16 step here, more for methods that keep more activations). `--reuse-freed-memory`
-applies `jax_peft.host.keep_freed_memory()` (as `python -m jax_peft.main` does), which removes them
+applies `jax_peft.host.keep_freed_memory()` (as `JAX_PEFT_REUSE_FREED_MEMORY=1 python -m jax_peft.main`
+does), which removes them
 for a function called repeatedly, but with a dozen executables of different sizes interleaved the
 one reused heap fragments and the timings become erratic, so it is off by default here.
 
@@ -49,8 +50,8 @@ if "--quick" in sys.argv:  # the smoke test is all compile time: skip LLVM's opt
 
 from jax_peft import host  # noqa: E402
 
-# --reuse-freed-memory: glibc keeps XLA's freed temporaries (jax_peft/host.py, as `python -m jax_peft.main`
-# does) instead of page-faulting them in afresh on every call. Off by default: with a dozen executables
+# --reuse-freed-memory: glibc keeps XLA's freed temporaries (jax_peft/host.py; opt-in for the CLI too)
+# instead of page-faulting them in afresh on every call. Off by default: with a dozen executables
 # of different sizes interleaved, the single reused heap fragments and timings turn erratic.
 MALLOC_TUNED = "--reuse-freed-memory" in sys.argv and host.keep_freed_memory()
 
@@ -105,19 +106,14 @@ class Timed:
         for _ in range(repeat - 1):
             self._run()
         f0, t0, c0 = host.page_faults(), time.perf_counter(), time.process_time()
-        out = self.compiled(*self.args)
-        jax.block_until_ready(out)
+        self._run()
         self.times.append(time.perf_counter() - t0)
         self.cpu_times.append(time.process_time() - c0)
         self.faults.append(host.page_faults() - f0)
-        self._advance(out)
 
     def _run(self) -> None:
         out = self.compiled(*self.args)
         jax.block_until_ready(out)
-        self._advance(out)
-
-    def _advance(self, out: Any) -> None:
         if self.carry:
             self.args = (out[0],) + self.args[1:]
 
@@ -245,10 +241,10 @@ def build(args: argparse.Namespace, methods: list[str]) -> tuple[list[Timed], di
     return fns, info
 
 
-def run_rounds(fns: list[Timed], warmup: int, runs: int, repeat: int = 2) -> None:
+def run_rounds(fns: list[Timed], warmup: int, runs: int, repeat: int = 1) -> None:
     """`runs` interleaved rounds (so a change in machine load hits every function alike); in each,
-    every function runs `repeat` times in a row and the last call is timed: the steady state of a
-    training loop, where the previous step's freed buffers are there to reuse."""
+    every function runs `repeat` times in a row and the last call is timed (repeat > 1: the steady
+    state of a training loop, where the previous step's freed buffers can be reused)."""
     for _ in range(warmup):
         for t in fns:
             t.call()

@@ -194,10 +194,12 @@ def forward(model: Any, method: Method, params: Tree, adapter: Tree, images: jax
 
     form: "activation" (frozen kernels + side paths), "weight" (`method.apply`), or "auto"
     (activation form where the method has one: the cheaper form in training, and the only one with
-    the official activation dropout). For a scanned model (`config.scan=True`) `params` may be
-    canonical or stacked (`jax_peft.scan`); pass them stacked to avoid re-stacking the frozen tree
-    (under jit, the per-block views the method reads for shapes cost nothing). With `train=True`, `rng` is split into the model's "dropout"
+    the official activation dropout). With `train=True`, `rng` is split into the model's "dropout"
     key and the method's key (EFFT's factor dropout), as the training step does.
+
+    For a scanned model (`config.scan=True`) `params` may be canonical or stacked (`jax_peft.scan`):
+    the method always sees the canonical tree (under jit, the per-block views it reads cost nothing)
+    and the model the stacked one; pass them stacked so the frozen tree is not re-stacked per call.
     """
     if form not in ("auto", "activation", "weight"):
         raise ValueError(f"unknown execution form {form!r}; use 'auto', 'activation' or 'weight'")
@@ -208,13 +210,12 @@ def forward(model: Any, method: Method, params: Tree, adapter: Tree, images: jax
     k_model, k_method = jax.random.split(rng) if train else (None, None)
     rngs = {"dropout": k_model} if train else {}
     scanned = bool(getattr(getattr(model, "config", None), "scan", False))
-    if scanned:  # a ViT with config.scan=True: methods see the canonical tree, the model the stacked one
-        stacked = params if scan.STACKED in params.get("Transformer", {}) else scan.stack_blocks(params)
-        params = scan.unstack_blocks(stacked) if stacked is params else params
+    given_stacked = scanned and scan.STACKED in params.get("Transformer", {})
+    canonical = scan.unstack_blocks(params) if given_stacked else params
     if form == "activation":
-        p, side = activation_form(method, params, adapter, rng=k_method)
-        p = stacked if scanned else p  # activation form leaves the frozen tree as is
+        _, side = activation_form(method, canonical, adapter, rng=k_method)  # frozen tree unchanged
+        p = scan.stack_blocks(params) if scanned and not given_stacked else params
         return model.apply({"params": p}, images, train=train, side=side, rngs=rngs)
-    eff = method.apply(params, adapter, rng=k_method)
+    eff = method.apply(canonical, adapter, rng=k_method)
     eff = scan.stack_blocks(eff) if scanned else eff
     return model.apply({"params": eff}, images, train=train, rngs=rngs)

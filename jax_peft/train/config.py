@@ -140,6 +140,13 @@ def method_config(name: str, **hparams: Any) -> ml_collections.ConfigDict:
     return c
 
 
+def steps_per_epoch(num_examples: int, batch_size: int, drop_remainder: bool = True) -> int:
+    """Train batches per epoch: num_examples // batch_size (at least 1) when the last partial batch
+    is dropped, the ceiling when it is kept (`data.drop_remainder=False`: padded and masked)."""
+    n, b = int(num_examples), int(batch_size)
+    return max(1, n // b) if drop_remainder else -(-n // b)
+
+
 def lock_method(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """Replaces a free-form `config.method` block ({"name": ..., some hyper-parameters}) by the full
     locked `method_config`, so every hyper-parameter can be overridden from the command line and

@@ -36,6 +36,7 @@ import optax
 from jax_peft import paths
 from jax_peft.methods.base import Method
 from jax_peft.train import checkpointing, distributed, model_setup, optimizer, schedules, step as step_lib
+from jax_peft.train import config as config_lib
 from jax_peft.vit import ViT, ViTConfig
 
 log = logging.getLogger(__name__)
@@ -113,8 +114,7 @@ def setup(config: Any) -> Setup:
 
     spe = int(config.schedule.steps_per_epoch)
     if spe <= 0:
-        n, b = int(info["num_examples"]), int(config.batch_size)
-        spe = max(1, n // b) if config.data.drop_remainder else -(-n // b)
+        spe = config_lib.steps_per_epoch(info["num_examples"], config.batch_size, config.data.drop_remainder)
     total = int(config.total_steps) if config.total_steps > 0 else int(config.num_epochs) * spe
     sched = schedules.make_schedule(config.schedule, lr=float(config.optimizer.lr), total_steps=total,
                                     steps_per_epoch=spe)
