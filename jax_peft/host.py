@@ -37,7 +37,10 @@ _M_MMAP_MAX = -4
 _M_ARENA_MAX = -8
 
 _TOP_PAD = 64 << 20  # grow the heap in 64 MiB steps (fewer brk calls)
-_TRIM_THRESHOLD = 2**31 - 1  # mallopt takes an int: never hand the heap's free top back
+# Never hand the heap's free top back. mallopt takes an int but glibc stores the trim threshold as a
+# size_t, so -1 means SIZE_MAX; 2**31 - 1 would still trim after any free that leaves more than 2 GiB
+# on top (RLRR's and FacT's ViT-B/16 steps at batch 8 have 2.4-3 GB of temporaries).
+_TRIM_THRESHOLD = -1
 
 
 def keep_freed_memory() -> bool:

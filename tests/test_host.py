@@ -48,6 +48,35 @@ def test_freed_temporaries_are_reused_instead_of_faulted_in_again():
     assert faults < faults_default / 10, (faults, faults_default)
 
 
+_BIG_PROBE = textwrap.dedent("""
+    import ctypes, ctypes.util
+    from jax_peft import host
+    assert host.keep_freed_memory()
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, (ctypes.c_size_t,)
+    libc.free.argtypes = (ctypes.c_void_p,)
+    n = (5 << 30) // 2  # 2.5 GiB: more than an int-sized trim threshold (2 GiB) left free on top
+    faults = []
+    for _ in range(2):
+        p = host.page_faults()
+        block = libc.malloc(n)
+        ctypes.memset(block, 1, n)
+        libc.free(block)
+        faults.append(host.page_faults() - p)
+    print(*faults)
+""")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt")
+def test_blocks_larger_than_2_gib_are_kept_too():
+    out = subprocess.run([sys.executable, "-c", _BIG_PROBE], capture_output=True, text=True, cwd=ROOT,
+                         env={**os.environ, "PYTHONPATH": ROOT}, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    first, second = map(int, out.stdout.split())
+    assert first > 300_000, first  # 655,360 pages of 4 KiB touched the first time
+    assert second < first / 100, (first, second)
+
+
 def test_the_cli_opts_in_through_the_environment(monkeypatch):
     from jax_peft import host
 
