@@ -1,26 +1,26 @@
 """Host (CPU) memory allocator settings for XLA:CPU runs.
 
-XLA:CPU allocates every executable's temporary buffers (saved activations, gradients: 1.8 GB for a
-ViT-B/16 step at batch 8) with `malloc` on each call and frees them at the end. glibc serves such
-large blocks with fresh `mmap`s and gives them back with `munmap`, so every step first-touches
-its whole working set again: ~0.5 million page faults and ~1 s of kernel time per ViT-B/16 step on
-this project's 2-core benchmark machine, more for methods that keep more activations (RLRR's
-weight-form step: 700k faults against full fine-tuning's 480k; FacT's extra side-path inputs).
+XLA:CPU allocates every executable's temporary buffers (saved activations, gradients: 1.8-3 GB for
+a ViT-B/16 step at batch 8) with `malloc` on each call and frees them at the end. glibc serves such
+large blocks with fresh `mmap`s and gives them back with `munmap`, so every step first-touches its
+whole working set again: 0.4-0.7 million page faults and 1-3 s of kernel CPU time per ViT-B/16 step
+on this project's 2-core benchmark machine, more for methods that keep more activations (RLRR's
+weight-form step: 700k faults against full fine-tuning's 490k; FacT's extra side-path inputs).
 
 `keep_freed_memory()` tells glibc to serve large blocks from its heap and keep freed memory for
-reuse (`mallopt`: no mmap, no trimming, one arena so the freed blocks of XLA's worker threads are
-found again), which removes those faults when the same executables run again and again. Measured
-on ViT-B/16, batch 8, three step functions interleaved (`tests/test_host.py` checks the fault
-count on a small program): faults per call 385k-700k -> 0; floor 4.25 -> 3.78 s, FacT-TT step
-5.04 -> 4.18 s, RLRR 6.65 -> 5.24 s, full fine-tuning 5.78 -> 5.23 s. With a dozen executables of
-different sizes interleaved (`scripts/benchmark.py --reuse-freed-memory`) the one heap fragments
-and timings become erratic, which is why it is opt-in. The process keeps its peak heap for its
-lifetime, as GPU/TPU runtimes do with their own allocators.
+reuse (`mallopt`: no mmap, never trim the heap's free top, one arena so the freed blocks of XLA's
+worker threads are found again), which removes those faults when the same executables run again
+and again. Measured on ViT-B/16, batch 8, every method's step and the yardsticks interleaved
+(`python scripts/benchmark.py` with and without `--system-malloc`): faults per call 0.4-0.7 million
+-> 0, forward 2.07 -> 1.67-1.72 s, floor 4.15 -> 3.71-3.73 s, full fine-tuning grads 5.48 ->
+5.14-5.25 s, RLRR step 6.84 -> 5.30 s. The process keeps its peak heap for its lifetime (as GPU/TPU
+runtimes do with their own allocators).
 
-Opt in: `JAX_PEFT_REUSE_FREED_MEMORY=1 python -m jax_peft.main ...` (the CLI calls it before JAX's CPU
-backend starts), `scripts/benchmark.py --reuse-freed-memory`, or call it first thing in a program.
-Equivalent environment for any program: `MALLOC_ARENA_MAX=1 MALLOC_MMAP_MAX_=0
-MALLOC_TRIM_THRESHOLD_=68719476736`.
+On by default in the training CLI (`python -m jax_peft.main`, before JAX's CPU backend starts) and
+in `scripts/benchmark.py`; `JAX_PEFT_REUSE_FREED_MEMORY=0` (CLI) or `--system-malloc` (benchmark)
+keeps glibc's defaults, e.g. on an accelerator host that should hand memory back to the OS. Any
+program can call it first thing, or set the equivalent environment: `MALLOC_ARENA_MAX=1
+MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=18446744073709551615`.
 """
 
 from __future__ import annotations
@@ -66,8 +66,8 @@ def keep_freed_memory() -> bool:
 
 
 def requested() -> bool:
-    """True when the environment asks for it: `JAX_PEFT_REUSE_FREED_MEMORY=1`."""
-    return os.environ.get("JAX_PEFT_REUSE_FREED_MEMORY", "") not in ("", "0")
+    """False only when the environment opts out: `JAX_PEFT_REUSE_FREED_MEMORY=0` (or `false`, `no`)."""
+    return os.environ.get("JAX_PEFT_REUSE_FREED_MEMORY", "1").strip().lower() not in ("0", "false", "no")
 
 
 def page_faults() -> int:

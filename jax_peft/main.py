@@ -36,7 +36,7 @@ def main(argv: list[str]) -> int:
         logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
     from jax_peft import host
 
-    if host.requested():  # JAX_PEFT_REUSE_FREED_MEMORY=1: before JAX's CPU backend starts (jax_peft/host.py)
+    if host.requested():  # unless JAX_PEFT_REUSE_FREED_MEMORY=0; before JAX's CPU backend starts (jax_peft/host.py)
         host.keep_freed_memory()
     from jax_peft.train import distributed, loop  # imported after flag parsing (JAX flags such as XLA_FLAGS)
 

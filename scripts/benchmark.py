@@ -20,13 +20,10 @@ come from `compiled.cost_analysis()` and its peak memory from `compiled.memory_a
 warm-up call, the functions are timed in interleaved rounds (so a change in machine load hits all of
 them alike; `--repeat N` makes N calls in a row and times the last). The median per function is
 reported, with ratios to the floor, full fine-tuning and the forward pass, and the targets of issue 6
-(pass/fail). Page faults per call are recorded: glibc's default hands XLA's freed temporaries back to
-the kernel and the next call faults them in again (~0.4-0.7 million faults, ~1-3 s of kernel CPU
-time per ViT-B/16 step here, more for methods that keep more activations). `--reuse-freed-memory`
-applies `jax_peft.host.keep_freed_memory()` (as `JAX_PEFT_REUSE_FREED_MEMORY=1 python -m jax_peft.main`
-does), which removes them
-for a function called repeatedly, but with a dozen executables of different sizes interleaved the
-one reused heap fragments and the timings become erratic, so it is off by default here.
+(pass/fail). Page faults per call are recorded. Like the training CLI, the benchmark first calls
+`jax_peft.host.keep_freed_memory()`, so glibc keeps XLA's freed temporaries for the next call instead
+of handing them back to the kernel and faulting them in again (~0.4-0.7 million faults, ~1-3 s of
+kernel CPU time per ViT-B/16 step here); `--system-malloc` measures with glibc's defaults instead.
 
 If `torch` and `timm` are importable, the official PyTorch formulation of the methods it covers is
 timed too on the same CPU (`--no-torch` skips it); otherwise that part is reported as skipped.
@@ -50,10 +47,9 @@ if "--quick" in sys.argv:  # the smoke test is all compile time: skip LLVM's opt
 
 from jax_peft import host  # noqa: E402
 
-# --reuse-freed-memory: glibc keeps XLA's freed temporaries (jax_peft/host.py; opt-in for the CLI too)
-# instead of page-faulting them in afresh on every call. Off by default: with a dozen executables
-# of different sizes interleaved, the single reused heap fragments and timings turn erratic.
-MALLOC_TUNED = "--reuse-freed-memory" in sys.argv and host.keep_freed_memory()
+# glibc keeps XLA's freed temporaries for reuse instead of page-faulting them in afresh on every call,
+# as in the training CLI (jax_peft/host.py); before JAX starts. --system-malloc: glibc's defaults.
+MALLOC_TUNED = "--system-malloc" not in sys.argv and host.keep_freed_memory()
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -383,9 +379,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--scan", action="store_true",
                    help="one lax.scan over the blocks (ViTConfig.scan; stacked frozen parameters): compile time")
     p.add_argument("--no-torch", action="store_true", help="do not time the PyTorch formulations")
-    p.add_argument("--reuse-freed-memory", action="store_true",
-                   help="call jax_peft.host.keep_freed_memory() first (no page faults for XLA's temporaries "
-                        "on repeated calls; see --repeat)")
+    p.add_argument("--system-malloc", action="store_true",
+                   help="do not call jax_peft.host.keep_freed_memory() (glibc's defaults: XLA's temporaries "
+                        "are unmapped after each call and page-faulted in again by the next)")
     args = p.parse_args(argv)
     if args.runs is None:
         args.runs = 3 if args.quick else 7

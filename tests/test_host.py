@@ -77,11 +77,11 @@ def test_blocks_larger_than_2_gib_are_kept_too():
     assert second < first / 100, (first, second)
 
 
-def test_the_cli_opts_in_through_the_environment(monkeypatch):
+def test_the_cli_reuses_freed_memory_unless_the_environment_opts_out(monkeypatch):
     from jax_peft import host
 
-    for value, want in (("1", True), ("0", False), ("", False)):
+    for value, want in (("1", True), ("0", False), ("false", False), ("No", False), ("", True)):
         monkeypatch.setenv("JAX_PEFT_REUSE_FREED_MEMORY", value)
         assert host.requested() is want, value
     monkeypatch.delenv("JAX_PEFT_REUSE_FREED_MEMORY")
-    assert not host.requested()
+    assert host.requested()
