@@ -4,7 +4,7 @@ Config files start from `default_config()` and change fields; the schema is lock
 as `--config.optimizer.lr_rate=...` fails with the list of valid keys. Shape of the schema:
 
     model:     name, checkpoint, gelu, image_size, num_classes, drop_path_rate, drop_path_mode,
-               dropout_rate, remat; for random init (checkpoint "" or "random") also patch_size,
+               dropout_rate, remat, scan; for random init (checkpoint "" or "random") also patch_size,
                hidden_size, num_layers, num_heads, mlp_dim, classifier
     method:    name, and the method's own hyper-parameters (e.g. rank, scale), free-form
     data:      name, data_dir, train_split, eval_split, image_size, interpolation, normalization,
@@ -38,6 +38,7 @@ def default_config() -> ml_collections.ConfigDict:
         drop_path_mode="sample",  # "sample" (timm stochastic depth) or "element" (RLRR)
         dropout_rate=0.0,
         remat=False,
+        scan=False,               # one lax.scan over the blocks (ViTConfig.scan): compile one block, not L
         # Architecture of a randomly initialized model (checkpoint "" or "random"): -1 = from `name`.
         patch_size=-1,
         hidden_size=-1,

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jax_peft import paths
+from jax_peft import paths, scan
 from jax_peft.methods.base import Method
 from jax_peft.train import checkpointing, distributed, model_setup, optimizer, schedules, step as step_lib
 from jax_peft.train import config as config_lib
@@ -89,6 +89,11 @@ class Setup:
 
     def init_state(self) -> dict:
         return step_lib.init_state(self.trainable, self.tx)
+
+    def device_frozen(self) -> Any:
+        """The frozen tree on the devices; stacked once for a scanned model (`config.model.scan`),
+        so the step does not re-stack it (methods still read the canonical per-block views)."""
+        return self.runner.put_frozen(scan.stack_blocks(self.frozen) if self.vit_config.scan else self.frozen)
 
     def abstract_state(self) -> Any:
         # Replicated over all processes' devices when distributed (orbax restores collectively).
@@ -271,7 +276,7 @@ def _train(config: Any, workdir: str, pre: "_Preemption", stop_at: int | None) -
         host_state, meta = restored
     start = int(jax.device_get(host_state["step"]))
     runner = s.runner
-    state, frozen = runner.put_state(host_state), runner.put_frozen(s.frozen)
+    state, frozen = runner.put_state(host_state), s.device_frozen()
 
     # metrics.jsonl: keep the records up to the restored step (later ones are recomputed).
     metrics_path = os.path.join(workdir, "metrics.jsonl")
@@ -400,7 +405,7 @@ def evaluate(config: Any, workdir: str, *, split: str | None = None) -> dict:
     (default `config.data.eval_split`); writes and returns `workdir/eval_<split>.json`."""
     s = setup(config)
     state, meta = _restore(s, workdir)
-    ev = run_eval(s, s.runner.put_state(state), s.runner.put_frozen(s.frozen), split)
+    ev = run_eval(s, s.runner.put_state(state), s.device_frozen(), split)
     split = split or config.data.eval_split
     out = {"step": int(meta["step"]), "split": split, **ev}
     if jax.process_index() == 0:

@@ -66,7 +66,8 @@ def build_method(config: Any) -> Method:
 def _regularization(config: Any) -> dict:
     m = config.model
     return dict(gelu=m.gelu, drop_path_rate=float(m.drop_path_rate), drop_path_mode=m.drop_path_mode,
-                dropout_rate=float(m.dropout_rate), remat=bool(m.remat), dtype=config.compute_dtype)
+                dropout_rate=float(m.dropout_rate), remat=bool(m.remat), scan=bool(m.scan),
+                dtype=config.compute_dtype)
 
 
 def _check_image_sizes(config: Any) -> int:
@@ -96,7 +97,9 @@ def build_params(config: Any, method: Method, num_classes: int, rng: jax.Array) 
     image_size = _check_image_sizes(config)
     if ckpt in RANDOM_INIT or (isinstance(ckpt, str) and ckpt.lower() in RANDOM_INIT):
         cfg = random_config(config, num_classes)
-        params = vit.init_params(cfg, r_init)
+        # canonical per-block layout whatever cfg.scan (methods and checkpoints use it; the loop
+        # stacks the frozen tree for a scanned model): a scanned run starts from the same weights
+        params = vit.init_params(dataclasses.replace(cfg, scan=False), r_init)
     else:
         from jax_peft import checkpoint as ck  # written by another module; imported on use
 

@@ -149,8 +149,9 @@ def make_eval_fn(model: Any, method: Method, *, axis_name: str | None = None) ->
     `batch["mask"]` (optional, (B,)) marks real examples in a padded batch."""
 
     def evaluate(state: dict, frozen: Tree, batch: Mapping[str, jax.Array]):
-        eff = effective_params(method, frozen, state["trainable"])
-        logits = model.apply({"params": eff}, batch["image"], train=False)
+        trainable = state["trainable"]  # weight form (merged): the eval logits; stacked frozen for a scanned model
+        logits = forward(model, method, join_params(frozen, trainable), trainable["adapter"], batch["image"],
+                         form="weight")
         mask = batch.get("mask", jnp.ones(batch["label"].shape, jnp.float32))
         out = {
             "correct": jnp.sum((jnp.argmax(logits, -1) == batch["label"]) * mask),
