@@ -247,8 +247,13 @@ def _chunked_matmul(h: Array, f: Array) -> Array:
     return (h.reshape(-1, a) @ f).reshape(h.shape[0], (w // a) * f.shape[1])
 
 
-def _side(module: nn.Module, path: "SidePath | None", x: Array, deterministic: bool) -> Array | None:
-    """Evaluates a SidePath on x (..., d_in) -> (..., d_out), or None when there is no path."""
+def _side(module: nn.Module, path: "SidePath | None", x: Array, deterministic: bool,
+          split: int = 1) -> Array | tuple[Array, ...] | None:
+    """Evaluates a SidePath on x (..., d_in) -> (..., d_out), or None when there is no path.
+
+    `split=k` returns the output as k column blocks (..., d_out / k) (the fused q | k | v path),
+    each its own product with the last factor: no (n, d_out) output is formed, so the backward pass
+    reads the k incoming gradients as they are instead of concatenating them first."""
     if path is None:
         return None
 
@@ -265,11 +270,22 @@ def _side(module: nn.Module, path: "SidePath | None", x: Array, deterministic: b
     h = x.reshape(-1, x.shape[-1])
     if path.dropout_after < 0:
         h = drop(h)
-    for j, f in enumerate(path.factors):
+    *body, last = path.factors
+    for j, f in enumerate(body):
         h = _chunked_matmul(h, f.astype(x.dtype))
         if j == path.dropout_after:
             h = drop(h)
-    return (h * jnp.asarray(path.scale, x.dtype)).reshape(lead + (h.shape[-1],))
+    # the scale goes on the (small) last factor, not on the (n, d_out) output: one pass less
+    last = last.astype(x.dtype) * jnp.asarray(path.scale, x.dtype)
+    if path.dropout_after == len(path.factors) - 1:  # dropout on the output itself
+        outs = jnp.split(drop(_chunked_matmul(h, last)), split, axis=-1)
+    elif last.shape[0] * split == h.shape[-1]:  # chunked last factor: chunk j of h times it
+        a = last.shape[0]
+        outs = [h[:, j * a:(j + 1) * a] @ last for j in range(split)]
+    else:  # column block j of the last factor
+        outs = [_chunked_matmul(h, f) for f in jnp.split(last, split, axis=-1)]
+    outs = tuple(o.reshape(lead + (o.shape[-1],)) for o in outs)
+    return outs if split > 1 else outs[0]
 
 
 @jax.custom_vjp
@@ -334,8 +350,7 @@ class Attention(nn.Module):
         side = side or {}
         # "qkv": one path for the fused projection (..., 3D), columns q | k | v: one input dropout
         # mask shared by q, k and v, as NOAH's LoRA on timm's fused qkv.
-        fused = _side(self, side.get("qkv"), x, deterministic)
-        fused = (None,) * 3 if fused is None else jnp.split(fused, 3, axis=-1)
+        fused = _side(self, side.get("qkv"), x, deterministic, split=3) or (None,) * 3
 
         def proj(name: str, short: str, j: int) -> Array:
             y = nn.DenseGeneral((self.num_heads, hd), dtype=self.dtype, name=name)(x)  # (B, T, H, hd)
