@@ -25,6 +25,7 @@ logits (B, C). LayerNorm eps is 1e-6 everywhere, as in vit_jax and the PEFT code
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from typing import Any, Literal, Mapping
 
@@ -236,6 +237,25 @@ class SidePath:
         return self.scale * out
 
 
+@flax.struct.dataclass
+class ScaleShift:
+    """SSF's `y ⊙ γ + β` on a frozen linear layer's output y (the activation form of SSF): γ, β
+    (d_out,). Keyed "<module>_ssf" in a block's side mapping ("qkv_ssf": (3D,) over q | k | v)."""
+
+    scale: Array
+    shift: Array
+
+
+def _scale_shift(y: Array, ss: "ScaleShift | None", start: int = 0) -> Array:
+    """y (B, T, *out) ⊙ γ + β with γ, β[start:start + prod(out)] laid out over `out`."""
+    if ss is None:
+        return y
+    out = y.shape[2:]
+    n = math.prod(out)
+    g, b = ss.scale[start:start + n].reshape(out), ss.shift[start:start + n].reshape(out)
+    return y * g.astype(y.dtype) + b.astype(y.dtype)
+
+
 def _chunked_matmul(h: Array, f: Array) -> Array:
     """h (n, w) @ f (a, b) for w = a, or, for w = k·a, f applied to each of h's k chunks: (n, k·b)."""
     w, a = h.shape[-1], f.shape[0]
@@ -356,7 +376,7 @@ class Attention(nn.Module):
             y = nn.DenseGeneral((self.num_heads, hd), dtype=self.dtype, name=name)(x)  # (B, T, H, hd)
             for extra in (_side(self, side.get(short), x, deterministic), fused[j]):
                 y = y if extra is None else y + extra.reshape(y.shape)
-            return y
+            return _scale_shift(y, side.get("qkv_ssf"), j * d)  # SSF on the fused qkv output
 
         q, k, v = proj("query", "q", 0), proj("key", "k", 1), proj("value", "v", 2)
         q = q / jnp.sqrt(hd).astype(q.dtype)
@@ -368,7 +388,7 @@ class Attention(nn.Module):
         out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
         y = nn.DenseGeneral(d, axis=(-2, -1), dtype=self.dtype, name="out")(out)
         extra = _side(self, side.get("o"), out.reshape(out.shape[:-2] + (d,)), deterministic)
-        return y if extra is None else y + extra
+        return _scale_shift(y if extra is None else y + extra, side.get("o_ssf"))
 
 
 class MlpBlock(nn.Module):
@@ -383,12 +403,12 @@ class MlpBlock(nn.Module):
         side = side or {}
         h = nn.Dense(self.mlp_dim, dtype=self.dtype, name="Dense_0")(x)
         extra = _side(self, side.get("fc1"), x, deterministic)
-        h = h if extra is None else h + extra
+        h = _scale_shift(h if extra is None else h + extra, side.get("fc1_ssf"))
         h = _gelu(h, self.gelu)
         h = nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
         y = nn.Dense(d, dtype=self.dtype, name="Dense_1")(h)
         extra = _side(self, side.get("fc2"), h, deterministic)
-        h = y if extra is None else y + extra
+        h = _scale_shift(y if extra is None else y + extra, side.get("fc2_ssf"))
         return nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
 
 
@@ -482,7 +502,8 @@ class ViT(nn.Module):
 
     `side` (optional) adds activation-form low-rank branches: `{block_index: {"q"|"k"|"v"|"o"|
     "fc1"|"fc2"|"qkv": SidePath}}`, evaluated beside the frozen kernels (see `SidePath`); "qkv" is
-    one path of width 3D for the fused projection (columns q | k | v, one dropout mask).
+    one path of width 3D for the fused projection (columns q | k | v, one dropout mask). Entries
+    "qkv_ssf"|"o_ssf"|"fc1_ssf"|"fc2_ssf": `ScaleShift` scale and shift a linear's output (SSF).
     """
 
     config: ViTConfig

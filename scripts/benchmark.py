@@ -238,7 +238,8 @@ def build(args: argparse.Namespace, methods: list[str]) -> tuple[list[Timed], di
 
 
 def run_rounds(fns: list[Timed], warmup: int, runs: int, repeat: int = 1) -> None:
-    """`runs` interleaved rounds (so a change in machine load hits every function alike); in each,
+    """`runs` interleaved rounds (so a change in machine load hits every function alike; the order
+    rotates by one function per round); in each,
     every function runs `repeat` times in a row and the last call is timed (repeat > 1: the steady
     state of a training loop, where the previous step's freed buffers can be reused)."""
     for _ in range(warmup):
@@ -249,7 +250,8 @@ def run_rounds(fns: list[Timed], warmup: int, runs: int, repeat: int = 1) -> Non
             t.cpu_times.clear()
             t.faults.clear()
     for r in range(runs):
-        for t in fns:
+        # each round starts one function later, so none always runs right after the same neighbour
+        for t in fns[r % len(fns):] + fns[:r % len(fns)]:
             t.call(repeat)
         print(f"round {r + 1}/{runs}: " + " ".join(f"{t.name}={t.times[-1]:.3f}" for t in fns), flush=True)
 

@@ -27,6 +27,7 @@ VARIANTS = [
     ("lora", dict(rank=3, alpha=6.0, targets=("q", "v", "o", "fc1", "fc2"))),
     ("lora", dict(rank=3, variant="fused_qkv")),
 ]
+SSF_VARIANTS = [("ssf", {}), ("ssf", dict(sites=("qkv", "fc2"), patch_ssf=False, final_ssf=False))]
 
 
 def _method(name, **hp):
@@ -62,12 +63,12 @@ def _ids(v):
     return f"{v[0]}-" + "-".join(f"{k}={x}" for k, x in v[1].items())
 
 
-@pytest.mark.parametrize("variant", VARIANTS, ids=[_ids(v) for v in VARIANTS])
+@pytest.mark.parametrize("variant", VARIANTS + SSF_VARIANTS, ids=[_ids(v) for v in VARIANTS + SSF_VARIANTS])
 def test_eval_logits_and_grads_equal_weight_form(variant):
     name, hp = variant
     cfg, params, x = _tiny()
     model = jax_peft.ViT(cfg)
-    method = _method(name, **{**hp, "dropout": 0.0})
+    method = _method(name, **(hp if name == "ssf" else {**hp, "dropout": 0.0}))  # SSF has no dropout
     adapter = _adapter(method, params)
 
     weight = model.apply({"params": method.apply(params, adapter)}, x)
@@ -132,7 +133,7 @@ def test_fact_dropout_sits_on_the_rank_r_activation():
 
 def test_weight_form_methods_raise_a_clear_error():
     _, params, _ = _tiny()
-    for name in ("rlrr", "ssf", "bitfit", "linear", "full"):
+    for name in ("rlrr", "bitfit", "linear", "full"):
         try:
             method = get_method(name)
         except ImportError:

@@ -78,7 +78,7 @@ def test_scanned_encoder_equals_the_unrolled_one():
 
 
 @pytest.mark.parametrize("name, hp", [("fact_tt", dict(rank=3, scale=2.0)), ("rlrr", {}),
-                                      ("lora", dict(rank=3, variant="fused_qkv"))])
+                                      ("lora", dict(rank=3, variant="fused_qkv")), ("ssf", {})])
 def test_method_forward_on_a_scanned_model(name, hp):
     """methods.activation.forward accepts a scanned model with stacked or canonical params, in both
     execution forms; train mode (dropout, drop path per block) is keyed and deterministic."""

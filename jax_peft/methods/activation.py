@@ -25,7 +25,12 @@ Where the training-time dropout sits (as in the official code):
 * EFFT: dropout acts on the factor *entries*; the factors are dropped first with `rng`, exactly as
   `EFFT.apply(params, adapter, rng=rng)` drops them, and the side paths carry no activation dropout.
 
-Other methods (RLRR, SSF, BitFit, linear probe, full fine-tuning) have no cheaper activation form;
+* SSF: `y ⊙ γ + β` on the outputs of the frozen q|k|v, out, fc1 and fc2 linears (`vit.ScaleShift`):
+  γ and β get their gradients from the outputs, so no weight gradient is formed (the weight form
+  folds γ into K and pays for dK); the LayerNorm, patch and final-norm sites fold into their own
+  parameters as in `SSF.apply`.
+
+Other methods (RLRR, BitFit, linear probe, full fine-tuning) have no cheaper activation form;
 `activation_form` raises and says to use `method.apply` (the weight form).
 """
 
@@ -41,7 +46,8 @@ from jax_peft import paths, scan
 from jax_peft.methods import layers
 from jax_peft.methods import lowrank as lr
 from jax_peft.methods.base import Method
-from jax_peft.vit import SidePath
+from jax_peft.methods.ssf import kind_of as ssf_kind_of
+from jax_peft.vit import ScaleShift, SidePath
 
 Tree = Mapping[str, Any]
 Side = dict[int, dict[str, SidePath]]
@@ -78,8 +84,8 @@ def _fact_tt(method: Method, params: Tree, adapter: Tree, rng: jax.Array | None)
     method._check_keys(adapter, ("U", "V") + method.modules)
     _check_depth(method.name, adapter[method.modules[0]].shape[0], depth)
     u, v = adapter["U"], adapter["V"]
-    return {i: _fact_paths(method, u, v, {m: adapter[m][i] for m in method.modules})
-            for i in range(depth)}
+    return params, {i: _fact_paths(method, u, v, {m: adapter[m][i] for m in method.modules})
+                    for i in range(depth)}
 
 
 def _fact_tk(method: Method, params: Tree, adapter: Tree, rng: jax.Array | None) -> Side:
@@ -108,7 +114,7 @@ def _fact_tk(method: Method, params: Tree, adapter: Tree, rng: jax.Array | None)
                 cores["fc1"] = mlp[:, :, :k].transpose(0, 2, 1).reshape(r, k * r)
                 cores["fc2"] = mlp[:, :, k:].transpose(2, 0, 1).reshape(k * r, r)
         side[i] = _fact_paths(method, adapter["U"], adapter["V"], cores)
-    return side
+    return params, side
 
 
 def _efft(method: Method, params: Tree, adapter: Tree, rng: jax.Array | None) -> Side:
@@ -117,8 +123,8 @@ def _efft(method: Method, params: Tree, adapter: Tree, rng: jax.Array | None) ->
     with the same key draws identical masks. No activation dropout."""
     _, _, depth = method._shapes(params)
     fac = method.factors(adapter, depth, rng)
-    return {i: {m: SidePath(tuple(f), scale=float(method.scale)) for m, f in fac[i].items()}
-            for i in range(depth)}
+    return params, {i: {m: SidePath(tuple(f), scale=float(method.scale)) for m, f in fac[i].items()}
+                    for i in range(depth)}
 
 
 def _lora(method: Method, params: Tree, adapter: Tree, rng: jax.Array | None) -> Side:
@@ -140,7 +146,33 @@ def _lora(method: Method, params: Tree, adapter: Tree, rng: jax.Array | None) ->
     over = sorted(i for i in side if i >= depth)
     if over:
         raise ValueError(f"lora: the adapter has blocks {over} that a {depth}-block model does not have")
-    return side
+    return params, side
+
+
+def _ssf(method: Method, params: Tree, adapter: Tree, rng: jax.Array | None) -> tuple[Tree, Side]:
+    """SSF after the frozen linears as `ScaleShift`s on their outputs (γ, β get gradients from the
+    outputs; no weight gradient is formed); the LayerNorm, patch-embedding and final-norm sites fold
+    into their own affine / conv parameters exactly as `SSF.apply` does (a few vectors and one
+    small conv kernel)."""
+    depth = layers.num_blocks(params)
+    groups: dict[str, dict[str, jax.Array]] = {}
+    for path, leaf in paths.flatten(adapter).items():
+        node, _, name = path.rpartition("/")
+        groups.setdefault(node, {})[name] = leaf
+    side: Side = {}
+    folded: dict[str, jax.Array] = {}
+    for node, leaves in groups.items():
+        kind, i, module = ssf_kind_of(node)
+        if kind not in ("linear", "qkv"):
+            folded.update({f"{node}/{k}": v for k, v in leaves.items()})
+            continue
+        if set(leaves) != {"ssf_scale", "ssf_shift"}:
+            raise ValueError(f"ssf adapter at {node!r} has leaves {sorted(leaves)}, expected ssf_scale, ssf_shift")
+        if i >= depth:
+            raise ValueError(f"ssf: the adapter has block {i} that a {depth}-block model does not have")
+        key = "qkv_ssf" if kind == "qkv" else f"{module}_ssf"
+        side.setdefault(i, {})[key] = ScaleShift(leaves["ssf_scale"], leaves["ssf_shift"])
+    return (method.apply(params, paths.unflatten(folded)) if folded else params), side
 
 
 def _lora_nodes(adapter: Tree) -> dict[str, tuple[jax.Array, jax.Array]]:
@@ -155,24 +187,27 @@ def _lora_nodes(adapter: Tree) -> dict[str, tuple[jax.Array, jax.Array]]:
     return {n: (v["lora_a"], v["lora_b"]) for n, v in nodes.items()}
 
 
-_BUILDERS: dict[str, Callable[[Method, Tree, Tree, Any], Side]] = {
+_BUILDERS: dict[str, Callable[[Method, Tree, Tree, Any], tuple[Tree, Side]]] = {
     "fact_tt": _fact_tt,
     "fact_tk": _fact_tk,
     "efft": _efft,
     "lora": _lora,
+    "ssf": _ssf,
 }
 
 
 def supports_activation_form(method: Method) -> bool:
-    """True for the low-rank methods with an activation form (FacT-TT/TK, EFFT, LoRA)."""
+    """True for the methods with an activation form (FacT-TT/TK, EFFT, LoRA, SSF)."""
     return method.name in _BUILDERS
 
 
 def activation_form(method: Method, params: Tree, adapter: Tree, *,
                     rng: jax.Array | None = None) -> tuple[Tree, Side]:
     """(params, side) for `ViT.apply(..., side=side)`: the frozen parameters (the low-rank methods
-    change nothing else, so `params` is returned as is) and one `SidePath` per adapted matrix,
-    `{block: {"q"|"k"|"v"|"o"|"fc1"|"fc2"|"qkv": SidePath}}` ("qkv": LoRA's fused variant).
+    change nothing else, so `params` itself is returned; SSF folds its LayerNorm, patch and
+    final-norm sites into them) and one `SidePath` per adapted matrix,
+    `{block: {"q"|"k"|"v"|"o"|"fc1"|"fc2"|"qkv": SidePath}}` ("qkv": LoRA's fused variant), or for
+    SSF one `ScaleShift` per scaled linear output, `{block: {"qkv_ssf"|"o_ssf"|"fc1_ssf"|"fc2_ssf": ...}}`.
 
     `rng` is used only by methods whose training noise lives in the factors (EFFT); pass the same
     key as to `method.apply(..., rng=rng)` to draw the same masks. FacT and LoRA dropout is
@@ -185,7 +220,7 @@ def activation_form(method: Method, params: Tree, adapter: Tree, *,
             f"use the weight form, model.apply({{'params': method.apply(params, adapter)}}, ...)")
     if layers.num_blocks(params) == 0:
         raise ValueError("the parameter tree has no Transformer/encoderblock_{i}; nothing to adapt")
-    return params, builder(method, params, adapter, rng)
+    return builder(method, params, adapter, rng)
 
 
 def forward(model: Any, method: Method, params: Tree, adapter: Tree, images: jax.Array, *,
@@ -213,8 +248,11 @@ def forward(model: Any, method: Method, params: Tree, adapter: Tree, images: jax
     given_stacked = scanned and scan.STACKED in params.get("Transformer", {})
     canonical = scan.unstack_blocks(params) if given_stacked else params
     if form == "activation":
-        _, side = activation_form(method, canonical, adapter, rng=k_method)  # frozen tree unchanged
-        p = scan.stack_blocks(params) if scanned and not given_stacked else params
+        p, side = activation_form(method, canonical, adapter, rng=k_method)
+        if p is canonical:  # frozen tree unchanged (low-rank methods): use it as given
+            p = scan.stack_blocks(params) if scanned and not given_stacked else params
+        elif scanned:  # SSF's folded norms: re-stacked per call
+            p = scan.stack_blocks(p)
         return model.apply({"params": p}, images, train=train, side=side, rngs=rngs)
     eff = method.apply(canonical, adapter, rng=k_method)
     eff = scan.stack_blocks(eff) if scanned else eff

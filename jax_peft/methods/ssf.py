@@ -46,7 +46,7 @@ _MODULE_OF_PATH = {p: m for m, p in layers.MODULES.items()}
 _BLOCK = re.compile(r"^Transformer/encoderblock_(\d+)/(.+)$")
 
 
-def _kind_of(node_path: str) -> tuple[str, int | None, str | None]:
+def kind_of(node_path: str) -> tuple[str, int | None, str | None]:
     """(kind, block, module) of an adapter node path; raises on foreign paths."""
     if node_path == "embedding":
         return "patch", None, None
@@ -122,7 +122,7 @@ class SSF(Method):
         return out
 
     def _dim(self, params: Tree, node_path: str) -> int:
-        kind, i, _ = _kind_of(node_path)
+        kind, i, _ = kind_of(node_path)
         if kind == "qkv":
             return sum(layers.in_out(params, i, m)[1] for m in QKV)
         return int(np.size(rescale.node(params, node_path)["bias"]))
@@ -145,7 +145,7 @@ class SSF(Method):
             if set(leaves) != {"ssf_scale", "ssf_shift"}:
                 raise ValueError(f"ssf adapter at {p!r} has leaves {sorted(leaves)}, expected ssf_scale, ssf_shift")
             g, b = leaves["ssf_scale"], leaves["ssf_shift"]
-            kind, i, module = _kind_of(p)
+            kind, i, module = kind_of(p)
             try:
                 if kind == "ln":
                     flat[f"{p}/scale"], flat[f"{p}/bias"] = rescale.scale_shift_affine(
