@@ -12,8 +12,9 @@ Measured (random weights with the model's shapes; no download):
 * full:     forward + gradients of every parameter (full fine-tuning without the optimizer).
 * methods:  each method's complete jitted train step (forward, gradients of the trainable tree
             {adapter, head}, AdamW update, donated state); activation form for FacT-TT/TK, EFFT and
-            LoRA (their official training dropout on), weight form for RLRR, SSF, BitFit and full
-            fine-tuning; the linear probe trains the head only.
+            LoRA (their official training dropout on) and SSF (scale-shifts on the frozen linears'
+            outputs), weight form for RLRR, BitFit and full fine-tuning; the linear probe trains
+            the head only.
 
 Every function is compiled ahead of time (`jit(...).lower(...).compile()`: compile time), its FLOPs
 come from `compiled.cost_analysis()` and its peak memory from `compiled.memory_analysis()`. After a
