@@ -11,10 +11,10 @@ weight-form step: 700k faults against full fine-tuning's 490k; FacT's extra side
 reuse (`mallopt`: no mmap, never trim the heap's free top, one arena so the freed blocks of XLA's
 worker threads are found again), which removes those faults when the same executables run again
 and again. Measured on ViT-B/16, batch 8, every method's step and the yardsticks interleaved
-(`python scripts/benchmark.py` with and without `--system-malloc`): faults per call 0.4-0.7 million
--> 0, forward 2.07 -> 1.67-1.72 s, floor 4.15 -> 3.71-3.73 s, full fine-tuning grads 5.48 ->
-5.14-5.25 s, RLRR step 6.84 -> 5.30 s. The process keeps its peak heap for its lifetime (as GPU/TPU
-runtimes do with their own allocators).
+(`python scripts/benchmark.py`; four runs with it against the last run without, `--system-malloc`):
+faults per call 0.4-0.7 million -> 0, forward 2.07 -> 1.64-1.77 s, floor 4.15 -> 3.72-3.97 s,
+full fine-tuning grads 5.48 -> 5.14-5.55 s, RLRR step 6.84 -> 5.30-5.73 s. The process keeps its
+peak heap for its lifetime (as GPU/TPU runtimes do with their own allocators).
 
 On by default in the training CLI (`python -m jax_peft.main`, before JAX's CPU backend starts) and
 in `scripts/benchmark.py`; `JAX_PEFT_REUSE_FREED_MEMORY=0` (CLI) or `--system-malloc` (benchmark)
