@@ -50,7 +50,7 @@ from jax_peft.methods.ssf import kind_of as ssf_kind_of
 from jax_peft.vit import ScaleShift, SidePath
 
 Tree = Mapping[str, Any]
-Side = dict[int, dict[str, SidePath]]
+Side = dict[int, dict[str, SidePath | ScaleShift]]
 _ATTN = ("q", "k", "v", "o")
 
 
@@ -79,7 +79,7 @@ def _check_depth(name: str, got: int, depth: int) -> None:
                          "adapter with method.init on this parameter tree")
 
 
-def _fact_tt(method: Method, params: Tree, adapter: Tree, rng: jax.Array | None) -> Side:
+def _fact_tt(method: Method, params: Tree, adapter: Tree, rng: jax.Array | None) -> tuple[Tree, Side]:
     _, k, depth = method._shapes(params)
     method._check_keys(adapter, ("U", "V") + method.modules)
     _check_depth(method.name, adapter[method.modules[0]].shape[0], depth)
@@ -88,7 +88,7 @@ def _fact_tt(method: Method, params: Tree, adapter: Tree, rng: jax.Array | None)
                     for i in range(depth)}
 
 
-def _fact_tk(method: Method, params: Tree, adapter: Tree, rng: jax.Array | None) -> Side:
+def _fact_tk(method: Method, params: Tree, adapter: Tree, rng: jax.Array | None) -> tuple[Tree, Side]:
     """Cores as in `FacTTK.deltas`: slices A_ℓ = C ×₃ P_ℓ (r, r, c); attention j = A_ℓ[:, :, j];
     MLP F1 / T2 by the method's `mlp_layout`."""
     _, k, depth = method._shapes(params)
@@ -117,7 +117,7 @@ def _fact_tk(method: Method, params: Tree, adapter: Tree, rng: jax.Array | None)
     return params, side
 
 
-def _efft(method: Method, params: Tree, adapter: Tree, rng: jax.Array | None) -> Side:
+def _efft(method: Method, params: Tree, adapter: Tree, rng: jax.Array | None) -> tuple[Tree, Side]:
     """`x K + s · x a b c` with the factors of `EFFT.factors(adapter, depth, rng)`: the same
     (dropped, when `rng` is given) factors `EFFT.apply(..., rng=rng)` multiplies out, so training
     with the same key draws identical masks. No activation dropout."""
@@ -127,7 +127,7 @@ def _efft(method: Method, params: Tree, adapter: Tree, rng: jax.Array | None) ->
                     for i in range(depth)}
 
 
-def _lora(method: Method, params: Tree, adapter: Tree, rng: jax.Array | None) -> Side:
+def _lora(method: Method, params: Tree, adapter: Tree, rng: jax.Array | None) -> tuple[Tree, Side]:
     """`x K + drop(x) A (s B)`. Separate pairs: the LoRA module's own `side_paths` (built from
     `increments`, the same (A, s·B) pairs as `apply`). Fused qkv: one "qkv" path per block with
     A (D, r) and s·B (r, 3D), so q, k and v share one input dropout mask as in NOAH's code."""
