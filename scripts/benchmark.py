@@ -17,8 +17,8 @@ Measured (random weights with the model's shapes; no download):
             the head only.
 
 Every function is compiled ahead of time (`jit(...).lower(...).compile()`: compile time), its FLOPs
-come from `compiled.cost_analysis()` and its peak memory from `compiled.memory_analysis()`. After a
-warm-up call, the functions are timed in interleaved rounds (so a change in machine load hits all of
+come from `compiled.cost_analysis()` and its peak memory from `compiled.memory_analysis()`. After two
+untimed warm-up rounds, the functions are timed in interleaved rounds (so a change in machine load hits all of
 them alike; `--repeat N` makes N calls in a row and times the last). The median per function is
 reported, with ratios to the floor, full fine-tuning and the forward pass, and the targets of issue 6
 (pass/fail). Page faults per call are recorded. Like the training CLI, the benchmark first calls
@@ -373,7 +373,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--layers", type=int, default=0, help="override the depth (0: the model's own)")
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of methods")
     p.add_argument("--runs", type=int, default=None, help="timed rounds (default 7; 3 with --quick)")
-    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--warmup", type=int, default=2,
+                   help="untimed rounds first (2: a fresh executable's second call can still grow the "
+                        "reused heap, ~0.5 million page faults once)")
     p.add_argument("--repeat", type=int, default=1,
                    help="calls of each function in a row per round, the last one timed")
     p.add_argument("--seed", type=int, default=0)
