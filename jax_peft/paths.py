@@ -47,6 +47,16 @@ def unflatten(flat: Mapping[str, Any], sep: str = "/") -> dict[str, Any]:
     return out
 
 
+def group_by_node(tree: Tree) -> dict[str, dict[str, Any]]:
+    """{node path: {leaf name: leaf}}: an adapter tree's leaves grouped by the node that holds them
+    (`"a/b/s_in"` -> `{"a/b": {"s_in": ...}}`), in flattening order."""
+    groups: dict[str, dict[str, Any]] = {}
+    for path, leaf in flatten(tree).items():
+        node, _, name = path.rpartition("/")
+        groups.setdefault(node, {})[name] = leaf
+    return groups
+
+
 def leaf_paths(tree: Tree) -> list[str]:
     return list(flatten(tree))
 

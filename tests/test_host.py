@@ -29,11 +29,16 @@ _PROBE = textwrap.dedent("""
 """)
 
 
-def _probe(**env):
-    out = subprocess.run([sys.executable, "-c", _PROBE], capture_output=True, text=True, cwd=ROOT,
+def _run(code, **env):
+    """stdout of `python -c code` with the project importable."""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
                          env={**os.environ, "PYTHONPATH": ROOT, **env}, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
-    applied, faults = out.stdout.split()[-2:]
+    return out.stdout
+
+
+def _probe(**env):
+    applied, faults = _run(_PROBE, **env).split()[-2:]
     return applied == "True", int(faults)
 
 
@@ -69,10 +74,7 @@ _BIG_PROBE = textwrap.dedent("""
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt")
 def test_blocks_larger_than_2_gib_are_kept_too():
-    out = subprocess.run([sys.executable, "-c", _BIG_PROBE], capture_output=True, text=True, cwd=ROOT,
-                         env={**os.environ, "PYTHONPATH": ROOT}, timeout=300)
-    assert out.returncode == 0, out.stderr[-2000:]
-    first, second = map(int, out.stdout.split())
+    first, second = map(int, _run(_BIG_PROBE).split())
     assert first > 300_000, first  # 655,360 pages of 4 KiB touched the first time
     assert second < first / 100, (first, second)
 

@@ -46,7 +46,6 @@ from jax_peft import paths, scan
 from jax_peft.methods import layers
 from jax_peft.methods import lowrank as lr
 from jax_peft.methods.base import Method
-from jax_peft.methods.ssf import kind_of as ssf_kind_of
 from jax_peft.vit import ScaleShift, SidePath
 
 Tree = Mapping[str, Any]
@@ -155,32 +154,22 @@ def _ssf(method: Method, params: Tree, adapter: Tree, rng: jax.Array | None) -> 
     into their own affine / conv parameters exactly as `SSF.apply` does (a few vectors and one
     small conv kernel)."""
     depth = layers.num_blocks(params)
-    groups: dict[str, dict[str, jax.Array]] = {}
-    for path, leaf in paths.flatten(adapter).items():
-        node, _, name = path.rpartition("/")
-        groups.setdefault(node, {})[name] = leaf
     side: Side = {}
     folded: dict[str, jax.Array] = {}
-    for node, leaves in groups.items():
-        kind, i, module = ssf_kind_of(node)
+    for node, kind, i, module, scale, shift in method.site_leaves(adapter):
         if kind not in ("linear", "qkv"):
-            folded.update({f"{node}/{k}": v for k, v in leaves.items()})
+            folded.update({f"{node}/ssf_scale": scale, f"{node}/ssf_shift": shift})
             continue
-        if set(leaves) != {"ssf_scale", "ssf_shift"}:
-            raise ValueError(f"ssf adapter at {node!r} has leaves {sorted(leaves)}, expected ssf_scale, ssf_shift")
         if i >= depth:
             raise ValueError(f"ssf: the adapter has block {i} that a {depth}-block model does not have")
         key = "qkv_ssf" if kind == "qkv" else f"{module}_ssf"
-        side.setdefault(i, {})[key] = ScaleShift(leaves["ssf_scale"], leaves["ssf_shift"])
+        side.setdefault(i, {})[key] = ScaleShift(scale, shift)
     return (method.apply(params, paths.unflatten(folded)) if folded else params), side
 
 
 def _lora_nodes(adapter: Tree) -> dict[str, tuple[jax.Array, jax.Array]]:
     """{node path: (lora_a, lora_b)} of a LoRA adapter tree."""
-    nodes: dict[str, dict[str, jax.Array]] = {}
-    for path, leaf in paths.flatten(adapter).items():
-        node, _, name = path.rpartition("/")
-        nodes.setdefault(node, {})[name] = leaf
+    nodes = paths.group_by_node(adapter)
     bad = {n: sorted(v) for n, v in nodes.items() if set(v) != {"lora_a", "lora_b"}}
     if bad:
         raise ValueError(f"lora adapter nodes need leaves lora_a and lora_b; got {bad}")

@@ -134,7 +134,7 @@ class LoRA(Method):
     def increments(self, adapter: Tree) -> dict[str, tuple[jax.Array, jax.Array]]:
         """{module path: (A, s·B)} per adapted module (fused qkv split into q, k, v)."""
         out: dict[str, tuple[jax.Array, jax.Array]] = {}
-        for node, leaves in _group(adapter).items():
+        for node, leaves in paths.group_by_node(adapter).items():
             if set(leaves) != {"lora_a", "lora_b"}:
                 raise ValueError(f"lora adapter at {node!r} has leaves {sorted(leaves)}, expected lora_a, lora_b")
             a, b = leaves["lora_a"], leaves["lora_b"]
@@ -199,10 +199,3 @@ def _parse(node_path: str) -> tuple[int, str]:
             return int(m.group(1)), _MODULE_OF_PATH[rest]
     raise ValueError(f"{node_path!r} is not a LoRA adapter location")
 
-
-def _group(adapter: Tree) -> dict[str, dict[str, Any]]:
-    groups: dict[str, dict[str, Any]] = {}
-    for path, v in paths.flatten(adapter).items():
-        node, _, leaf = path.rpartition("/")
-        groups.setdefault(node, {})[leaf] = v
-    return groups

@@ -308,11 +308,7 @@ class RLRR(Method):
 
 
 def _group(adapter: Tree) -> dict[Site, dict[str, Any]]:
-    groups: dict[str, dict[str, Any]] = {}
-    for path, v in paths.flatten(adapter).items():
-        node_path, _, leaf = path.rpartition("/")
-        groups.setdefault(node_path, {})[leaf] = v
-    return {_site_of_path(p): leaves for p, leaves in groups.items()}
+    return {_site_of_path(p): leaves for p, leaves in paths.group_by_node(adapter).items()}
 
 
 def _check_leaves(site: Site, leaves: Mapping[str, Any]) -> None:

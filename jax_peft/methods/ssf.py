@@ -46,7 +46,7 @@ _MODULE_OF_PATH = {p: m for m, p in layers.MODULES.items()}
 _BLOCK = re.compile(r"^Transformer/encoderblock_(\d+)/(.+)$")
 
 
-def kind_of(node_path: str) -> tuple[str, int | None, str | None]:
+def _kind_of(node_path: str) -> tuple[str, int | None, str | None]:
     """(kind, block, module) of an adapter node path; raises on foreign paths."""
     if node_path == "embedding":
         return "patch", None, None
@@ -122,7 +122,7 @@ class SSF(Method):
         return out
 
     def _dim(self, params: Tree, node_path: str) -> int:
-        kind, i, _ = kind_of(node_path)
+        kind, i, _ = _kind_of(node_path)
         if kind == "qkv":
             return sum(layers.in_out(params, i, m)[1] for m in QKV)
         return int(np.size(rescale.node(params, node_path)["bias"]))
@@ -135,17 +135,19 @@ class SSF(Method):
             flat[f"{p}/ssf_scale"], flat[f"{p}/ssf_shift"] = ssf["scale"], ssf["shift"]
         return paths.unflatten(flat)
 
-    def apply(self, params: Tree, adapter: Tree, *, rng: jax.Array | None = None) -> dict:
-        flat = paths.flatten(params)
-        groups: dict[str, dict[str, Any]] = {}
-        for path, v in paths.flatten(adapter).items():
-            node, _, leaf = path.rpartition("/")
-            groups.setdefault(node, {})[leaf] = v
-        for p, leaves in groups.items():
+    @staticmethod
+    def site_leaves(adapter: Tree) -> list[tuple[str, str, int | None, str | None, Any, Any]]:
+        """(node path, kind, block, module, γ, β) per adapted site of an adapter tree, leaves checked."""
+        out = []
+        for p, leaves in paths.group_by_node(adapter).items():
             if set(leaves) != {"ssf_scale", "ssf_shift"}:
                 raise ValueError(f"ssf adapter at {p!r} has leaves {sorted(leaves)}, expected ssf_scale, ssf_shift")
-            g, b = leaves["ssf_scale"], leaves["ssf_shift"]
-            kind, i, module = kind_of(p)
+            out.append((p, *_kind_of(p), leaves["ssf_scale"], leaves["ssf_shift"]))
+        return out
+
+    def apply(self, params: Tree, adapter: Tree, *, rng: jax.Array | None = None) -> dict:
+        flat = paths.flatten(params)
+        for p, kind, i, module, g, b in self.site_leaves(adapter):
             try:
                 if kind == "ln":
                     flat[f"{p}/scale"], flat[f"{p}/bias"] = rescale.scale_shift_affine(
