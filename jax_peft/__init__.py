@@ -25,6 +25,10 @@ _EXPORTS = {
     "init_params": "jax_peft.vit",
     "param_shapes": "jax_peft.vit",
     "NAMED_CONFIGS": "jax_peft.vit",
+    "Swin": "jax_peft.swin",
+    "SwinConfig": "jax_peft.swin",
+    "swin_config": "jax_peft.swin",
+    "swin": "jax_peft.swin",
     "load_checkpoint": "jax_peft.checkpoint",
     "save_checkpoint": "jax_peft.checkpoint",
     "validate_params": "jax_peft.checkpoint",
@@ -54,7 +58,7 @@ _EXPORTS = {
     "default_config": "jax_peft.train.config",
     "method_config": "jax_peft.train.config",
 }
-_MODULES = {"paths", "data", "analysis"}
+_MODULES = {"paths", "data", "analysis", "swin"}
 
 # `merge` is both a submodule and the public function: import the function eagerly, so that a
 # later `import jax_peft.merge` (which finds the module in sys.modules) cannot rebind the name.
