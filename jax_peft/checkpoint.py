@@ -391,11 +391,27 @@ def adapt_to_config(params: Tree, config: ViTConfig, *,
 # ------------------------------------------------------------------------------------- public load
 
 
+def is_torch_file(path: str | os.PathLike) -> bool:
+    """A `.safetensors` file, or a zip archive holding a pickle (`torch.save`'s `.pth` format)."""
+    path = os.fspath(path)
+    if path.endswith(".safetensors"):
+        return True
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(n.endswith("data.pkl") for n in z.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
 def load_checkpoint(path_or_url: str | os.PathLike, *, config: ViTConfig | None = None,
                     cache_dir: str | os.PathLike | None = None, head: str = "auto",
                     dtype: Any = np.float32, progress: bool = True, force_download: bool = False,
                     verify: bool = True) -> dict:
     """Loads a Google ViT checkpoint as the canonical nested tree of numpy arrays.
+
+    PyTorch Swin Transformer files (Microsoft's `.pth`, timm's `.pth` / `.safetensors`, short names
+    such as "swin_base_patch4_window7_224_22k") load as the canonical Swin tree instead (see
+    `jax_peft.swin_checkpoint.load`; `config` is then a `SwinConfig`).
 
     Args:
       path_or_url: a local `.npz`, an `https://` or `gs://bucket/path` URL, or a short name such
@@ -411,6 +427,10 @@ def load_checkpoint(path_or_url: str | os.PathLike, *, config: ViTConfig | None 
     """
     path = fetch(path_or_url, cache_dir=cache_dir, progress=progress, force_download=force_download,
                  verify=verify)
+    if is_torch_file(path):  # PyTorch weights: Swin Transformer files (jax_peft.swin_checkpoint)
+        from jax_peft import swin_checkpoint
+
+        return swin_checkpoint.load(path, config=config, head=head, dtype=dtype)
     params = normalize(read_npz(path), dtype=dtype)
     if config is not None:
         params = adapt_to_config(params, config, head=head)  # type: ignore[arg-type]
@@ -449,9 +469,16 @@ def to_pre_linen(params: Tree) -> dict[str, np.ndarray]:
 def save_checkpoint(path: str | os.PathLike, params: Tree) -> Path:
     """Writes `params` as an original Google `.npz` (pre-Linen names, float32), atomically.
 
+    A Swin tree is written as PyTorch weights instead (path ending in .safetensors or .pth, timm's
+    layout; see `jax_peft.swin_checkpoint.save`).
+
     The file loads with vit_jax, with timm's npz loader (`model.load_pretrained(path)`; timm loads
     the head only when its class count matches) and with `load_checkpoint`. Returns the path.
     """
+    if isinstance(params, Mapping) and "patch_embed" in params and "layers_0" in params:  # a Swin tree
+        from jax_peft import swin_checkpoint
+
+        return Path(swin_checkpoint.save(path, params))
     path = Path(os.path.expanduser(os.fspath(path)))
     if path.suffix != ".npz":
         raise ValueError(f"checkpoint path must end in .npz (numpy.savez would add it), got {path}")

@@ -16,6 +16,11 @@ Short names (case-insensitive; `/` inside the model name may be written `_`)::
     "sam/ViT-B_16"                         -> gs://vit_models/sam/ViT-B_16.npz
     "augreg/ViT-B_16", "augreg/B_16"       -> the recommended AugReg i21k upstream file (vit_jax README)
     "augreg/<file>.npz"                    -> gs://vit_models/augreg/<file>.npz
+
+Swin Transformer files (see `SWIN`): Microsoft's releases by file name, with or without `.pth`
+("swin_base_patch4_window7_224_22k.pth", a local file of that name wins), and timm's Hugging Face
+files as "timm/<model>.<tag>" (e.g. "timm/swin_base_patch4_window7_224.ms_in22k" -> its
+model.safetensors). `.safetensors` downloads are checked by their header instead of as a zip.
 """
 
 from __future__ import annotations
@@ -65,6 +70,19 @@ AUGREG: dict[str, str] = {
 }
 
 
+# Microsoft's released Swin files (github.com/microsoft/Swin-Transformer, release v1.0.0), in their
+# layout (merging at the end of each stage, head `head`); "_22k" = ImageNet-22k heads (21841 classes).
+SWIN_RELEASE = "https://github.com/SwinTransformer/storage/releases/download/v1.0.0/"
+SWIN: tuple[str, ...] = (
+    "swin_tiny_patch4_window7_224", "swin_small_patch4_window7_224",
+    "swin_base_patch4_window7_224_22k", "swin_base_patch4_window7_224_22kto1k",
+    "swin_base_patch4_window12_384_22k", "swin_base_patch4_window12_384_22kto1k",
+    "swin_large_patch4_window7_224_22k", "swin_large_patch4_window7_224_22kto1k",
+    "swin_large_patch4_window12_384_22k", "swin_large_patch4_window12_384_22kto1k",
+)
+_TIMM_HUB = re.compile(r"timm/(swin_[a-z0-9_]+\.[a-z0-9_]+)", re.IGNORECASE)
+
+
 class DownloadError(OSError):
     """A checkpoint could not be fetched (network, HTTP status, truncated transfer)."""
 
@@ -89,6 +107,7 @@ def known_names() -> list[str]:
     names = list(VIT_MODELS["imagenet21k"])
     names += [f"{d}/{m}" for d, models in VIT_MODELS.items() for m in models]
     names += [f"augreg/{m}" for m in AUGREG]
+    names += [f"{m}.pth" for m in SWIN] + ["timm/swin_base_patch4_window7_224.ms_in22k"]
     return names
 
 
@@ -100,6 +119,11 @@ def _fold(name: str) -> str:
 def resolve_name(name: str) -> str | None:
     """The https URL of a short checkpoint name, or None if `name` is not a known short name."""
     s = name.strip()
+    swin = s[:-4] if s.lower().endswith(".pth") else s
+    if swin.lower() in SWIN:
+        return f"{SWIN_RELEASE}{swin.lower()}.pth"
+    if _TIMM_HUB.fullmatch(s):
+        return f"https://huggingface.co/{s}/resolve/main/model.safetensors"
     is_file = s.lower().endswith(".npz")
     base = s[:-4] if is_file else s
     directory, _, model = base.partition("/")
@@ -137,7 +161,7 @@ def resolve(path_or_url: str | os.PathLike) -> tuple[str, str]:
     if url is not None:
         return "url", url
     examples = "'ViT-B_16', 'imagenet21k/ViT-L_16', 'imagenet21k+imagenet2012/ViT-B_16', 'augreg/B_16'"
-    if s.lower().endswith(".npz") or os.sep in s or s.startswith((".", "~")):
+    if s.lower().endswith((".npz", ".pth", ".safetensors")) or os.sep in s or s.startswith((".", "~")):
         raise FileNotFoundError(
             f"checkpoint file {s!r} does not exist. Pass an existing .npz path, an https:// or gs:// URL, "
             f"or a known name such as {examples}."
@@ -199,6 +223,21 @@ def check_zip(path: str | os.PathLike, what: str | None = None) -> None:
         ) from None
 
 
+def check_download(path: str | os.PathLike, name: str, what: str) -> None:
+    """`check_zip` for .npz/.pth files; for `name` ending in .safetensors, a complete header
+    (8-byte little-endian length, then that many bytes of JSON) instead."""
+    if not name.endswith(".safetensors"):
+        check_zip(path, what)
+        return
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(9)
+    n = int.from_bytes(head[:8], "little") if len(head) == 9 else -1
+    if n < 2 or head[8:9] != b"{" or 8 + n > size:
+        raise ValueError(f"{what} is not a complete .safetensors file (bad or truncated header). Delete "
+                         "it and download it again.")
+
+
 def public_mode(fd: int) -> None:
     """Gives a mkstemp file (created 0600) the mode a normal open() would: 0666 minus the umask."""
     mask = os.umask(0o022)
@@ -229,7 +268,7 @@ def verify_cached(path: str | os.PathLike, *, full: bool = True, url: str | None
     fix = (f"Delete {path} (and {side.name}) or pass force_download=True to load_checkpoint to fetch "
            "it again.")
     if not side.exists():
-        check_zip(path, f"cached file {path}")
+        check_download(path, path.name, f"cached file {path}")
         _write_sidecar(path, url, path.stat().st_size, sha256_file(path))
         return
     try:
@@ -307,7 +346,7 @@ def download(url: str, dest: str | os.PathLike, *, progress: bool = True, timeou
             raise DownloadError(f"download of {url} is truncated: received {received} of {total} bytes. "
                                 f"Try again. {_manual_hint(url)}")
         try:
-            check_zip(tmp, f"the file downloaded from {url}")
+            check_download(tmp, dest.name, f"the file downloaded from {url}")
         except ValueError as e:
             raise DownloadError(f"{e} {_manual_hint(url)}") from None
         os.replace(tmp, dest)

@@ -273,7 +273,28 @@ def load(path: str | os.PathLike, *, config: SwinConfig | None = None, head: str
     adapted to `config` when given (see `adapt_to_config`)."""
     from jax_peft.torch_io import read_state_dict
 
+    if config is not None and not isinstance(config, SwinConfig):
+        raise TypeError(f"{os.fspath(path)} holds PyTorch weights, read as a Swin Transformer: pass a "
+                        f"SwinConfig (jax_peft.swin_config(...)), not a {type(config).__name__}")
     params = from_state_dict(read_state_dict(path), dtype=dtype)
     if config is not None:
         params = adapt_to_config(params, config, head=head)  # type: ignore[arg-type]
     return params
+
+
+def save(path: str | os.PathLike, params: Tree, *, layout: Literal["timm", "microsoft"] = "timm") -> str:
+    """Writes a plain Swin tree as PyTorch weights, atomically: `.safetensors` or `.pth` (a bare
+    state dict, `torch.load(path, weights_only=True)` reads it), float32, timm's layout by default.
+    `load_checkpoint` reads the file back to the same tree."""
+    from jax_peft import torch_io
+
+    path = os.fspath(os.path.expanduser(os.fspath(path)))
+    sd = to_state_dict(params, layout=layout)
+    if path.endswith(".safetensors"):
+        torch_io.save_safetensors(path, sd)
+    elif path.endswith((".pth", ".pt")):
+        torch_io.save_pth(path, sd)
+    else:
+        raise ValueError(f"a Swin tree is saved as PyTorch weights: give {path!r} the suffix .safetensors "
+                         "or .pth (the Google .npz layout is for ViTs only)")
+    return path
