@@ -40,6 +40,8 @@ _EXPORTS = {
     "get_method": "jax_peft.methods.base",
     "method_names": "jax_peft.methods.base",
     "Method": "jax_peft.methods.base",
+    "register_method": "jax_peft.methods.base",
+    "sites": "jax_peft.sites",
     "from_official": "jax_peft.convert",
     "to_official": "jax_peft.convert",
     "paths": "jax_peft.paths",
@@ -58,7 +60,7 @@ _EXPORTS = {
     "default_config": "jax_peft.train.config",
     "method_config": "jax_peft.train.config",
 }
-_MODULES = {"paths", "data", "analysis", "swin"}
+_MODULES = {"paths", "data", "analysis", "sites", "swin"}
 
 # `merge` is both a submodule and the public function: import the function eagerly, so that a
 # later `import jax_peft.merge` (which finds the module in sys.modules) cannot rebind the name.

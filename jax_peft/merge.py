@@ -10,13 +10,18 @@ import jax.numpy as jnp
 from jax_peft.methods.base import Method
 
 
-def merge(params: Mapping[str, Any], method: Method, adapter: Mapping[str, Any]) -> dict:
-    """A plain parameter tree (same structure as `params`, no adapter leaves) whose eval logits
-    equal `model.apply({"params": method.apply(params, adapter)}, ...)`.
+def merge(params: Mapping[str, Any], method: Method, adapter: Mapping[str, Any], *,
+          spec: Mapping[str, Any] | None = None) -> dict:
+    """A plain parameter tree (same structure as `params`, no adapter left) whose eval logits equal
+    `model.apply({"params": method.apply(params, adapter)}, ...)`.
 
-    The merge is computed in float32 whatever the dtypes of `params` and `adapter`, and the result
-    is float32, ready for `jax_peft.save_checkpoint`.
+    Every leaf is computed and returned in the wider of float32 and its own dtype: float32 trees stay
+    float32 (ready for `jax_peft.save_checkpoint`), bfloat16 trees are merged and returned in float32,
+    float64 trees (jax x64) stay float64. The adapter must fit `params` and the method's options
+    (`jax_peft.methods.base.check_adapter`, one error listing every mismatch); `spec` (the
+    `method.spec()` recorded with the adapter) additionally refuses a method with other hyper-parameters.
     """
-    f32 = lambda t: jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), t)
-    merged = jax.jit(lambda p, a: method.apply(p, a))(f32(params), f32(adapter))
-    return jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.float32), merged)
+    if spec is not None:
+        method.check_spec(spec)
+    wide = lambda t: jax.tree_util.tree_map(lambda x: jnp.asarray(x, jnp.promote_types(jnp.result_type(x), jnp.float32)), t)
+    return jax.jit(lambda p, a: method.apply(p, a))(wide(params), wide(adapter))
