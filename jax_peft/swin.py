@@ -371,7 +371,23 @@ class PatchMerging(nn.Module):
         x = x.reshape(b, r, r, d)
         x = jnp.concatenate([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], -1)
         x = _norm("norm", self.dtype)(x.reshape(b, (r // 2) ** 2, 4 * d))
-        return nn.Dense(2 * d, use_bias=False, dtype=self.dtype, name="reduction")(x)
+        return _Reduction(2 * d, self.dtype, name="reduction")(x)
+
+
+class _Reduction(nn.Module):
+    """The merging's bias-free Linear; a `bias` leaf is used when the tree has one (RLRR's Swin
+    variant gives the reduction a bias shift, which stays in its merged tree)."""
+
+    features: int
+    dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: Array) -> Array:
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features))
+        y = jnp.dot(x, kernel.astype(self.dtype))
+        if self.has_variable("params", "bias"):
+            y = y + self.get_variable("params", "bias").astype(self.dtype)
+        return y
 
 
 class PatchEmbed(nn.Module):
@@ -452,6 +468,55 @@ def param_shapes(config: SwinConfig) -> dict:
 def is_swin_params(params: Mapping[str, Any]) -> bool:
     """True for a canonical Swin tree (has patch_embed and layers_0)."""
     return isinstance(params, Mapping) and "patch_embed" in params and "layers_0" in params
+
+
+def swin_sites(params: Mapping[str, Any]) -> list:
+    """Sites (`jax_peft.sites.Site`) of a canonical Swin tree, in forward order: "patch" (the conv),
+    "patch_norm"; per stage i and block j (global block index g, stage i) "stage{i}/block{j}/ln1"
+    (norm1), "qkv" (the fused projection, its own kernel (D, 3D), columns q | k | v), "o" (proj),
+    "ln2", "fc1", "fc2"; per merging "stage{i}/merge_norm" and "stage{i}/merge" (the reduction,
+    bias-free unless the tree has one); "final_norm". No site has an activation-form hook."""
+    from jax_peft.sites import Site
+
+    def shape(path: str) -> tuple[int, ...]:
+        return tuple(int(n) for n in np.shape(_get(params, path)))
+
+    def norm(name: str, node: str, block: int | None, stage: int | None) -> Site:
+        d = shape(f"{node}/scale")[-1]
+        return Site(name, "norm", node, f"{node}/scale", f"{node}/bias", d, d, block=block, stage=stage)
+
+    def linear(name: str, kind: str, node: str, block: int | None, stage: int) -> Site:
+        k = shape(f"{node}/kernel")
+        bias = f"{node}/bias" if "bias" in _get(params, node) else None
+        return Site(name, kind, node, f"{node}/kernel", bias, int(np.prod(k[:-1])), k[-1], block=block, stage=stage)
+
+    out = [dataclasses.replace(linear("patch", "patch", "patch_embed/proj", None, 0), stage=None),
+           norm("patch_norm", "patch_embed/norm", None, None)]
+    stages = sorted((k for k in params if re.fullmatch(r"layers_\d+", k)), key=lambda k: int(k[7:]))
+    g = 0
+    for i, st in enumerate(stages):
+        blocks = sorted((k for k in params[st] if re.fullmatch(r"blocks_\d+", k)), key=lambda k: int(k[7:]))
+        for j, blk in enumerate(blocks):
+            b, pre = f"{st}/{blk}", f"stage{i}/block{j}"
+            out += [norm(f"{pre}/ln1", f"{b}/norm1", g, i),
+                    linear(f"{pre}/qkv", "qkv", f"{b}/attn/qkv", g, i),
+                    linear(f"{pre}/o", "o", f"{b}/attn/proj", g, i),
+                    norm(f"{pre}/ln2", f"{b}/norm2", g, i),
+                    linear(f"{pre}/fc1", "fc1", f"{b}/mlp/fc1", g, i),
+                    linear(f"{pre}/fc2", "fc2", f"{b}/mlp/fc2", g, i)]
+            g += 1
+        if "downsample" in params[st]:
+            out += [norm(f"stage{i}/merge_norm", f"{st}/downsample/norm", None, i),
+                    linear(f"stage{i}/merge", "merge", f"{st}/downsample/reduction", None, i)]
+    out.append(norm("final_norm", "norm", None, None))
+    return out
+
+
+def _get(tree: Mapping[str, Any], path: str) -> Any:
+    node: Any = tree
+    for part in path.split("/"):
+        node = node[part]
+    return node
 
 
 # checkpoint conversion lives in jax_peft.swin_checkpoint (it imports this module); offered here too

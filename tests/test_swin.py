@@ -143,11 +143,25 @@ def test_state_dict_errors_name_the_problem():
         jax_peft.swin_config("Swin-B", image_size=256)
 
 
+# trainable counts without the head of the official Swin variants (issue 14; EFFT: released setters,
+# Swin-B rank 4, MLP (2, 4); Swin-S (4, (4, 8)); Swin-L (8, (8, 16)); (4, (4, 8)) on Swin-B is the paper's 0.49M)
+METHOD_COUNTS = {
+    "Swin-B": {("rlrr_swin", ()): 358_144, ("efft_swin", ()): 291_728, ("efft_swin", (("mlp_rank", (4, 8)),)): 497_792},
+    "Swin-S": {("efft_swin", (("mlp_rank", (4, 8)),)): 378_112},
+    "Swin-L": {("efft_swin", (("rank", 8), ("mlp_rank", (8, 16)))): 1_512_448},
+    "Swin-T": {},
+}
+
+
 @pytest.mark.parametrize("name", sorted(SWIN_COUNTS))
 def test_named_parameter_counts(name):
     cfg = jax_peft.swin_config(name)
     assert (cfg.patch_size, cfg.window_size, cfg.image_size, cfg.num_classes) == (4, 7, 224, 1000)
-    assert paths.count(jax_peft.swin.param_shapes(cfg)) == SWIN_COUNTS[name]
+    shapes = jax_peft.swin.param_shapes(cfg)
+    assert paths.count(shapes) == SWIN_COUNTS[name]
+    for (method, hp), count in METHOD_COUNTS[name].items():
+        m = jax_peft.get_method(method, **dict(hp))
+        assert paths.count(jax.eval_shape(lambda p: m.init(jax.random.PRNGKey(0), p), shapes)) == count, (method, hp)
 
 
 def test_named_configs_at_384_and_aliases():

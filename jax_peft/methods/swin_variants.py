@@ -1,0 +1,309 @@
+"""The official Swin variants of RLRR and EFFT, over the Swin's sites (`jax_peft.swin.swin_sites`).
+
+RLRR on Swin ("rlrr_swin"; zstarN70/RLRR `models/swin.py`). Rescaled linears, each
+`K ⊙ (1 + s_in s_outᵀ)` and bias + f: the FUSED qkv (so q, k and v share one input-side scale
+s_in), proj, fc1, fc2 of every block and every patch-merging reduction. The reduction has no bias
+of its own: its bias is f alone, so `apply` / `merge` give the tree a `layers_i/downsample/reduction/
+bias` leaf (which the Swin model uses; timm's SwinTransformer has no such parameter). SSF (γ, β)
+after norm1 and norm2 of every block and after the final norm; the patch embedding, the merging
+norms and the bias tables are not adapted. Init as on the ViT (kaiming-uniform scales, f = 0, SSF
+N(1, .02²) / N(0, .02²)). Adapter leaves mirror the tree: `<linear node>/{s_in, s_out, f}` and
+`<norm node>/{ssf_scale, ssf_shift}`. Swin-B count (no head) 358,144.
+
+EFFT on Swin ("efft_swin"; Dongping-Chen/EFFT-EFfective-Factor-Tuning `methods/Set_EFFT.py`). Per
+stage i, factors shared by every block of the stage (adapter `layers_i/efft/...`, official
+`EFFT_{i+1}_...`, same layouts):
+
+    attn_u (D_i, r_i), attn_c (4, r_i, r_i), attn_v (r_i, D_i):   ΔQ|ΔK|ΔV|ΔO = u c[j] v
+    mlp_u (D_i, a_i), mlp_c (L_i, a_i, b_i), mlp_v (b_i, 4 D_i):    Δfc1 = u c[0] v, Δfc2 = (u c[1] v)ᵀ
+
+each added with scale s to qkv (columns q | k | v), proj, fc1 and fc2 of every block of the stage.
+Only c[0] and c[1] of the MLP core are read (the other L_i - 2 slices are allocated and counted, as
+released, and never get a gradient). Ranks double per stage from `rank` and `mlp_rank`: the released
+Swin-B setter uses rank 4, mlp_rank (2, 4) (count 291,728); its Swin-S and Swin-L setters (4, (4, 8))
+and (8, (8, 16)) give 378,112 and 1,512,448, and (4, (4, 8)) on Swin-B gives 497,792, the paper's
+0.49M. Init: v = 0, u and c xavier-uniform. The official training dropout on the factor entries
+is not implemented for Swin here (eval / merge are exact).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Any, ClassVar, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jax_peft import paths
+from jax_peft import sites as sites_lib
+from jax_peft.methods import edits as edits_lib
+from jax_peft.methods import lowrank as lr
+from jax_peft.methods import rescale
+from jax_peft.methods.base import Method, check_adapter, check_number, check_positive_int
+from jax_peft.methods.edits import LowRank, OutputAffine, Rescale
+from jax_peft.sites import Site
+
+Tree = Mapping[str, Any]
+_RESCALED = ("qkv", "o", "fc1", "fc2", "merge")
+_OFFICIAL_LEAF = {"s_in": "scale_col", "s_out": "scale_line", "f": "shift_bias"}
+
+
+def _require_swin(params: Tree, method: str) -> dict[str, Site]:
+    if not sites_lib._is_swin(params):
+        raise ValueError(f"{method} is the Swin Transformer variant; for a ViT use "
+                         f"get_method({method.removesuffix('_swin')!r})")
+    return sites_lib.sites(params)
+
+
+def torch_name(node: str) -> str:
+    """'layers_0/blocks_1/attn/qkv' -> 'layers.0.blocks.1.attn.qkv'."""
+    return re.sub(r"(layers|blocks)_(\d+)", r"\1.\2", node).replace("/", ".")
+
+
+def _tree_node(name: str) -> str:
+    """Inverse of `torch_name`."""
+    return re.sub(r"(layers|blocks)\.(\d+)", r"\1_\2", name).replace(".", "/")
+
+
+def with_merge_bias(params: Tree) -> dict:
+    """`params` with a zero `bias` beside every patch-merging reduction that has none."""
+    flat = dict(paths.flatten(params))
+    for k, v in list(flat.items()):
+        m = re.fullmatch(r"(layers_\d+/downsample/reduction)/kernel", k)
+        if m and f"{m.group(1)}/bias" not in flat:
+            flat[f"{m.group(1)}/bias"] = jnp.zeros(np.shape(v)[-1:], jnp.result_type(v))
+    return paths.unflatten(flat)
+
+
+@dataclasses.dataclass(frozen=True)
+class RLRRSwin(Method):
+    """RLRR's official Swin variant (module docstring). Hyper-parameter `init`: "official" or
+    "identity" (s_out = 0, γ = 1, β = 0: the pretrained function at step 0)."""
+
+    init_scheme: str = "official"
+
+    name: ClassVar[str] = "rlrr_swin"
+    head_init: ClassVar[str] = "zeros"
+    hparam_aliases: ClassVar[Mapping[str, str]] = {"init": "init_scheme"}
+    edit_kinds: ClassVar[tuple[type, ...]] = (Rescale, OutputAffine)
+
+    def __post_init__(self):
+        if self.init_scheme not in ("official", "identity"):
+            raise ValueError(f"rlrr_swin: unknown init {self.init_scheme!r}; use 'official' or 'identity'")
+
+    def select(self, params: Tree) -> list[Site]:
+        """Rescaled linears (qkv, o, fc1, fc2, merge) and the SSF norms (ln1, ln2, final_norm)."""
+        return [s for s in _require_swin(params, self.name).values()
+                if s.kind in _RESCALED or s.name == "final_norm" or s.local in ("ln1", "ln2")]
+
+    def init(self, rng: jax.Array, params: Tree) -> dict:
+        chosen = self.select(params)
+        identity = self.init_scheme == "identity"
+        flat: dict[str, Any] = {}
+        for key, s in zip(jax.random.split(rng, len(chosen)), chosen):
+            if s.kind in _RESCALED:
+                k1, k2 = jax.random.split(key)
+                flat[f"{s.node}/s_in"] = rescale.kaiming_uniform(k1, (s.d_in,), s.d_in)
+                flat[f"{s.node}/s_out"] = (jnp.zeros((s.d_out,), jnp.float32) if identity
+                                           else rescale.kaiming_uniform(k2, (s.d_out,), 1))
+                flat[f"{s.node}/f"] = jnp.zeros((s.d_out,), jnp.float32)
+            else:
+                ssf = rescale.ssf_init(key, s.d_out, identity)
+                flat[f"{s.node}/ssf_scale"], flat[f"{s.node}/ssf_shift"] = ssf["scale"], ssf["shift"]
+        return paths.unflatten(flat)
+
+    def edits(self, params: Tree, adapter: Tree, *, rng: jax.Array | None = None) -> dict[str, Any]:
+        by_node = {s.node: s for s in self.select(params)}
+        out = {}
+        for node, lv in paths.group_by_node(adapter).items():
+            if node not in by_node:
+                raise ValueError(f"rlrr_swin: the adapter has a location {node!r} that this Swin does not "
+                                 "adapt; build the adapter with method.init for this model")
+            s = by_node[node]
+            out[s.name] = (Rescale(lv["s_in"], lv["s_out"], lv["f"]) if s.kind in _RESCALED
+                           else OutputAffine(lv["ssf_scale"], lv["ssf_shift"]))
+        return out
+
+    def apply(self, params: Tree, adapter: Tree, *, rng: jax.Array | None = None) -> dict:
+        """The weight form; the merging reductions gain a bias (their shift f)."""
+        check_adapter(self, params, adapter)
+        params = with_merge_bias(params)
+        return edits_lib.apply_edits(params, self.edits(params, adapter))
+
+    def summary(self) -> str:
+        return ("rlrr_swin: K ⊙ (1 + s_in s_outᵀ) and a bias shift on the fused qkv, proj, fc1, fc2 and every "
+                "patch-merging reduction; SSF after norm1, norm2 and the final norm (Swin-B: 358,144). Folds "
+                "exactly into the weights (the reductions gain a bias).")
+
+    def from_official(self, state_dict: Mapping[str, Any], params: Tree | None = None) -> dict:
+        """Adapter from the official names (`layers.0.blocks.0.attn.qkv.scale_col` (1, in),
+        `scale_line` (out, 1), `shift_bias` (1, out), `layers.0.blocks.0.ssf_scale_norm1` (D,),
+        `ssf_scale_encode_norm`); needs `params` (the Swin tree). Other tensors are ignored."""
+        if params is None:
+            raise ValueError("rlrr_swin: from_official needs params=the Swin parameter tree")
+        sd = {re.sub(r"^module\.", "", k): v for k, v in state_dict.items()}
+        problems, flat = [], {}
+        for s in self.select(params):
+            leaves = ("s_in", "s_out", "f") if s.kind in _RESCALED else ("ssf_scale", "ssf_shift")
+            for leaf in leaves:
+                name = official_rlrr_name(s, leaf)
+                want = s.d_in if leaf == "s_in" else s.d_out
+                if name not in sd:
+                    problems.append(f"missing {name}")
+                elif np.size(sd[name]) != want:
+                    problems.append(f"{name} has {np.size(sd[name])} entries, expected {want}")
+                else:
+                    flat[f"{s.node}/{leaf}"] = jnp.asarray(np.asarray(sd[name]).reshape(-1),
+                                                           jax.dtypes.canonicalize_dtype(np.float64))
+        if problems:
+            raise ValueError(f"rlrr_swin: the state dict does not match this Swin ({len(problems)} problem(s)): "
+                             + "; ".join(problems[:12]) + (" ..." if len(problems) > 12 else ""))
+        return paths.unflatten(flat)
+
+    def to_official(self, tree: Tree) -> dict[str, np.ndarray]:
+        """Flat {official name: array} of an adapter (or its gradient); a {"adapter", "head"} tree
+        also gives `head.weight` (C, D) / `head.bias`."""
+        out: dict[str, np.ndarray] = {}
+        adapter = tree
+        if set(tree) == {"adapter", "head"}:
+            adapter = tree["adapter"]
+            out["head.weight"] = np.asarray(tree["head"]["kernel"]).T
+            out["head.bias"] = np.asarray(tree["head"]["bias"])
+        for node, leaves in paths.group_by_node(adapter).items():
+            for leaf, v in leaves.items():
+                v = np.asarray(v)
+                if leaf in _OFFICIAL_LEAF:
+                    shape = (v.size, 1) if leaf == "s_out" else (1, v.size)
+                    out[f"{torch_name(node)}.{_OFFICIAL_LEAF[leaf]}"] = v.reshape(shape)
+                else:
+                    out[_official_ssf(node, leaf)] = v
+        return out
+
+
+def _official_ssf(node: str, leaf: str) -> str:
+    kind = leaf.split("_")[1]  # scale | shift
+    if node == "norm":
+        return f"ssf_{kind}_encode_norm"
+    block, _, norm = torch_name(node).rpartition(".")
+    return f"{block}.ssf_{kind}_{norm}"
+
+
+def official_rlrr_name(site: Site, leaf: str) -> str:
+    if leaf in _OFFICIAL_LEAF:
+        return f"{torch_name(site.node)}.{_OFFICIAL_LEAF[leaf]}"
+    return _official_ssf(site.node, leaf)
+
+
+# ----------------------------------------------------------------------------------------- EFFT
+@dataclasses.dataclass(frozen=True)
+class EFFTSwin(Method):
+    """EFFT's official Swin variant (module docstring): stage-shared factors, ranks doubling per
+    stage from `rank` (attention) and `mlp_rank` (a, b); scale `scale`."""
+
+    rank: int = 4
+    mlp_rank: tuple[int, int] = (2, 4)
+    scale: float = 1.0
+    growth: int = 2
+
+    name: ClassVar[str] = "efft_swin"
+    head_init: ClassVar[str] = "torch_linear"
+    edit_kinds: ClassVar[tuple[type, ...]] = (LowRank,)
+
+    def __post_init__(self):
+        check_positive_int(self.rank, "rank", self.name)
+        check_positive_int(self.growth, "growth", self.name)
+        mlp = tuple(int(x) for x in self.mlp_rank)
+        if len(mlp) != 2 or min(mlp) < 1:
+            raise ValueError(f"efft_swin: mlp_rank must be two positive ranks (a, b), got {self.mlp_rank!r}")
+        object.__setattr__(self, "mlp_rank", mlp)
+        check_number(self.scale, "scale", self.name)
+
+    def _stages(self, params: Tree) -> dict[int, list[Site]]:
+        out: dict[int, list[Site]] = {}
+        for s in _require_swin(params, self.name).values():
+            if s.block is not None and s.kind in ("qkv", "o", "fc1", "fc2"):
+                out.setdefault(s.stage, []).append(s)
+        return out
+
+    def ranks(self, stage: int) -> tuple[int, int, int]:
+        g = self.growth**stage
+        return self.rank * g, self.mlp_rank[0] * g, self.mlp_rank[1] * g
+
+    def init(self, rng: jax.Array, params: Tree) -> dict:
+        flat = {}
+        for i, sts in self._stages(params).items():
+            d = sts[0].d_in
+            m = next(s.d_out for s in sts if s.kind == "fc1")
+            depth = len({s.block for s in sts})
+            r, a, b = self.ranks(i)
+            k = jax.random.split(jax.random.fold_in(rng, i), 4)
+            node = f"layers_{i}/efft"
+            flat[f"{node}/attn_u"] = lr.xavier_uniform(k[0], (d, r))
+            flat[f"{node}/attn_c"] = lr.xavier_uniform(k[1], (4, r, r))
+            flat[f"{node}/attn_v"] = jnp.zeros((r, d), jnp.float32)
+            flat[f"{node}/mlp_u"] = lr.xavier_uniform(k[2], (d, a))
+            flat[f"{node}/mlp_c"] = lr.xavier_uniform(k[3], (depth, a, b))
+            flat[f"{node}/mlp_v"] = jnp.zeros((b, m), jnp.float32)
+        return paths.unflatten(flat)
+
+    def edits(self, params: Tree, adapter: Tree, *, rng: jax.Array | None = None) -> dict[str, Any]:
+        out = {}
+        for i, sts in self._stages(params).items():
+            f = adapter[f"layers_{i}"]["efft"]
+            u, c, v = f["attn_u"], f["attn_c"], f["attn_v"]
+            mu, mc, mv = f["mlp_u"], f["mlp_c"], f["mlp_v"]
+            for s in sts:
+                if s.kind == "qkv":
+                    out[s.name] = LowRank((u, jnp.concatenate([c[0] @ v, c[1] @ v, c[2] @ v], axis=1)), self.scale)
+                elif s.kind == "o":
+                    out[s.name] = LowRank((u, c[3], v), self.scale)
+                elif s.kind == "fc1":
+                    out[s.name] = LowRank((mu, mc[0], mv), self.scale)
+                else:
+                    out[s.name] = LowRank((mv.T, mc[1].T, mu.T), self.scale)
+        return out
+
+    def summary(self) -> str:
+        return (f"efft_swin: per stage i, factors shared by its blocks, attention rank {self.rank}·{self.growth}^i "
+                f"and MLP ranks {self.mlp_rank}·{self.growth}^i, scale {self.scale} (released Swin-B: 291,728).")
+
+    def from_official(self, state_dict: Mapping[str, Any], params: Tree | None = None) -> dict:
+        """Adapter from `EFFT_{i+1}_{attn,mlp}_{u,c,v}` (same layouts); needs `params`."""
+        if params is None:
+            raise ValueError("efft_swin: from_official needs params=the Swin parameter tree")
+        sd = {re.sub(r"^module\.", "", k): v for k, v in state_dict.items()}
+        want = paths.flatten(jax.eval_shape(lambda p: self.init(jax.random.PRNGKey(0), p), params))
+        problems, flat = [], {}
+        for path, spec in want.items():
+            name = _efft_official(path)
+            if name not in sd:
+                problems.append(f"missing {name}")
+            elif tuple(np.shape(sd[name])) != tuple(spec.shape):
+                problems.append(f"{name} has shape {np.shape(sd[name])}, expected {tuple(spec.shape)}")
+            else:
+                flat[path] = jnp.asarray(sd[name], jax.dtypes.canonicalize_dtype(np.float64))
+        if problems:
+            raise ValueError(f"efft_swin: the state dict does not match these ranks and this Swin: "
+                             + "; ".join(problems[:12]) + ". Check rank, mlp_rank and growth.")
+        return paths.unflatten(flat)
+
+    def to_official(self, tree: Tree) -> dict[str, np.ndarray]:
+        out: dict[str, np.ndarray] = {}
+        adapter = tree
+        if set(tree) == {"adapter", "head"}:
+            adapter = tree["adapter"]
+            out["head.weight"] = np.asarray(tree["head"]["kernel"]).T
+            out["head.bias"] = np.asarray(tree["head"]["bias"])
+        for path, v in paths.flatten(adapter).items():
+            out[_efft_official(path)] = np.asarray(v)
+        return out
+
+
+def _efft_official(path: str) -> str:
+    """'layers_0/efft/attn_u' -> 'EFFT_1_attn_u'."""
+    m = re.fullmatch(r"layers_(\d+)/efft/((?:attn|mlp)_[ucv])", path)
+    if not m:
+        raise ValueError(f"{path!r} is not an efft_swin adapter leaf (layers_i/efft/{{attn,mlp}}_{{u,c,v}})")
+    return f"EFFT_{int(m.group(1)) + 1}_{m.group(2)}"
