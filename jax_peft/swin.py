@@ -37,7 +37,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
-from typing import Any, Literal, Mapping
+from collections.abc import Mapping
+from typing import Any, Literal
 
 import flax.linen as nn
 import jax
@@ -139,7 +140,7 @@ class SwinConfig:
         """Shift of the odd blocks of stage i: w // 2, or 0 when the window covers the whole grid."""
         return 0 if self.stage_resolution(i) <= self.window_size else self.window_size // 2
 
-    def replace(self, **changes: Any) -> "SwinConfig":
+    def replace(self, **changes: Any) -> SwinConfig:
         return dataclasses.replace(self, **changes)
 
 
@@ -241,7 +242,7 @@ def _infer_fields(params: Mapping[str, Any], image_size: int | None) -> dict[str
 # ------------------------------------------------------------------------------ static structure
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def relative_position_index(window: int) -> np.ndarray:
     """(w², w²) int: row of the bias table for query i, key j of a window, tokens row-major:
     (Δrow + w - 1) · (2w - 1) + (Δcol + w - 1)."""
@@ -263,7 +264,7 @@ def window_reverse(windows: Array, window: int, h: int, w: int) -> Array:
     return x.reshape(-1, h, w, c)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def shift_mask(resolution: int, window: int, shift: int) -> np.ndarray:
     """(nW, w², w²) additive mask of the shifted windows: 0 where two tokens come from the same
     region of the rolled grid (bands [0, H - w), [H - w, H - s), [H - s, H) per axis), else -100."""

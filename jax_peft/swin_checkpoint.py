@@ -21,13 +21,20 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Any, Literal, Mapping
+from collections.abc import Mapping
+from typing import Any, Literal
 
 import numpy as np
 
 from jax_peft import paths
-from jax_peft.swin import SwinConfig, is_swin_params, param_shapes, relative_position_index, shift_mask
-from jax_peft.swin import swin_config
+from jax_peft.swin import (
+    SwinConfig,
+    is_swin_params,
+    param_shapes,
+    relative_position_index,
+    shift_mask,
+    swin_config,
+)
 
 Tree = Mapping[str, Any]
 BUFFERS = ("relative_position_index", "attn_mask")

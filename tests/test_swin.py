@@ -17,17 +17,17 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import DATA
 
 import jax_peft
 from jax_peft import paths
-from conftest import DATA
 
 # parameters with a 1000-class head (jax.eval_shape of the named configs at their native size);
 # the published figures are 28.3M, 49.6M, 87.8M and 197M
 SWIN_COUNTS = {"Swin-T": 28_288_354, "Swin-S": 49_606_258, "Swin-B": 87_768_224, "Swin-L": 196_532_476}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _golden() -> dict:
     z = np.load(DATA / "swin" / "plain.npz")
     return {k: z[k] for k in z.files}
@@ -161,7 +161,8 @@ def test_named_parameter_counts(name):
     assert paths.count(shapes) == SWIN_COUNTS[name]
     for (method, hp), count in METHOD_COUNTS[name].items():
         m = jax_peft.get_method(method, **dict(hp))
-        assert paths.count(jax.eval_shape(lambda p: m.init(jax.random.PRNGKey(0), p), shapes)) == count, (method, hp)
+        assert paths.count(jax.eval_shape(lambda p, m=m: m.init(jax.random.PRNGKey(0), p), shapes)) == count, (
+            method, hp)
 
 
 def test_named_configs_at_384_and_aliases():
@@ -224,7 +225,7 @@ def test_train_mode_drop_path_bf16_and_remat():
     @jax.jit
     def run(p, key):
         ev = model.apply({"params": p}, x, train=False)
-        train = lambda q: model.apply({"params": q}, x, train=True, rngs={"dropout": key})  # noqa: E731
+        train = lambda q: model.apply({"params": q}, x, train=True, rngs={"dropout": key})
         out, vjp = jax.vjp(train, p)
         return ev, out, vjp(jnp.ones_like(out))[0]
 

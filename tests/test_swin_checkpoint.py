@@ -9,10 +9,10 @@ import zipfile
 
 import numpy as np
 import pytest
+from conftest import DATA
 
 import jax_peft
 from jax_peft import download, paths, torch_io
-from conftest import DATA
 
 
 def _microsoft_state_dict() -> dict[str, np.ndarray]:

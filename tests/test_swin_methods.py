@@ -13,13 +13,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import DATA
 
 import jax_peft
 from jax_peft import paths
-from conftest import DATA
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _load(name: str) -> dict:
     z = np.load(DATA / "swin" / f"{name}.npz")
     p = np.load(DATA / "swin" / "plain.npz")

@@ -30,7 +30,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, ClassVar, Mapping
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -40,9 +41,14 @@ from jax_peft import paths
 from jax_peft import sites as sites_lib
 from jax_peft.methods import edits as edits_lib
 from jax_peft.methods import lowrank as lr
-from jax_peft.methods import rescale
-from jax_peft.methods.base import Method, check_adapter, check_number, check_positive_int
+from jax_peft.methods.base import (
+    Method,
+    check_adapter,
+    check_number,
+    check_positive_int,
+)
 from jax_peft.methods.edits import LowRank, OutputAffine, Rescale
+from jax_peft.methods.rlrr import init_leaves
 from jax_peft.sites import Site
 
 Tree = Mapping[str, Any]
@@ -99,20 +105,7 @@ class RLRRSwin(Method):
                 if s.kind in _RESCALED or s.name == "final_norm" or s.local in ("ln1", "ln2")]
 
     def init(self, rng: jax.Array, params: Tree) -> dict:
-        chosen = self.select(params)
-        identity = self.init_scheme == "identity"
-        flat: dict[str, Any] = {}
-        for key, s in zip(jax.random.split(rng, len(chosen)), chosen):
-            if s.kind in _RESCALED:
-                k1, k2 = jax.random.split(key)
-                flat[f"{s.node}/s_in"] = rescale.kaiming_uniform(k1, (s.d_in,), s.d_in)
-                flat[f"{s.node}/s_out"] = (jnp.zeros((s.d_out,), jnp.float32) if identity
-                                           else rescale.kaiming_uniform(k2, (s.d_out,), 1))
-                flat[f"{s.node}/f"] = jnp.zeros((s.d_out,), jnp.float32)
-            else:
-                ssf = rescale.ssf_init(key, s.d_out, identity)
-                flat[f"{s.node}/ssf_scale"], flat[f"{s.node}/ssf_shift"] = ssf["scale"], ssf["shift"]
-        return paths.unflatten(flat)
+        return init_leaves(rng, self.select(params), self.init_scheme == "identity", _RESCALED)
 
     def edits(self, params: Tree, adapter: Tree, *, rng: jax.Array | None = None) -> dict[str, Any]:
         by_node = {s.node: s for s in self.select(params)}
@@ -165,12 +158,7 @@ class RLRRSwin(Method):
     def to_official(self, tree: Tree) -> dict[str, np.ndarray]:
         """Flat {official name: array} of an adapter (or its gradient); a {"adapter", "head"} tree
         also gives `head.weight` (C, D) / `head.bias`."""
-        out: dict[str, np.ndarray] = {}
-        adapter = tree
-        if set(tree) == {"adapter", "head"}:
-            adapter = tree["adapter"]
-            out["head.weight"] = np.asarray(tree["head"]["kernel"]).T
-            out["head.bias"] = np.asarray(tree["head"]["bias"])
+        adapter, out = _split_head(tree)
         for node, leaves in paths.group_by_node(adapter).items():
             for leaf, v in leaves.items():
                 v = np.asarray(v)
@@ -180,6 +168,14 @@ class RLRRSwin(Method):
                 else:
                     out[_official_ssf(node, leaf)] = v
         return out
+
+
+def _split_head(tree: Tree) -> tuple[Tree, dict[str, np.ndarray]]:
+    """(adapter, {head.weight (C, D), head.bias}) of a {"adapter", "head"} tree; (tree, {}) otherwise."""
+    if set(tree) != {"adapter", "head"}:
+        return tree, {}
+    return tree["adapter"], {"head.weight": np.asarray(tree["head"]["kernel"]).T,
+                             "head.bias": np.asarray(tree["head"]["bias"])}
 
 
 def _official_ssf(node: str, leaf: str) -> str:
@@ -285,17 +281,12 @@ class EFFTSwin(Method):
             else:
                 flat[path] = jnp.asarray(sd[name], jax.dtypes.canonicalize_dtype(np.float64))
         if problems:
-            raise ValueError(f"efft_swin: the state dict does not match these ranks and this Swin: "
+            raise ValueError("efft_swin: the state dict does not match these ranks and this Swin: "
                              + "; ".join(problems[:12]) + ". Check rank, mlp_rank and growth.")
         return paths.unflatten(flat)
 
     def to_official(self, tree: Tree) -> dict[str, np.ndarray]:
-        out: dict[str, np.ndarray] = {}
-        adapter = tree
-        if set(tree) == {"adapter", "head"}:
-            adapter = tree["adapter"]
-            out["head.weight"] = np.asarray(tree["head"]["kernel"]).T
-            out["head.bias"] = np.asarray(tree["head"]["bias"])
+        adapter, out = _split_head(tree)
         for path, v in paths.flatten(adapter).items():
             out[_efft_official(path)] = np.asarray(v)
         return out
