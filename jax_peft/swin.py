@@ -475,8 +475,10 @@ def swin_sites(params: Mapping[str, Any]) -> list:
     """Sites (`jax_peft.sites.Site`) of a canonical Swin tree, in forward order: "patch" (the conv),
     "patch_norm"; per stage i and block j (global block index g, stage i) "stage{i}/block{j}/ln1"
     (norm1), "qkv" (the fused projection, its own kernel (D, 3D), columns q | k | v), "o" (proj),
-    "ln2", "fc1", "fc2"; per merging "stage{i}/merge_norm" and "stage{i}/merge" (the reduction,
-    bias-free unless the tree has one); "final_norm". No site has an activation-form hook."""
+    "ln2", "fc1", "fc2"; per merging "stage{i}/merge" (the reduction, bias-free unless the tree has
+    one; the merging's LayerNorm is not a site, as no official method adapts it, so the generic
+    stem/final-norm rules of SSF give its official Swin placements); "final_norm". No site has an
+    activation-form hook (the Swin trains in weight form)."""
     from jax_peft.sites import Site
 
     def shape(path: str) -> tuple[int, ...]:
@@ -506,9 +508,8 @@ def swin_sites(params: Mapping[str, Any]) -> list:
                     linear(f"{pre}/fc1", "fc1", f"{b}/mlp/fc1", g, i),
                     linear(f"{pre}/fc2", "fc2", f"{b}/mlp/fc2", g, i)]
             g += 1
-        if "downsample" in params[st]:
-            out += [norm(f"stage{i}/merge_norm", f"{st}/downsample/norm", None, i),
-                    linear(f"stage{i}/merge", "merge", f"{st}/downsample/reduction", None, i)]
+        if "downsample" in params[st]:  # its norm is not a site: no method adapts it
+            out.append(linear(f"stage{i}/merge", "merge", f"{st}/downsample/reduction", None, i))
     out.append(norm("final_norm", "norm", None, None))
     return out
 

@@ -105,6 +105,9 @@ def test_official_round_trip_and_init(name):
         assert not any(np.asarray(v).any() for k, v in paths.flatten(fresh).items() if k.endswith("_v"))
     with pytest.raises(ValueError, match="missing"):
         jax_peft.from_official(name, dict(list(g["adapter"].items())[1:]), params=params, **g["hp"])
+    if name == "rlrr":  # the ViT class refuses a Swin and names the variant
+        with pytest.raises(ValueError, match="rlrr_swin"):
+            jax_peft.get_method("rlrr").init(jax.random.PRNGKey(0), params)
     with pytest.raises(ValueError, match="Swin Transformer variant"):
         method.init(jax.random.PRNGKey(0), jax_peft.param_shapes(jax_peft.vit_config("ViT-Ti/16")))
 
@@ -119,3 +122,4 @@ def test_swin_sites():
     assert (s["stage1/block1/o"].block, s["stage1/block1/o"].stage) == (3, 1)
     assert s["stage0/merge"].kind == "merge" and s["stage0/merge"].shape == (128, 64) and s["stage0/merge"].bias is None
     assert s["patch"].shape == (48, 32) and "stage1/merge" not in s and s["final_norm"].shape == (64, 64)
+    assert not any("merge_norm" in n for n in s)  # no method adapts the merging norm

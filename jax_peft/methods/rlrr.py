@@ -154,6 +154,9 @@ class RLRR(Method):
     def select(self, params: Tree) -> list[Site]:
         """Adapted sites in init order: patch; per block its norms then its linears; final norm
         (raises when nothing is selected)."""
+        if sites_lib._is_swin(params):
+            raise ValueError("rlrr: this is a Swin Transformer; use get_method('rlrr_swin'), RLRR's official "
+                             "Swin variant (fused qkv, patch merging, no patch SSF)")
         all_sites = sites_lib.sites(params)
         blocks = set(select_blocks(all_sites, self.layers, self.name))
         chosen = []
