@@ -256,9 +256,13 @@ def adapt_to_config(params: Tree, config: SwinConfig, *, head: Literal["auto", "
 
 
 def validate_params(params: Tree, config: SwinConfig) -> None:
-    """Raises one ValueError listing every missing, unexpected and mis-shaped leaf against `config`."""
+    """Raises one ValueError listing every missing, unexpected and mis-shaped leaf against `config`
+    (an optional `bias` beside a merging reduction, as a merged RLRR Swin has, is allowed)."""
     expected = {k: tuple(v.shape) for k, v in paths.flatten(param_shapes(config)).items()}
     got = {k: tuple(np.shape(v)) for k, v in paths.flatten(params).items()}
+    for k in got:  # a merged RLRR Swin gives the merging reductions a bias (the model uses it)
+        if re.fullmatch(r"layers_\d+/downsample/reduction/bias", k) and k[:-4] + "kernel" in expected:
+            expected[k] = expected[k[:-4] + "kernel"][-1:]
     missing = [k for k in expected if k not in got]
     unexpected = [k for k in got if k not in expected]
     wrong = [f"{k}: got {got[k]}, expected {expected[k]}" for k in expected if k in got and got[k] != expected[k]]

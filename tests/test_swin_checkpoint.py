@@ -45,10 +45,14 @@ def test_microsoft_pth_loads_without_torch(tmp_path):
 @pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
 def test_save_checkpoint_round_trips_a_swin_tree(tmp_path, suffix):
     params = jax_peft.swin.from_state_dict(_microsoft_state_dict())
+    # a merged RLRR Swin has a bias beside the merging reduction: it round-trips and validates too
+    params["layers_0"]["downsample"]["reduction"]["bias"] = np.linspace(-1, 1, 64, dtype=np.float32)
     path = jax_peft.save_checkpoint(tmp_path / f"merged{suffix}", params)
     raw = torch_io.read_state_dict(path)
     assert "head.fc.weight" in raw and "layers.1.downsample.reduction.weight" in raw  # timm's layout
     _assert_same(jax_peft.load_checkpoint(path), params)
+    cfg = jax_peft.swin_config(params, image_size=32)
+    _assert_same(jax_peft.load_checkpoint(path, config=cfg), params)
     with pytest.raises(ValueError, match=".safetensors or .pth"):
         jax_peft.save_checkpoint(tmp_path / "merged.npz", params)
 
