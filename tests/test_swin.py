@@ -148,7 +148,8 @@ def test_state_dict_errors_name_the_problem():
 # Swin-B rank 4, MLP (2, 4); Swin-S (4, (4, 8)); Swin-L (8, (8, 16)); (4, (4, 8)) on Swin-B is the paper's 0.49M)
 METHOD_COUNTS = {
     "Swin-B": {("rlrr_swin", ()): 358_144, ("efft_swin", ()): 291_728, ("efft_swin", (("mlp_rank", (4, 8)),)): 497_792,
-               ("ssf", ()): 267_264, ("bitfit", ()): 137_216, ("linear", ()): 0},
+               ("ssf", ()): 267_264, ("bitfit", ()): 137_216, ("linear", ()): 0,
+               ("fact_tt_swin", (("rank", 16),)): 135_168},
     "Swin-S": {("efft_swin", (("mlp_rank", (4, 8)),)): 378_112},
     "Swin-L": {("efft_swin", (("rank", 8), ("mlp_rank", (8, 16)))): 1_512_448},
     "Swin-T": {},

@@ -123,3 +123,28 @@ def test_swin_sites():
     assert s["stage0/merge"].kind == "merge" and s["stage0/merge"].shape == (128, 64) and s["stage0/merge"].bias is None
     assert s["patch"].shape == (48, 32) and "stage1/merge" not in s and s["final_norm"].shape == (64, 64)
     assert not any("merge_norm" in n for n in s)  # no method adapts the merging norm
+
+
+def test_fact_tt_per_stage_increments():
+    """FacT-TT on a Swin (the paper's per-stage reading): stage pair U_i, V_i, per-block cores, the
+    increments of FacT-TT on the ViT (fused qkv = [U T_q V | U T_k V | U T_v V], chunked MLP)."""
+    cfg = jax_peft.swin_config(None, embed_dim=8, depths=(2, 2), num_heads=(1, 2), window_size=4, image_size=32,
+                               num_classes=3)
+    rng = np.random.default_rng(0)
+    params = paths.unflatten({k: rng.normal(size=v.shape).astype(np.float32)
+                              for k, v in paths.flatten(jax_peft.swin.param_shapes(cfg)).items()})
+    method = jax_peft.get_method("fact_tt_swin", rank=2, scale=0.5)
+    fresh = method.init(jax.random.PRNGKey(1), params)
+    assert paths.count(fresh) == 2 * 2 * (8 + 16) + 4 * 12 * 4  # 2r·ΣD_i + 12r²·L
+    eff0 = method.apply(params, fresh)  # V = 0: the pretrained function
+    np.testing.assert_array_equal(np.asarray(eff0["layers_1"]["blocks_0"]["attn"]["qkv"]["kernel"]),
+                                  params["layers_1"]["blocks_0"]["attn"]["qkv"]["kernel"])
+    ad = jax.tree_util.tree_map(lambda a: rng.normal(size=a.shape).astype(np.float32), fresh)
+    eff = method.apply(params, ad)
+    u, v, t = ad["layers_1"]["fact"]["U"], ad["layers_1"]["fact"]["V"], ad["layers_1"]["blocks_1"]["fact"]
+    blk, old = eff["layers_1"]["blocks_1"], params["layers_1"]["blocks_1"]
+    want = {"attn/qkv": np.concatenate([u @ t[x] @ v for x in "qkv"], 1), "attn/proj": u @ t["o"] @ v,
+            "mlp/fc1": u @ t["fc1"] @ np.kron(np.eye(4), v), "mlp/fc2": np.kron(np.eye(4), u) @ t["fc2"] @ v}
+    for name, delta in want.items():
+        got = np.asarray(paths.get(blk, f"{name}/kernel")) - paths.get(old, f"{name}/kernel")
+        np.testing.assert_allclose(got, 0.5 * delta, atol=1e-4 * np.abs(delta).max(), err_msg=name)

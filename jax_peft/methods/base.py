@@ -288,6 +288,7 @@ _REGISTRY: dict[str, str] = {
     "rlrr": "jax_peft.methods.rlrr:RLRR",
     "rlrr_swin": "jax_peft.methods.swin_variants:RLRRSwin",
     "efft_swin": "jax_peft.methods.swin_variants:EFFTSwin",
+    "fact_tt_swin": "jax_peft.methods.swin_variants:FacTTTSwin",
     "fact_tt": "jax_peft.methods.fact:FacTTT",
     "fact_tk": "jax_peft.methods.fact:FacTTK",
     "efft": "jax_peft.methods.efft:EFFT",

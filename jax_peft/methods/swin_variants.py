@@ -298,3 +298,71 @@ def _efft_official(path: str) -> str:
     if not m:
         raise ValueError(f"{path!r} is not an efft_swin adapter leaf (layers_i/efft/{{attn,mlp}}_{{u,c,v}})")
     return f"EFFT_{int(m.group(1)) + 1}_{m.group(2)}"
+
+
+# --------------------------------------------------------------------------------------- FacT-TT
+@dataclasses.dataclass(frozen=True)
+class FacTTTSwin(Method):
+    """FacT-TT on a Swin as the FacT paper describes it (no Swin code was released): per stage i a
+    pair U_i (D_i, r), V_i (r, D_i) (adapter `layers_i/fact/{U, V}`), and per block j its own cores
+    (`layers_i/blocks_j/fact/{q, k, v, o}` (r, r), `fc1` (r, 4r), `fc2` (4r, r)); increments as
+    FacT-TT on the ViT (`jax_peft.methods.fact`): qkv += s·U [T_q | T_k | T_v] V (V per rank-r
+    chunk), proj += s·U T_o V, fc1 += s·U T1 kron(I_4, V), fc2 += s·kron(I_4, U) T2 V. Count
+    2r·ΣD_i + 12r²·L (Swin-B, r = 16: 135,168, the paper's 0.135M). Init as FacT's: U PyTorch-Linear
+    uniform, V = 0, cores PyTorch-Linear uniform. `dropout` is kept for an activation form; the
+    Swin trains in weight form, where it has no effect."""
+
+    rank: int = 16
+    scale: float = 1.0
+    dropout: float = 0.1
+
+    name: ClassVar[str] = "fact_tt_swin"
+    head_init: ClassVar[str] = "torch_linear"
+    edit_kinds: ClassVar[tuple[type, ...]] = (LowRank,)
+
+    def __post_init__(self):
+        check_positive_int(self.rank, "rank", self.name)
+        check_number(self.scale, "scale", self.name)
+
+    def _blocks(self, params: Tree) -> dict[tuple[int, int], dict[str, Site]]:
+        out: dict[tuple[int, int], dict[str, Site]] = {}
+        for s in _require_swin(params, self.name).values():
+            if s.block is not None and s.kind in ("qkv", "o", "fc1", "fc2"):
+                j = int(re.search(r"block(\d+)/", s.name).group(1))
+                out.setdefault((s.stage, j), {})[s.kind] = s
+        return out
+
+    def init(self, rng: jax.Array, params: Tree) -> dict:
+        r, flat = self.rank, {}
+        for (i, j), st in self._blocks(params).items():
+            d, m = st["qkv"].d_in, st["fc1"].d_out
+            if m % d:
+                raise ValueError(f"fact_tt_swin: the MLP width {m} is not a multiple of the width {d}")
+            k = m // d
+            if j == 0:
+                ku = jax.random.fold_in(rng, 1000 + i)
+                flat[f"layers_{i}/fact/U"] = lr.torch_linear_uniform(ku, (d, r), d)
+                flat[f"layers_{i}/fact/V"] = jnp.zeros((r, d), jnp.float32)
+            keys = jax.random.split(jax.random.fold_in(rng, st["qkv"].block), 6)
+            node = f"layers_{i}/blocks_{j}/fact"
+            for key, mod in zip(keys, ("q", "k", "v", "o")):
+                flat[f"{node}/{mod}"] = lr.torch_linear_uniform(key, (r, r), r)
+            flat[f"{node}/fc1"] = lr.torch_linear_uniform(keys[4], (r, k * r), r)
+            flat[f"{node}/fc2"] = lr.torch_linear_uniform(keys[5], (k * r, r), k * r)
+        return paths.unflatten(flat)
+
+    def edits(self, params: Tree, adapter: Tree, *, rng: jax.Array | None = None) -> dict[str, Any]:
+        opts = {"scale": float(self.scale), "dropout": float(self.dropout), "dropout_after": 1}
+        out = {}
+        for (i, j), st in self._blocks(params).items():
+            u, v = adapter[f"layers_{i}"]["fact"]["U"], adapter[f"layers_{i}"]["fact"]["V"]
+            t = adapter[f"layers_{i}"][f"blocks_{j}"]["fact"]
+            out[st["qkv"].name] = LowRank((u, jnp.concatenate([t["q"], t["k"], t["v"]], axis=1), v), **opts)
+            out[st["o"].name] = LowRank((u, t["o"], v), **opts)
+            out[st["fc1"].name] = LowRank((u, t["fc1"], v), **opts)
+            out[st["fc2"].name] = LowRank((u, t["fc2"], v), **opts)
+        return out
+
+    def summary(self) -> str:
+        return (f"fact_tt_swin: FacT-TT per stage (the paper's Swin reading, no released code), rank {self.rank}, "
+                f"scale {self.scale}: U_i, V_i per stage, one set of cores per block (Swin-B r=16: 135,168).")
