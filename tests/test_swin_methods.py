@@ -148,3 +148,17 @@ def test_fact_tt_per_stage_increments():
     for name, delta in want.items():
         got = np.asarray(paths.get(blk, f"{name}/kernel")) - paths.get(old, f"{name}/kernel")
         np.testing.assert_allclose(got, 0.5 * delta, atol=1e-4 * np.abs(delta).max(), err_msg=name)
+
+
+def test_efft_factor_dropout_in_training_only():
+    g = _load("efft")
+    params = jax_peft.swin.from_state_dict(g["backbone"])
+    adapter = jax_peft.from_official("efft", g["adapter"], params=params, **g["hp"])
+    method = jax_peft.get_method("efft_swin", **g["hp"])
+    kernel = lambda t: np.asarray(t["layers_0"]["blocks_1"]["mlp"]["fc1"]["kernel"])
+    ev = kernel(method.apply(params, adapter))
+    a, b, c = (kernel(method.apply(params, adapter, rng=jax.random.PRNGKey(s))) for s in (0, 0, 1))
+    np.testing.assert_array_equal(a, b)
+    assert np.abs(a - ev).max() > 0 and np.abs(a - c).max() > 0
+    off = jax_peft.get_method("efft_swin", **g["hp"], dropout=0.0)
+    np.testing.assert_array_equal(kernel(off.apply(params, adapter, rng=jax.random.PRNGKey(0))), ev)

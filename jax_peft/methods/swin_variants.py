@@ -22,8 +22,8 @@ Only c[0] and c[1] of the MLP core are read (the other L_i - 2 slices are alloca
 released, and never get a gradient). Ranks double per stage from `rank` and `mlp_rank`: the released
 Swin-B setter uses rank 4, mlp_rank (2, 4) (count 291,728); its Swin-S and Swin-L setters (4, (4, 8))
 and (8, (8, 16)) give 378,112 and 1,512,448, and (4, (4, 8)) on Swin-B gives 497,792, the paper's
-0.49M. Init: v = 0, u and c xavier-uniform. The official training dropout on the factor entries
-is not implemented for Swin here (eval / merge are exact).
+0.49M. Init: v = 0, u and c xavier-uniform. Training dropout (`dropout`, 0.1 officially) acts on
+the factor entries when `apply` gets an `rng` (see `EFFTSwin.edits`); eval and merge have none.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ from jax_peft.methods.base import (
     check_adapter,
     check_number,
     check_positive_int,
+    check_rate,
 )
 from jax_peft.methods.edits import LowRank, OutputAffine, Rescale
 from jax_peft.methods.rlrr import init_leaves
@@ -202,6 +203,7 @@ class EFFTSwin(Method):
     mlp_rank: tuple[int, int] = (2, 4)
     scale: float = 1.0
     growth: int = 2
+    dropout: float = 0.1
 
     name: ClassVar[str] = "efft_swin"
     head_init: ClassVar[str] = "torch_linear"
@@ -215,6 +217,7 @@ class EFFTSwin(Method):
             raise ValueError(f"efft_swin: mlp_rank must be two positive ranks (a, b), got {self.mlp_rank!r}")
         object.__setattr__(self, "mlp_rank", mlp)
         check_number(self.scale, "scale", self.name)
+        check_rate(self.dropout, "dropout", self.name)
 
     def _stages(self, params: Tree) -> dict[int, list[Site]]:
         out: dict[int, list[Site]] = {}
@@ -245,20 +248,32 @@ class EFFTSwin(Method):
         return paths.unflatten(flat)
 
     def edits(self, params: Tree, adapter: Tree, *, rng: jax.Array | None = None) -> dict[str, Any]:
+        """LowRank edits on qkv, o, fc1, fc2 of every block. With `rng` (training) the factor
+        entries get the official dropout: per block one mask each for u, c[:4] and v shared by
+        qkv and o, and fresh masks for fc1's (u, c[0], v) and fc2's (u, c[1], v); block g's masks
+        come from `jax.random.fold_in(rng, g)`."""
         out = {}
         for i, sts in self._stages(params).items():
             f = adapter[f"layers_{i}"]["efft"]
-            u, c, v = f["attn_u"], f["attn_c"], f["attn_v"]
-            mu, mc, mv = f["mlp_u"], f["mlp_c"], f["mlp_v"]
-            for s in sts:
-                if s.kind == "qkv":
-                    out[s.name] = LowRank((u, jnp.concatenate([c[0] @ v, c[1] @ v, c[2] @ v], axis=1)), self.scale)
-                elif s.kind == "o":
-                    out[s.name] = LowRank((u, c[3], v), self.scale)
-                elif s.kind == "fc1":
-                    out[s.name] = LowRank((mu, mc[0], mv), self.scale)
+            for g in sorted({s.block for s in sts}):
+                if rng is None or self.dropout == 0.0:
+                    drop = [lambda x: x] * 9
                 else:
-                    out[s.name] = LowRank((mv.T, mc[1].T, mu.T), self.scale)
+                    keys = jax.random.split(jax.random.fold_in(rng, g), 9)
+                    drop = [lambda x, k=k: lr.dropout(k, x, self.dropout) for k in keys]
+                u, c, v = drop[0](f["attn_u"]), drop[1](f["attn_c"][:4]), drop[2](f["attn_v"])
+                fc1 = (drop[3](f["mlp_u"]), drop[4](f["mlp_c"][0]), drop[5](f["mlp_v"]))
+                fc2 = (drop[6](f["mlp_u"]), drop[7](f["mlp_c"][1]), drop[8](f["mlp_v"]))
+                for s in (s for s in sts if s.block == g):
+                    if s.kind == "qkv":
+                        qkv = jnp.concatenate([c[0] @ v, c[1] @ v, c[2] @ v], axis=1)
+                        out[s.name] = LowRank((u, qkv), self.scale)
+                    elif s.kind == "o":
+                        out[s.name] = LowRank((u, c[3], v), self.scale)
+                    elif s.kind == "fc1":
+                        out[s.name] = LowRank(fc1, self.scale)
+                    else:
+                        out[s.name] = LowRank(tuple(x.T for x in reversed(fc2)), self.scale)
         return out
 
     def summary(self) -> str:
