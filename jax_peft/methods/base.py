@@ -286,9 +286,6 @@ _CLASSES: dict[str, type] = {}
 # name -> "module:Class"; modules are imported on first use.
 _REGISTRY: dict[str, str] = {
     "rlrr": "jax_peft.methods.rlrr:RLRR",
-    "rlrr_swin": "jax_peft.methods.swin_variants:RLRRSwin",
-    "efft_swin": "jax_peft.methods.swin_variants:EFFTSwin",
-    "fact_tt_swin": "jax_peft.methods.swin_variants:FacTTTSwin",
     "fact_tt": "jax_peft.methods.fact:FacTTT",
     "fact_tk": "jax_peft.methods.fact:FacTTK",
     "efft": "jax_peft.methods.efft:EFFT",
@@ -297,6 +294,9 @@ _REGISTRY: dict[str, str] = {
     "bitfit": "jax_peft.methods.simple:BitFit",
     "linear": "jax_peft.methods.simple:Linear",
     "full": "jax_peft.methods.simple:Full",
+    "rlrr_swin": "jax_peft.methods.swin_variants:RLRRSwin",
+    "efft_swin": "jax_peft.methods.swin_variants:EFFTSwin",
+    "fact_tt_swin": "jax_peft.methods.swin_variants:FacTTTSwin",
 }
 
 

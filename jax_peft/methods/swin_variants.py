@@ -57,6 +57,14 @@ _RESCALED = ("qkv", "o", "fc1", "fc2", "merge")
 _OFFICIAL_LEAF = {"s_in": "scale_col", "s_out": "scale_line", "f": "shift_bias"}
 
 
+class _SwinOnly:
+    """Mixin of the Swin variants: weight form only (the Swin has no activation-form hooks)."""
+
+    @classmethod
+    def has_activation_form(cls) -> bool:
+        return False
+
+
 def _require_swin(params: Tree, method: str) -> dict[str, Site]:
     if not sites_lib._is_swin(params):
         raise ValueError(f"{method} is the Swin Transformer variant; for a ViT use "
@@ -85,7 +93,7 @@ def with_merge_bias(params: Tree) -> dict:
 
 
 @dataclasses.dataclass(frozen=True)
-class RLRRSwin(Method):
+class RLRRSwin(_SwinOnly, Method):
     """RLRR's official Swin variant (module docstring). Hyper-parameter `init`: "official" or
     "identity" (s_out = 0, γ = 1, β = 0: the pretrained function at step 0)."""
 
@@ -195,7 +203,7 @@ def official_rlrr_name(site: Site, leaf: str) -> str:
 
 # ----------------------------------------------------------------------------------------- EFFT
 @dataclasses.dataclass(frozen=True)
-class EFFTSwin(Method):
+class EFFTSwin(_SwinOnly, Method):
     """EFFT's official Swin variant (module docstring): stage-shared factors, ranks doubling per
     stage from `rank` (attention) and `mlp_rank` (a, b); scale `scale`."""
 
@@ -317,7 +325,7 @@ def _efft_official(path: str) -> str:
 
 # --------------------------------------------------------------------------------------- FacT-TT
 @dataclasses.dataclass(frozen=True)
-class FacTTTSwin(Method):
+class FacTTTSwin(_SwinOnly, Method):
     """FacT-TT on a Swin as the FacT paper describes it (no Swin code was released): per stage i a
     pair U_i (D_i, r), V_i (r, D_i) (adapter `layers_i/fact/{U, V}`), and per block j its own cores
     (`layers_i/blocks_j/fact/{q, k, v, o}` (r, r), `fc1` (r, 4r), `fc2` (4r, r)); increments as
