@@ -42,6 +42,8 @@ LAYOUTS = ("pre-Linen", "Linen", "big_vision", "big_vision-scan")
 _TO_PRE_LINEN = {"LayerNorm_0": "LayerNorm_0", "MultiHeadDotProductAttention_0": "MultiHeadDotProductAttention_1",
                  "LayerNorm_1": "LayerNorm_2", "MlpBlock_0": "MlpBlock_3"}
 _NUMBERED = re.compile(r"(.+)_(\d+)")
+# Top-level names of a MAP head stored inline (early big_vision files), moved under MAPHead_0.
+_INLINED_MAP = ("probe", "MlpBlock_0", "MultiHeadDotProductAttention_0", "LayerNorm_0")
 # Prefixes whose indices are kept as stored (a missing block is then reported by its own index).
 _KEEP_INDEX = ("encoderblock",)
 
@@ -144,6 +146,12 @@ def normalize(flat: Mapping[str, Any], *, dtype: Any = np.float32) -> dict:
     """
     prefix = split_prefix(flat)
     inner = {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}
+    if prefix == "params/img/":
+        dropped = sorted({k.split("/")[1] for k in flat if not k.startswith(prefix)})
+        if dropped:
+            warnings.warn(f"two-tower checkpoint (SigLIP/LiT): loaded the image tower params/img/ and dropped "
+                          f"{len(flat) - len(inner)} arrays under params/{{{', '.join(dropped)}}} (text tower, "
+                          "logit temperature and bias)", stacklevel=3)
     if "embedding/kernel" not in inner:
         sample = ", ".join(list(flat)[:6])
         raise CheckpointError(
@@ -182,11 +190,9 @@ def normalize(flat: Mapping[str, Any], *, dtype: Any = np.float32) -> dict:
         if "cls" in out:  # zero CLS row: the CLS token sees only its own row, so logits are unchanged
             pe = np.concatenate([np.zeros(pe.shape[:1] + (1,) + pe.shape[2:], pe.dtype), pe], axis=1)
         out["Transformer/posembed_input/pos_embedding"] = pe
-    tree = _renumber(paths.unflatten(out))
-    if "MAPHead_0" in tree:
-        warnings.warn("the checkpoint has a MAP head (MAPHead_0, big_vision pool_type='map'); jax_peft's ViT "
-                      "pools with the CLS token or the mean ('gap') and ignores it", stacklevel=3)
-    return tree
+    if "probe" in out:  # early big_vision MAP heads stored the head's parameters at the top level
+        out = {(f"MAPHead_0/{k}" if k.split("/")[0] in _INLINED_MAP else k): v for k, v in out.items()}
+    return _renumber(paths.unflatten(out))
 
 
 # ------------------------------------------------------------------------------------ adapt/validate
@@ -446,16 +452,41 @@ def to_pre_linen(params: Tree) -> dict[str, np.ndarray]:
     return out
 
 
-def save_checkpoint(path: str | os.PathLike, params: Tree) -> Path:
-    """Writes `params` as an original Google `.npz` (pre-Linen names, float32), atomically.
+def to_big_vision(params: Tree) -> dict[str, np.ndarray]:
+    """Canonical tree -> flat {big_vision key: float32 array}: a `params/` prefix, Linen names and a
+    top-level `pos_embedding` without the CLS slot (the CLS row is folded into `cls`, which keeps the
+    function: the CLS token only ever sees its own row)."""
+    flat = {k: np.asarray(v) for k, v in to_pre_linen(params).items()}  # validates, casts to float32
+    flat = paths.flatten(_renumber(paths.unflatten(flat)))  # back to the Linen names
+    pe = flat.pop("Transformer/posembed_input/pos_embedding")
+    if "cls" in flat:
+        flat["cls"] = flat["cls"] + pe[:, :1]
+        pe = pe[:, 1:]
+    flat["pos_embedding"] = pe
+    return {f"params/{k}": v for k, v in flat.items()}
 
-    The file loads with vit_jax, with timm's npz loader (`model.load_pretrained(path)`; timm loads
-    the head only when its class count matches) and with `load_checkpoint`. Returns the path.
+
+def save_checkpoint(path: str | os.PathLike, params: Tree, *,
+                    layout: Literal["vit_jax", "big_vision"] = "vit_jax") -> Path:
+    """Writes `params` as a Google `.npz` (float32), atomically. Returns the path.
+
+    layout="vit_jax" (default): the original pre-Linen layout, which loads with vit_jax, with timm's
+    npz loader (`model.load_pretrained(path)`; timm loads the head only when its class count
+    matches) and with `load_checkpoint`. layout="big_vision": `to_big_vision`'s layout, which
+    big_vision's `vit.load` reads (e.g. a MAP-head model, `pool_type="map"`).
+    A path ending in `.safetensors` writes a timm state dict instead (`jax_peft.timm_vit.save`).
     """
     path = Path(os.path.expanduser(os.fspath(path)))
+    if path.suffix == ".safetensors":
+        from jax_peft import timm_vit
+
+        return timm_vit.save(path, params)
     if path.suffix != ".npz":
-        raise ValueError(f"checkpoint path must end in .npz (numpy.savez would add it), got {path}")
-    arrays = to_pre_linen(params)
+        raise ValueError(f"checkpoint path must end in .npz (numpy.savez would add it) or .safetensors "
+                         f"(a timm state dict), got {path}")
+    if layout not in ("vit_jax", "big_vision"):
+        raise ValueError(f"layout must be 'vit_jax' or 'big_vision', got {layout!r}")
+    arrays = to_pre_linen(params) if layout == "vit_jax" else to_big_vision(params)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp.npz")
     public_mode(fd)
