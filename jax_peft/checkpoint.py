@@ -400,12 +400,15 @@ def adapt_to_config(params: Tree, config: ViTConfig, *,
 def load_checkpoint(path_or_url: str | os.PathLike, *, config: ViTConfig | None = None,
                     cache_dir: str | os.PathLike | None = None, head: str = "auto",
                     dtype: Any = np.float32, progress: bool = True, force_download: bool = False,
-                    verify: bool = True) -> dict:
-    """Loads a Google ViT checkpoint as the canonical nested tree of numpy arrays.
+                    verify: bool = True, num_heads: int | None = None) -> dict:
+    """Loads a ViT checkpoint as the canonical nested tree of numpy arrays.
 
     Args:
       path_or_url: a local `.npz`, an `https://` or `gs://bucket/path` URL, or a short name such
-        as "ViT-B_16", "imagenet21k+imagenet2012/ViT-B_16", "augreg/B_16" (see jax_peft.download).
+        as "ViT-B_16", "imagenet21k+imagenet2012/ViT-B_16", "augreg/B_16", "SigLIP So400m/14 224"
+        (see jax_peft.download). timm weights (`.safetensors`, `.pth`, `hf-hub:timm/<name>`) are
+        converted by `jax_peft.timm_vit`; their head count is `num_heads`, else `config.num_heads`,
+        else the standard one for the width.
       config: if given, the tree is adapted to it as vit_jax does for fine-tuning (pre_logits
         dropped, position embedding resized, head reset; see `adapt_to_config`) and validated.
         Without it the stored tree is returned as is (pre_logits and the stored head kept).
@@ -417,7 +420,13 @@ def load_checkpoint(path_or_url: str | os.PathLike, *, config: ViTConfig | None 
     """
     path = fetch(path_or_url, cache_dir=cache_dir, progress=progress, force_download=force_download,
                  verify=verify)
-    params = normalize(read_npz(path), dtype=dtype)
+    if path.suffix in (".safetensors", ".pth", ".pt", ".bin"):
+        from jax_peft import timm_vit
+
+        heads = num_heads or (config.num_heads if config is not None else None)
+        params = timm_vit.from_timm(timm_vit.read(path), num_heads=heads)
+    else:
+        params = normalize(read_npz(path), dtype=dtype)
     if config is not None:
         params = adapt_to_config(params, config, head=head)  # type: ignore[arg-type]
     return params
