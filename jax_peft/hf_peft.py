@@ -78,6 +78,10 @@ def _check_config(cfg: Mapping[str, Any]) -> None:
         problems.append(f"peft_type {cfg.get('peft_type')!r} (only LORA)")
     if cfg.get("use_dora"):
         problems.append("use_dora=True (DoRA's magnitude vector)")
+    if cfg.get("lora_bias"):
+        problems.append("lora_bias=True (a bias on lora_B)")
+    if cfg.get("target_parameters"):
+        problems.append(f"target_parameters={cfg['target_parameters']!r} (LoRA on raw parameters)")
     if cfg.get("bias", "none") != "none":
         problems.append(f"bias={cfg.get('bias')!r} (trained biases)")
     for key in ("rank_pattern", "alpha_pattern"):
