@@ -151,8 +151,9 @@ def from_hf_peft(dir_or_files: str | os.PathLike | tuple, params: Mapping[str, A
                           "Merge it with PEFT (merge_and_unload) and load the merged timm weights instead.")
     blocks = sorted(set.union(*by_target.values()))
     if any(s != set(blocks) for s in by_target.values()):
-        raise HFPeftError(f"the targets adapt different blocks ({ {_TARGET_TO_TIMM[t]: sorted(s) for t, s in by_target.items()} }); "
-                          "jax_peft's LoRA adapts the same blocks for every target")
+        per = {_TARGET_TO_TIMM[t]: sorted(s) for t, s in by_target.items()}
+        raise HFPeftError(f"the targets adapt different blocks ({per}); jax_peft's LoRA adapts the same "
+                          "blocks for every target")
     depth = None
     if params is not None:
         from jax_peft.methods import layers as vit_layers
@@ -199,37 +200,60 @@ def to_hf_peft(method: Method, adapter: Mapping[str, Any], out_dir: str | os.Pat
                head: Mapping[str, Any] | None = None, base_model_name_or_path: str | None = None) -> Path:
     """Writes a jax_peft LoRA adapter as an HF PEFT adapter of a timm ViT (`adapter_config.json` +
     `adapter_model.safetensors` in `out_dir`), loadable with `PeftModel.from_pretrained(timm_model,
-    out_dir)`. fused_qkv -> target `qkv`; separate targets o/fc1/fc2 -> `proj`/`fc1`/`fc2` (q, k, v
-    separately have no timm module: timm fuses them). `head` (optional) is saved as a
-    `modules_to_save` head. Returns `out_dir`."""
+    out_dir)`; PEFT's merge then equals `jax_peft.merge`. fused_qkv -> target `qkv`; o/fc1/fc2 ->
+    `proj`/`fc1`/`fc2`. Separate q/k/v pairs (the default LoRA: q and v) have no timm module, as timm
+    fuses them: they are written exactly as one `qkv` pair of rank n·r (A stacked, B block-diagonal
+    over the n adapted projections), so they re-import as variant="fused_qkv" with rank n·r.
+    `head` (optional) is saved as a `modules_to_save` head. Returns `out_dir`."""
     from jax_peft.torch_io import save_safetensors
 
     if _hp(method, "name") != "lora":
         raise HFPeftError(f"HF PEFT export is for LoRA; got method {_hp(method, 'name')!r}")
-    fused = _hp(method, "variant") == "fused_qkv"
-    if not fused:
-        bad = [t for t in method.targets if t not in ("o", "fc1", "fc2")]
-        if bad:
-            raise HFPeftError(f"LoRA targets {bad} have no timm module (timm fuses q, k and v into attn.qkv); "
-                              "export LoRA with variant='fused_qkv' or targets among 'o', 'fc1', 'fc2'")
     inverse = {node: timm for timm, (_, node) in MODULES.items()}
+    which = {f"{ATTN}/{n}": j for j, n in enumerate(("query", "key", "value"))}
     tensors: dict[str, np.ndarray] = {}
     modules: set[str] = set()
     blocks: set[int] = set()
+    split: dict[int, dict[int, tuple[np.ndarray, np.ndarray]]] = {}  # block -> {q/k/v index: (a, b)}
     for node, leaves in paths.group_by_node(adapter).items():
         m = re.fullmatch(r"Transformer/encoderblock_(\d+)/(.+)", node)
-        if not m or m.group(2) not in inverse or set(leaves) != {"lora_a", "lora_b"}:
+        if not m or (m.group(2) not in inverse and m.group(2) not in which) or set(leaves) != {"lora_a", "lora_b"}:
             raise HFPeftError(f"adapter node {node!r} with leaves {sorted(leaves)} is not a LoRA pair on a "
                               "timm-adaptable module")
-        module = f"blocks.{m.group(1)}.{inverse[m.group(2)]}"
-        blocks.add(int(m.group(1)))
+        i = int(m.group(1))
+        blocks.add(i)
+        a, b = (np.asarray(leaves[k], np.float32) for k in ("lora_a", "lora_b"))
+        if m.group(2) in which:
+            split.setdefault(i, {})[which[m.group(2)]] = (a, b)
+            continue
+        module = f"blocks.{i}.{inverse[m.group(2)]}"
         modules.add(inverse[m.group(2)])
-        tensors[f"{PREFIX}{module}.lora_A.weight"] = np.asarray(leaves["lora_a"], np.float32).T
-        tensors[f"{PREFIX}{module}.lora_B.weight"] = np.asarray(leaves["lora_b"], np.float32).T
+        tensors[f"{PREFIX}{module}.lora_A.weight"] = a.T
+        tensors[f"{PREFIX}{module}.lora_B.weight"] = b.T
+    if not tensors and not split:
+        raise HFPeftError("the adapter holds no LoRA pairs (Transformer/encoderblock_<i>/<module>/lora_a, lora_b)")
+    rank = int(method.rank)
+    if split:
+        if modules:
+            raise HFPeftError(f"LoRA on separate q/k/v together with {sorted(modules)}: the q/k/v pairs become "
+                              "one fused qkv pair of a larger rank, and one adapter_config.json holds one rank; "
+                              "export the attention and the other targets as two adapters")
+        slots = {tuple(sorted(v)) for v in split.values()}
+        if len(slots) != 1:
+            raise HFPeftError(f"blocks adapt different q/k/v subsets ({sorted(slots)}); cannot write one rank")
+        order = slots.pop()
+        for i, pairs in split.items():
+            d = pairs[order[0]][1].shape[1]
+            big_b = np.zeros((3 * d, len(order) * rank), np.float32)
+            for slot, j in enumerate(order):
+                big_b[j * d:(j + 1) * d, slot * rank:(slot + 1) * rank] = pairs[j][1].T
+            tensors[f"{PREFIX}blocks.{i}.attn.qkv.lora_A.weight"] = np.concatenate([pairs[j][0].T for j in order])
+            tensors[f"{PREFIX}blocks.{i}.attn.qkv.lora_B.weight"] = big_b
+        modules.add("attn.qkv")
+        rank *= len(order)
     if head is not None:
         tensors[f"{PREFIX}head.weight"] = np.asarray(head["kernel"], np.float32).T
         tensors[f"{PREFIX}head.bias"] = np.asarray(head["bias"], np.float32)
-    rank = int(method.rank)
     names = "|".join(re.escape(m) for m in sorted(modules))
     layers = _hp(method, "layers")
     idx = r"\d+" if layers is None else "|".join(str(i) for i in sorted(blocks))
@@ -238,7 +262,8 @@ def to_hf_peft(method: Method, adapter: Mapping[str, Any], out_dir: str | os.Pat
         "task_type": None,
         "base_model_name_or_path": base_model_name_or_path,
         "r": rank,
-        "lora_alpha": float(rank if method.alpha is None else method.alpha),
+        # PEFT's scaling lora_alpha / r equals jax_peft's alpha / rank (the rank grows for split q/k/v)
+        "lora_alpha": float((method.rank if method.alpha is None else method.alpha) * rank / method.rank),
         "lora_dropout": float(_hp(method, "dropout", 0.0)),
         "use_rslora": False,
         "use_dora": False,

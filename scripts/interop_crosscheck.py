@@ -89,7 +89,8 @@ def jax_side(out: str) -> None:
         p = jax_peft.load_checkpoint(f"{out}/{name}.safetensors", num_heads=4)
         cfg = jax_peft.vit_config(p)
         logits = jax_peft.ViT(cfg).apply({"params": p}, x)
-        print(f"jax_peft reads timm {name:9s} (classifier {cfg.classifier}): logits rel.err {rel(logits, ref[name]):.2e}")
+        print(f"jax_peft reads timm {name:9s} (classifier {cfg.classifier}): "
+              f"logits rel.err {rel(logits, ref[name]):.2e}")
         jax_peft.save_checkpoint(f"{out}/jx_{name}.safetensors", p)
         if name == "map":
             jax_peft.save_checkpoint(f"{out}/jx_map_bv.npz", p, layout="big_vision")
@@ -105,6 +106,14 @@ def jax_side(out: str) -> None:
               f"max|merge - merge_and_unload| {err:.2e}, logits rel.err {rel(logits, ref['peft_' + tag]):.2e}")
         convert.to_hf_peft(method, adapter, f"{out}/jx_adapter_{tag}")
         jax_peft.save_checkpoint(f"{out}/jx_merged_{tag}.safetensors", merged)
+    # jax_peft's default LoRA (separate q and v pairs), trained-like random values, exported for PEFT
+    base = jax_peft.load_checkpoint(f"{out}/peft_base_qkv.safetensors", num_heads=4)
+    method = jax_peft.get_method("lora", rank=3, alpha=6.0)
+    rng = np.random.default_rng(0)
+    adapter = jax.tree_util.tree_map(lambda a: 0.3 * rng.standard_normal(np.shape(a)).astype(np.float32),
+                                     method.init(jax.random.PRNGKey(0), base))
+    convert.to_hf_peft(method, adapter, f"{out}/jx_adapter_qv")
+    jax_peft.save_checkpoint(f"{out}/jx_merged_qv.safetensors", jax_peft.merge(base, method, adapter))
 
 
 def torch_check(out: str) -> None:
@@ -123,7 +132,8 @@ def torch_check(out: str) -> None:
     m = VisionTransformer(**KW, **VARIANTS["map"]).eval()
     m.load_pretrained(f"{out}/jx_map_bv.npz")
     with torch.no_grad():
-        print(f"timm's npz loader reads jax_peft's big_vision MAP file: logits rel.err {rel(m(x).numpy(), ref['map']):.2e}")
+        print("timm's npz loader reads jax_peft's big_vision MAP file: "
+              f"logits rel.err {rel(m(x).numpy(), ref['map']):.2e}")
     for tag in ("qkv", "proj"):
         base = VisionTransformer(**KW).eval()
         base.load_state_dict(load_file(f"{out}/peft_base_{tag}.safetensors"))
@@ -138,6 +148,12 @@ def torch_check(out: str) -> None:
         with torch.no_grad():
             print(f"PEFT loads jax_peft's adapter {tag} on {adapted}: max|merge - original| {err:.2e}; "
                   f"jax_peft's merged file: logits rel.err {rel(m2(x).numpy(), ref['peft_' + tag]):.2e}")
+    base = VisionTransformer(**KW).eval()
+    base.load_state_dict(load_file(f"{out}/peft_base_qkv.safetensors"))
+    merged = PeftModel.from_pretrained(base, f"{out}/jx_adapter_qv").merge_and_unload().eval()
+    want = load_file(f"{out}/jx_merged_qv.safetensors")
+    err = max(float((merged.state_dict()[k] - want[k]).abs().max()) for k in want)
+    print(f"PEFT merges jax_peft's q,v LoRA (exported as fused qkv, rank 6): max|PEFT merge - jax_peft merge| {err:.2e}")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import json
 import math
 import re
 
+import jax
 import numpy as np
 import pytest
 from test_interop_timm import DEPTH, D, H, M, timm_state_dict
@@ -109,6 +110,29 @@ def test_unsupported_adapters_are_refused_by_name(tmp_path):
     save_safetensors(d / "adapter_model.safetensors", extra)
     with pytest.raises(ValueError, match="'patch_embed.proj'"):
         convert.from_hf_peft(d)
-    with pytest.raises(ValueError, match=r"targets \['q', 'v'\] have no timm module"):
-        method = jax_peft.get_method("lora", rank=2)
-        convert.to_hf_peft(method, {}, tmp_path / "qv")
+    params = timm_vit.from_timm(timm_state_dict("token"), num_heads=H)
+    method = jax_peft.get_method("lora", rank=2, targets=("q", "v", "fc1"))
+    with pytest.raises(ValueError, match="two adapters"):
+        convert.to_hf_peft(method, method.init(jax.random.PRNGKey(0), params), tmp_path / "qvfc1")
+    with pytest.raises(ValueError, match="no LoRA pairs"):
+        convert.to_hf_peft(method, {}, tmp_path / "empty")
+
+
+def test_default_q_v_lora_exports_as_one_exact_fused_qkv_pair(tmp_path):
+    """jax_peft's default LoRA (separate q and v pairs) -> timm's fused qkv with rank 2r, same merge."""
+    sd = timm_state_dict("token", seed=6)
+    params = timm_vit.from_timm(sd, num_heads=H)
+    method = jax_peft.get_method("lora", rank=3, alpha=6.0, layers=(1,))
+    rng = np.random.default_rng(0)
+    adapter = jax.tree_util.tree_map(lambda x: rng.standard_normal(np.shape(x)).astype(np.float32),
+                                     method.init(jax.random.PRNGKey(0), params))
+    out = convert.to_hf_peft(method, adapter, tmp_path / "qv")
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    tensors = read_state_dict(out / "adapter_model.safetensors")
+    assert cfg["r"] == 6 and sorted(tensors) == [f"{PRE}blocks.1.attn.qkv.lora_{x}.weight" for x in "AB"]
+    expected = peft_merge_and_unload(sd, tensors, cfg["lora_alpha"] / cfg["r"])
+    merged = timm_vit.to_timm(jax_peft.merge(params, method, adapter))
+    for k in expected:
+        np.testing.assert_allclose(merged[k], expected[k], rtol=2e-6, atol=2e-6, err_msg=k)
+    back = convert.from_hf_peft(out, params=params)
+    assert (back.method.variant, back.method.rank, back.method.layers) == ("fused_qkv", 6, (1,))

@@ -53,7 +53,7 @@ def _mlp(x, sd, name):
 def timm_forward(sd: dict, images_nhwc: np.ndarray) -> np.ndarray:
     sd = {k: np.asarray(v, np.float64) for k, v in sd.items()}
     x = images_nhwc.astype(np.float64).transpose(0, 3, 1, 2)  # NCHW, as torch
-    b, c, hh, ww = x.shape
+    b, c, hh, _ = x.shape
     g = hh // P
     patches = x.reshape(b, c, g, P, g, P).transpose(0, 2, 4, 1, 3, 5).reshape(b, g * g, c * P * P)
     x = patches @ sd["patch_embed.proj.weight"].reshape(D, -1).T + sd["patch_embed.proj.bias"]
