@@ -10,11 +10,17 @@ in `jax_peft.vit`:
                      CLS slot (a zero CLS row is added, which preserves the function)
     big_vision-scan  `Transformer/encoderblock/...` arrays with a leading depth axis (sliced per block)
 
+Two-tower files (SigLIP, LiT): the image tower `params/img/` is taken and the rest (text tower,
+logit temperature and bias) dropped with a warning. A MAP head (`MAPHead_0`, or the inlined `probe`
+of early big_vision files) loads as is: `vit_config(params)` then gives classifier="map".
+timm state dicts (`.safetensors`, `.pth`, `hf-hub:timm/...`) go through `jax_peft.timm_vit`.
+
 An `opt/target/` prefix (Flax optimizer state) is stripped; bfloat16 stored as raw 2-byte void
 (`|V2`) is decoded; hybrid GroupNorm scale/bias of shape (1, 1, 1, C) are squeezed to (C,).
 
 `load_checkpoint` returns numpy float32 arrays (host memory; jax moves them on first use).
-`save_checkpoint` writes the original pre-Linen layout, which both vit_jax and timm's npz loader read.
+`save_checkpoint` writes the original pre-Linen layout, which both vit_jax and timm's npz loader read
+(`layout="big_vision"`: big_vision's; a `.safetensors` path: a timm state dict).
 """
 
 from __future__ import annotations
