@@ -62,7 +62,10 @@ class TimmLayoutError(ValueError):
 
 
 def is_timm_state_dict(keys: Any) -> bool:
-    return "patch_embed.proj.weight" in set(keys)
+    """A timm VisionTransformer's keys: a patch embedding and top-level `blocks.<i>.` (a Swin's blocks
+    live under `layers.<i>.`)."""
+    keys = set(keys)
+    return "patch_embed.proj.weight" in keys and any(k.startswith("blocks.") for k in keys)
 
 
 def default_heads(width: int) -> int:
@@ -83,8 +86,8 @@ def from_timm(state_dict: Mapping[str, Any], *, num_heads: int | None = None) ->
     Every key must find its place; unsupported parts raise TimmLayoutError naming them."""
     sd = {k: _f32(v) for k, v in state_dict.items()}
     if not is_timm_state_dict(sd):
-        raise TimmLayoutError(f"not a timm ViT state dict: no 'patch_embed.proj.weight'; keys look like "
-                              f"{list(sd)[:5]}")
+        raise TimmLayoutError(f"not a timm ViT state dict (no 'patch_embed.proj.weight' and 'blocks.<i>.*'); "
+                              f"keys look like {list(sd)[:5]}")
     refused = [f"{k} ({what})" for k in sd for pat, what in _REFUSED.items() if re.search(pat, k)]
     if refused:
         raise TimmLayoutError("this timm ViT has parts jax_peft's ViT does not implement: " + "; ".join(refused)

@@ -181,6 +181,10 @@ def test_unsupported_timm_variants_are_refused_by_name():
         timm_vit.from_timm({**sd, "blocks.0.attn.extra.weight": np.ones(3, np.float32)}, num_heads=H)
     with pytest.raises(ValueError, match="pass num_heads="):
         timm_vit.from_timm({**sd, "patch_embed.proj.weight": np.zeros((40, 3, P, P), np.float32)})
+    swin = {"patch_embed.proj.weight": sd["patch_embed.proj.weight"], "layers.0.blocks.0.attn.qkv.weight": np.ones(3)}
+    assert not timm_vit.is_timm_state_dict(swin)
+    with pytest.raises(ValueError, match="not a timm ViT state dict"):
+        timm_vit.from_timm(swin)
     params = timm_vit.from_timm(sd, num_heads=H)
     with pytest.raises(ValueError, match="drop_pre_logits"):
         timm_vit.to_timm({**params, "pre_logits": {"kernel": np.zeros((D, D)), "bias": np.zeros(D)}})
