@@ -111,10 +111,6 @@ def test_map_model_saved_in_big_vision_layout_matches_reference(tmp_path, map_co
     assert cfg == map_config.replace(name=cfg.name)
     logits, feats = jax_peft.ViT(cfg).apply({"params": loaded}, tiny_images, return_features=True)
     assert _rel(logits, ref_logits) < 1e-5 and _rel(feats, ref_feats) < 1e-5
-    # the MAP head matters: mean pooling gives different logits
-    gap = jax_peft.ViT(cfg.replace(classifier="gap")).apply(
-        {"params": {k: v for k, v in loaded.items() if k != "MAPHead_0"}}, tiny_images)
-    assert _rel(gap, ref_logits) > 1e-2
 
 
 def test_token_model_round_trips_through_big_vision_layout(tmp_path, tiny_config, tiny_params, tiny_images):
@@ -159,13 +155,14 @@ def test_inlined_map_head_of_early_big_vision_files(tmp_path, map_params):
 
 
 def test_every_method_works_on_a_map_model(map_config, map_params, tiny_images):
-    """MAP sites are off by default: only full fine-tuning touches the MAP head."""
+    """MAP sites are off by default: only full fine-tuning touches the MAP head. (Traced with
+    eval_shape: shapes and paths without compiling nine methods.)"""
     for name in jax_peft.method_names():
         method = jax_peft.get_method(name)
-        adapter = method.init(jax.random.PRNGKey(0), map_params)
+        adapter = jax.eval_shape(lambda m=method: m.init(jax.random.PRNGKey(0), map_params))
         in_head = [p for p in paths.flatten(adapter) if p.startswith("MAPHead_0/")]
         assert bool(in_head) == (name == "full"), name
-        merged = method.apply(map_params, adapter)
+        merged = jax.eval_shape(lambda m=method: m.apply(map_params, m.init(jax.random.PRNGKey(0), map_params)))
         assert sorted(paths.flatten(merged)) == sorted(paths.flatten(map_params)), name
     lora = jax_peft.get_method("lora")
     adapter = jax.tree_util.tree_map(lambda x: x + 0.1, lora.init(jax.random.PRNGKey(0), map_params))
