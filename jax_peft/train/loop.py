@@ -453,13 +453,16 @@ def _restore(s: Setup, workdir: str) -> tuple[Any, dict]:
 def evaluate(config: Any, workdir: str, *, split: str | None = None) -> dict:
     """Evaluates the latest (or best, `config.restore_from`) checkpoint of `workdir` on `split`
     (default `config.data.eval_split`); writes and returns `workdir/eval_<split>.json`."""
+    split = split or config.data.eval_split
+    path = os.path.join(workdir, f"eval_{split.replace('/', '_')}.json")
+    if jax.process_index() == 0:
+        safety.check_writable(path)  # before the evaluation, so its result is never lost
     s = setup(config)
     state, meta = _restore(s, workdir)
     ev = run_eval(s, s.runner.put_state(state), s.device_frozen(), split)
-    split = split or config.data.eval_split
     out = {"step": int(meta["step"]), "split": split, **ev}
     if jax.process_index() == 0:
-        _write_json(os.path.join(workdir, f"eval_{split.replace('/', '_')}.json"), out)
+        _write_json(path, out)
     return out
 
 
@@ -478,6 +481,9 @@ def export_state(s: Setup, state: Any, path: str) -> str:
 
 def export(config: Any, workdir: str, path: str | None = None) -> str:
     """Merges the latest (or best) checkpoint of `workdir` into `path` (default `workdir/merged.npz`)."""
+    path = path or os.path.join(workdir, "merged.npz")
+    if distributed.is_main_process():
+        safety.check_writable(path)  # before the merge
     s = setup(config)
     state, _ = _restore(s, workdir)
-    return export_state(s, state, path or os.path.join(workdir, "merged.npz"))
+    return export_state(s, state, path)
