@@ -273,21 +273,33 @@ def _workdir_lock(workdir: str) -> Any:
     return safety.WorkdirLock(workdir) if distributed.is_main_process() else contextlib.nullcontext()
 
 
-def _restore_for_resume(s: Setup, ckpt: checkpointing.Checkpointer, cfg_json: dict,
-                        progress: "_Progress | None" = None) -> tuple[Any, dict] | None:
-    """The newest readable checkpoint, refused (`safety.IncompatibleCheckpointError`) when it was
-    written with another run-defining config; fields named in `config.resume_override` may differ."""
-    override = safety.parse_override(s.config.get("resume_override", ""))
-    accepted: list[str] = []
+def _resume_check(config: Any, ckpt: checkpointing.Checkpointer, cfg_json: dict) -> Callable[[dict, int], None]:
+    """`check(stored_config, step)` for `Checkpointer.restore`: refuses
+    (`safety.IncompatibleCheckpointError`) a checkpoint written with another run-defining config;
+    fields named in `config.resume_override` may differ (logged)."""
+    override = safety.parse_override(config.get("resume_override", ""))
+    logged: set[int] = set()
 
     def check(stored: dict, step: int) -> None:
-        accepted[:] = safety.check_resume_config(stored, cfg_json, step=step, where=ckpt.directory,
-                                                 override=override)
+        accepted = safety.check_resume_config(stored, cfg_json, step=step, where=ckpt.directory,
+                                              override=override)
+        if accepted and step not in logged:
+            logged.add(step)
+            log.warning("resuming step %d with changed %s (config.resume_override)", step, ", ".join(accepted))
 
-    out = ckpt.restore(s.abstract_state(), check_config=check)
-    if out is not None and accepted:
-        log.warning("resuming with changed %s (config.resume_override)", ", ".join(accepted))
-    return out
+    return check
+
+
+def _newest_config_check(ckpt: checkpointing.Checkpointer, check: Callable[[dict, int], None]) -> None:
+    """Runs `check` on the config of the newest checkpoint whose config is readable (unreadable ones
+    are left to `Checkpointer.restore`, which sets them aside)."""
+    for step in reversed(ckpt.all_steps()):
+        try:
+            stored = ckpt.read_config(step)
+        except Exception:  # noqa: BLE001 - unreadable: restore handles it
+            continue
+        check(stored, step)
+        return
 
 
 def _last_good(ckpt: checkpointing.Checkpointer) -> Callable[[], str]:
@@ -302,12 +314,14 @@ def _last_good(ckpt: checkpointing.Checkpointer) -> Callable[[], str]:
 
 def _train(config: Any, workdir: str, pre: "_Preemption", stop_at: int | None) -> dict:
     t_start = time.perf_counter()
-    s = setup(config)
     cfg_json = checkpointing.config_to_json(config)
     main = distributed.is_main_process()  # process 0 writes config, metrics, progress and summary
     ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), keep=int(config.keep_checkpoints),
                                       keep_best=bool(config.keep_best), config=cfg_json)
-    restored = _restore_for_resume(s, ckpt, cfg_json)  # before writing anything: may refuse
+    check_resume = _resume_check(config, ckpt, cfg_json)
+    _newest_config_check(ckpt, check_resume)  # refuse at once, before building the model
+    s = setup(config)
+    restored = ckpt.restore(s.abstract_state(), check_config=check_resume)  # before writing anything
     if main:
         _write_json(os.path.join(workdir, "config.json"), cfg_json)
     if restored is None:

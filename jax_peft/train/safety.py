@@ -132,6 +132,9 @@ class WorkdirLock:
                 alive = _alive(holder) if holder else False
                 who = (f"pid {holder.get('pid')} on host {holder.get('host')} (since {holder.get('since')})"
                        if holder else "an unreadable lock file")
+                if holder.get("pid") == os.getpid() and holder.get("host") == me["host"]:
+                    raise WorkdirLockedError(f"workdir {os.path.dirname(self.path)} is already in use by "
+                                             "this process; use another --workdir")
                 if alive is None:
                     raise WorkdirLockedError(
                         f"workdir {os.path.dirname(self.path)} is locked by {who}, another run on another "
@@ -141,9 +144,6 @@ class WorkdirLock:
                     raise WorkdirLockedError(
                         f"workdir {os.path.dirname(self.path)} is in use by {who}, a run that is still "
                         f"running; wait for it to finish (or stop it), or use another --workdir") from None
-                if holder and holder.get("pid") == os.getpid() and holder.get("host") == me["host"]:
-                    raise WorkdirLockedError(f"workdir {os.path.dirname(self.path)} is already in use by "
-                                             "this process; use another --workdir")
                 warnings.warn(f"{self.path}: stale lock of {who}, a process that is no longer running "
                               "(killed or crashed); taking it over", stacklevel=2)
                 try:
