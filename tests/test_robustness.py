@@ -21,7 +21,7 @@ from PIL import Image
 import jax_peft
 from jax_peft import checkpoint as ck
 from jax_peft.train import checkpointing, loop, model_setup, safety, step as step_lib
-from test_train_loop import smoke_config
+from test_train_loop import _compilation_cache, smoke_config  # noqa: F401 (autouse fixture: shared XLA cache)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,20 +32,6 @@ def tiny_run_config(**overrides):
           "schedule.warmup_steps": 0, "data.prefetch": 0}
     kw.update(overrides)
     return smoke_config(**kw)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _compilation_cache(tmp_path_factory):
-    """The runs of this module compile the same programs: share them through a persistent cache."""
-    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-            "jax_persistent_cache_min_entry_size_bytes")
-    old = {k: getattr(jax.config, k) for k in keys}
-    jax.config.update("jax_compilation_cache_dir", str(tmp_path_factory.mktemp("xla_cache")))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    yield
-    for k, v in old.items():
-        jax.config.update(k, v)
 
 
 @pytest.fixture(scope="module")
@@ -79,6 +65,10 @@ def test_resume_with_a_changed_config_refuses_and_writes_nothing(finished, tmp_p
     assert "not corrupted" in msg and "new --workdir" in msg and "cannot change" in msg
     assert _snapshot(w) == before and sorted(os.listdir(os.path.join(w, "checkpoints"))) == ["1", "2", "3"]
     assert not os.path.exists(os.path.join(w, safety.LOCK_NAME))  # released on the error
+    # eval mode: refused too (the checkpoints are not set aside as corrupted)
+    with pytest.raises(safety.IncompatibleCheckpointError, match="model.patch_size: 8 -> 4"):
+        loop.evaluate(c, w)
+    assert sorted(os.listdir(os.path.join(w, "checkpoints"))) == ["1", "2", "3"]
 
 
 def test_extending_a_run_needs_the_override_flag(finished, tmp_path):
@@ -223,6 +213,8 @@ def test_labels_out_of_range_name_the_dataset_the_label_and_the_example(tmp_path
     _folder(tmp_path, [0, 1, 3, 1], name="ds3")
     with pytest.raises(jax_peft.data.ExampleError, match=r"example 2 .*label 3 is outside \[0, 2\)"):
         next(jax_peft.data.make_dataset("folder/ds3", "train", num_classes=2, **kw))
+    with pytest.warns(UserWarning, match=r"labels run to 3, but no list file .* uses \[2\]"):
+        assert jax_peft.data.num_classes("folder/ds3", data_dir=str(tmp_path)) == 4
 
 
 def test_model_with_fewer_classes_than_the_dataset_is_refused():

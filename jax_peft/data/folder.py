@@ -147,13 +147,26 @@ def get_source(name: str, split: str, *, data_dir: str | None = None) -> ListSou
 
 
 def num_classes(name: str, *, data_dir: str | None = None) -> int:
-    """1 + the largest label over every `<split>.txt` of the dataset."""
+    """1 + the largest label over every `<split>.txt` of the dataset. Label ids that no split uses
+    are reported with a warning (a typo such as 100 for 10 would
+    otherwise add classes silently)."""
+    import warnings
+
     root, dataset = _dataset_dir(name, data_dir)
     d = os.path.join(root, dataset)
     files = sorted(f for f in os.listdir(d) if f.endswith(".txt")) if os.path.isdir(d) else []
     if not files:
         raise FileNotFoundError(f"no <split>.txt list files in {d!r}")
-    return 1 + max(int(read_list(os.path.join(d, f))[1].max()) for f in files)
+    labels = np.unique(np.concatenate([read_list(os.path.join(d, f))[1] for f in files]))
+    used = labels[labels >= 0]  # negative labels are refused per example by the batch iterator
+    count = int(labels[-1]) + 1
+    if len(used) < count:
+        unused = sorted(set(range(count)) - set(used.tolist()))
+        warnings.warn(f"{name}: labels run to {count - 1}, but no list file in {d} uses "
+                      f"{unused[:10]}{' ...' if len(unused) > 10 else ''} ({count - len(used)} of {count} "
+                      "classes): check the labels (the model gets a class per id up to the largest)",
+                      stacklevel=2)
+    return count
 
 
 def dataset_info(name: str, split: str, *, data_dir: str | None = None) -> dict:

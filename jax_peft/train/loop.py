@@ -8,6 +8,10 @@ Files written to `workdir`:
     checkpoints/<step>  orbax checkpoints (adapter + head + optimizer state + step + data position)
     summary.json        at the end: method, trainable_params, best/final eval accuracy, steps, wall time
     merged.npz          with `export_merged=True` (or mode "export"): the merged model, Google layout
+    run.lock            while training: the holder's host and pid (one run per workdir, `safety.WorkdirLock`)
+
+Resuming checks the stored config first (`safety.check_resume_config`; `config.resume_override` for
+the safe fields), and no state is saved unless its step flags say finite (`safety.FiniteGuard`).
 
 Preemption: SIGTERM makes the loop save a checkpoint at the current step and return cleanly
 (`{"preempted": True, ...}`); running the same command again resumes from the newest checkpoint, with
@@ -273,11 +277,12 @@ def _workdir_lock(workdir: str) -> Any:
     return safety.WorkdirLock(workdir) if distributed.is_main_process() else contextlib.nullcontext()
 
 
-def _resume_check(config: Any, ckpt: checkpointing.Checkpointer, cfg_json: dict) -> Callable[[dict, int], None]:
+def _resume_check(config: Any, ckpt: checkpointing.Checkpointer, cfg_json: dict,
+                  override: Any = None) -> Callable[[dict, int], None]:
     """`check(stored_config, step)` for `Checkpointer.restore`: refuses
     (`safety.IncompatibleCheckpointError`) a checkpoint written with another run-defining config;
-    fields named in `config.resume_override` may differ (logged)."""
-    override = safety.parse_override(config.get("resume_override", ""))
+    fields named in `override` (default `config.resume_override`) may differ (logged)."""
+    override = safety.parse_override(config.get("resume_override", "") if override is None else override)
     logged: set[int] = set()
 
     def check(stored: dict, step: int) -> None:
@@ -457,7 +462,10 @@ def _restore(s: Setup, workdir: str) -> tuple[Any, dict]:
     step = ckpt.best_step() if s.config.restore_from == "best" else None
     if s.config.restore_from == "best" and step is None:
         raise FileNotFoundError(f"no evaluated checkpoint in {ckpt.directory}; use --config.restore_from=latest")
-    out = ckpt.restore(s.abstract_state(), step)
+    # A checkpoint of another model or method is refused, never taken for a corrupted one; the
+    # schedule-length and evaluation fields do not matter here.
+    check = _resume_check(s.config, ckpt, checkpointing.config_to_json(s.config), safety.OVERRIDABLE_ON_RESUME)
+    out = ckpt.restore(s.abstract_state(), step, check_config=check)
     ckpt.close()
     if out is None:
         raise FileNotFoundError(f"no checkpoint in {ckpt.directory}; train first (--config.mode=train)")
