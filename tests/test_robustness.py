@@ -186,8 +186,9 @@ def test_workdir_that_is_a_file_fails_in_one_line_before_any_work(tmp_path):
     with pytest.raises(safety.RunRefusedError, match="eval_val.json"):
         loop.evaluate(tiny_run_config(), str(tmp_path))
     env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
-    r = subprocess.run([sys.executable, "-m", "jax_peft.main", "--config", str(ROOT / "configs" / "smoke.py"),
-                        "--workdir", str(f)], capture_output=True, text=True, env=env, timeout=300)
+    smoke = next(p for p in (ROOT / "jax_peft" / "configs" / "smoke.py", ROOT / "configs" / "smoke.py") if p.exists())
+    r = subprocess.run([sys.executable, "-m", "jax_peft.main", "--config", str(smoke), "--workdir", str(f)],
+                       capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 1 and r.stderr.strip().splitlines() == [
         f"error: --workdir {f} is a file, not a directory; pass a directory path (it is created when missing)"]
 
