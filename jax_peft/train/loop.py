@@ -303,6 +303,8 @@ def _train(config: Any, workdir: str, pre: "_Preemption", stop_at: int | None) -
     ckpt_every = int(config.checkpoint_every)
     preempted = False
     step = start
+    timing = {"input_wait_s": 0.0, "eval_s": 0.0, "loop_s": 0.0}  # this run's share of waiting for input
+    t_loop = time.perf_counter()
     with open(metrics_path if main else os.devnull, "a") as mfile:
         pre.agree()
         preempted = pre.requested and step < s.total_steps  # signalled during set-up
@@ -310,6 +312,7 @@ def _train(config: Any, workdir: str, pre: "_Preemption", stop_at: int | None) -
             t0 = time.perf_counter()
             batch = runner.put_batch(next(data))
             t1 = time.perf_counter()
+            timing["input_wait_s"] += t1 - t0
             state, metrics = runner.train(state, frozen, batch)
             step += 1
             last = step == s.total_steps
@@ -335,7 +338,9 @@ def _train(config: Any, workdir: str, pre: "_Preemption", stop_at: int | None) -
                         "--config.compute_dtype=float32 if it is bfloat16). Checkpoints saved before this "
                         f"step are in {ckpt.directory}.")
             if do_eval:
+                t_eval = time.perf_counter()
                 ev = run_eval(s, state, frozen)
+                timing["eval_s"] += time.perf_counter() - t_eval
                 record.update(ev)
                 last_eval = record
                 improved = best is None or ev["eval_accuracy"] > best
@@ -357,6 +362,7 @@ def _train(config: Any, workdir: str, pre: "_Preemption", stop_at: int | None) -
             if pre.requested and not last:
                 preempted = True
                 break
+    timing["loop_s"] = time.perf_counter() - t_loop - timing["eval_s"]
     progress.close()
     ckpt.close()
     if preempted:
@@ -378,6 +384,10 @@ def _train(config: Any, workdir: str, pre: "_Preemption", stop_at: int | None) -
         "wall_time_s": wall,
         "num_devices": runner.num_devices,
         "parallel": runner.kind,
+        # time blocked on the next batch (+ its transfer) in this run's training steps, and its share
+        # of the training loop's time (evaluations excluded)
+        "input_wait_s": timing["input_wait_s"],
+        "input_wait_fraction": timing["input_wait_s"] / max(timing["loop_s"], 1e-9),
     }
     if config.export_merged:
         summary["merged_checkpoint"] = export_state(s, runner.get_state(state), os.path.join(workdir, "merged.npz"))
