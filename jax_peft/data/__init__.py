@@ -152,20 +152,22 @@ def make_dataset(name: str, split: str, *, batch_size: int, image_size: int, tra
                            interpolation=interpolation, hflip=hflip,
                            random_resized_crop=random_resized_crop, crop_fraction=crop_fraction)
     procs = _auto_processes(len(source)) if worker_processes is None else int(worker_processes)
+    notes: list[str] = []
     if cache:
         from jax_peft.data import cache as cache_lib
 
         cached = cache_lib.open_cache(source, transform, dataset=name, split=split,
                                       cache_dir=cache_dir or cache_lib.default_cache_dir(data_dir),
-                                      max_bytes=float(cache_max_gb) * 2**30, workers=procs)
+                                      max_bytes=float(cache_max_gb) * 2**30, workers=procs, notes=notes)
         if cached is not None:
             source, procs = cached, 0  # reading the cache is cheaper than sending batches between processes
     plan = BatchPlan(len(source), batch_size=batch_size, train=train, seed=seed,
                      process_index=process_index, process_count=process_count,
                      drop_remainder=drop_remainder)
-    return BatchIterator(source, transform, plan, image_size=image_size, start_batch=start_batch,
-                         prefetch=prefetch, num_workers=num_workers,
-                         worker_processes=procs if prefetch > 0 else 0)
+    it = BatchIterator(source, transform, plan, image_size=image_size, start_batch=start_batch,
+                       prefetch=prefetch, num_workers=num_workers, worker_processes=procs if prefetch > 0 else 0)
+    it.notes = notes  # what the decoded cache did (the training loop prints them)
+    return it
 
 
 def _auto_processes(num_records: int) -> int:

@@ -209,23 +209,31 @@ def _build(directory: str, source: Sequence, transform, size: int, meta: dict, w
 
 
 def open_cache(source: Sequence, transform, *, dataset: str, split: str, cache_dir: str,
-               max_bytes: float = DEFAULT_MAX_GB * 2**30, workers: int = 0) -> DecodedCache | None:
+               max_bytes: float = DEFAULT_MAX_GB * 2**30, workers: int = 0,
+               notes: list[str] | None = None) -> DecodedCache | None:
     """The decoded cache of (dataset, split) for `transform` (a `Preprocess`), built on first use
-    (`workers` > 1: in that many processes), or None when the split is not cacheable (logged why)."""
+    (`workers` > 1: in that many processes), or None when the split is not cacheable. What happened
+    is logged (INFO) and appended to `notes`."""
+
+    def say(msg: str, *args) -> None:
+        log.info(msg, *args)
+        if notes is not None:
+            notes.append(msg % args)
+
     size = transform.stored_size
     where = f"{dataset} {split}"
     if size is None:
-        log.info("decoded cache not used for %s: random_resized_crop draws its crop from the "
+        say("decoded cache not used for %s: random_resized_crop draws its crop from the "
                  "original image", where)
         return None
     nbytes = len(source) * size * size * 3
     if nbytes > max_bytes:
-        log.info("decoded cache not used for %s: %d images at %d px would take %.2f GB, over the "
+        say("decoded cache not used for %s: %d images at %d px would take %.2f GB, over the "
                  "limit of %.2f GB (data.cache_max_gb)", where, len(source), size, nbytes / 2**30, max_bytes / 2**30)
         return None
     fp = source_fingerprint(source)
     if fp is None:
-        log.info("decoded cache not used for %s: no fingerprint for a %s source (define "
+        say("decoded cache not used for %s: no fingerprint for a %s source (define "
                  "cache_fingerprint())", where, type(source).__name__)
         return None
     meta = {"format": FORMAT_VERSION, "dataset": dataset, "split": split, "size": size,
@@ -235,18 +243,19 @@ def open_cache(source: Sequence, transform, *, dataset: str, split: str, cache_d
     prefix = f"{_slug(split)}_{size}px_{transform.interpolation}_"
     parent = os.path.join(cache_dir, _slug(dataset))
     directory = os.path.join(parent, prefix + key)
-    if not os.path.isfile(os.path.join(directory, "meta.json")):
-        os.makedirs(parent, exist_ok=True)
-        t0 = time.perf_counter()
-        _build(directory, source, transform, size, meta, workers)
-        log.info("decoded cache for %s built in %.1f s (%d worker process(es)): %d images at %d px, "
-                 "%.1f MB in %s", where, time.perf_counter() - t0, max(workers, 1), len(source), size,
-                 nbytes / 2**20, directory)
-        for stale in os.listdir(parent):
-            if stale.startswith(prefix) and stale != prefix + key and ".tmp" not in stale:
-                shutil.rmtree(os.path.join(parent, stale), ignore_errors=True)
-                log.info("decoded cache: removed the stale entry %s", os.path.join(parent, stale))
-    cache = DecodedCache(directory)
-    log.info("decoded cache for %s: %d images at %d px, %.1f MB (%s)", where, len(cache), size,
-             cache.nbytes / 2**20, directory)
-    return cache
+    if os.path.isfile(os.path.join(directory, "meta.json")):
+        cache = DecodedCache(directory)
+        say("decoded cache for %s: reading %d images at %d px, %.1f MB, from %s", where, len(cache),
+            size, cache.nbytes / 2**20, directory)
+        return cache
+    os.makedirs(parent, exist_ok=True)
+    t0 = time.perf_counter()
+    _build(directory, source, transform, size, meta, workers)
+    say("decoded cache for %s built in %.1f s (%d decoding process(es)): %d images at %d px, %.1f MB "
+        "in %s", where, time.perf_counter() - t0, max(workers, 1), len(source), size, nbytes / 2**20,
+        directory)
+    for stale in os.listdir(parent):
+        if stale.startswith(prefix) and stale != prefix + key and ".tmp" not in stale:
+            shutil.rmtree(os.path.join(parent, stale), ignore_errors=True)
+            say("decoded cache: removed the stale entry %s", os.path.join(parent, stale))
+    return DecodedCache(directory)

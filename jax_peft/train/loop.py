@@ -298,6 +298,8 @@ def _train(config: Any, workdir: str, pre: "_Preemption", stop_at: int | None) -
 
     data = model_setup.make_dataset(config, config.data.train_split, train=True,
                                     start_batch=int(meta.get("data_position", start)))
+    for note in getattr(data, "notes", ()):  # the decoded cache's size and place (jax_peft.data.cache)
+        progress.message(note)
     wall_before = float(meta.get("wall_time_s", 0.0))
     log_every, eval_every = max(int(config.log_every), 1), int(config.eval_every)
     ckpt_every = int(config.checkpoint_every)
