@@ -7,7 +7,8 @@ it for a whole split under
 
     <cache_dir>/<dataset>/<split>_<S>px_<interpolation>_<key>/{images.npy, labels.npy, meta.json}
 
-(images uint8 (N, S, S, 3), memory-mapped on read; labels int64 (N,)), where `key` hashes the
+(images uint8 (N, S, S, 3), memory-mapped on read; labels int64 (N,); recipes with flips add
+`mirrored.npy`, the flipped images, so a flip is a plain read), where `key` hashes the
 dataset, split, S, resize method, this module's format version and a fingerprint of the source's
 content (list files and each image file's size and mtime, or the TFDS array_record files; plus the
 decoded pixels and labels of a few records). A changed key builds a new entry (and removes the
@@ -117,13 +118,31 @@ def _sample_digest(source: Sequence, prepare) -> str:
 class DecodedCache:
     """A cached split: `len`, `[i] -> {"image": uint8 (S, S, 3), "label": int}` and
     `load_examples(indices, rngs, transform)` -> (uint8 (n, size, size, 3), labels (n,)) through
-    `transform.augment` (crop, flip) per example."""
+    `transform.augment` (crop, flip) per example. Flipped examples are read from a mirrored copy
+    (`mirrored.npy`, written beside the images the first time a flipping recipe reads the entry):
+    a flip is then a gather like any other read instead of a slow copy of 3-byte pixels."""
 
     def __init__(self, directory: str):
         self.directory = directory
         self.images = np.load(os.path.join(directory, "images.npy"), mmap_mode="r")
         self.labels = np.load(os.path.join(directory, "labels.npy"))
         self.nbytes = int(self.images.nbytes)
+        self.mirrored: np.ndarray | None = None
+
+    def mirror(self) -> np.ndarray:
+        """The horizontally flipped images (N, S, S, 3), memory-mapped; written atomically once."""
+        if self.mirrored is None:
+            path = os.path.join(self.directory, "mirrored.npy")
+            if not os.path.isfile(path):
+                tmp = f"{path}.tmp{os.getpid()}"
+                out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=self.images.shape)
+                for s in range(0, len(self), 256):
+                    out[s:s + 256] = self.images[s:s + 256, :, ::-1]
+                out.flush()
+                del out
+                os.replace(tmp, path)
+            self.mirrored = np.load(path, mmap_mode="r")
+        return self.mirrored
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -132,21 +151,22 @@ class DecodedCache:
         return {"image": np.asarray(self.images[int(index)]), "label": int(self.labels[int(index)])}
 
     def load_examples(self, indices: np.ndarray, rngs: list, transform) -> tuple[np.ndarray, np.ndarray]:
-        """`transform.augment` of records `indices` (with `rngs`), batched: one gather (or one crop
-        per example) from the memory map, then the flips as one copy of 3-byte pixels."""
+        """`transform.augment` of records `indices` (with `rngs`), batched: gathers from the memory
+        maps (flip(crop(x, top, left)) = crop(flip(x), top, S - left - size))."""
         indices = np.asarray(indices, np.int64)
         params = [transform.augment_params(g) for g in rngs]
-        size = transform.image_size
-        if self.images.shape[1] == size:  # no crop: one gather from the page cache
-            out = np.asarray(self.images[indices])
-        else:
-            out = np.empty((len(indices), size, size, 3), np.uint8)
-            for j, (i, (top, left, _)) in enumerate(zip(indices, params)):
-                out[j] = self.images[i, top:top + size, left:left + size]
         flips = np.asarray([p[2] for p in params], bool)
-        if flips.any():  # pixels as 3-byte items: one item copy each instead of three byte copies
-            pixels = out.view(np.dtype((np.void, 3)))[..., 0]
-            pixels[flips] = pixels[flips][:, :, ::-1]
+        mirrored = self.mirror() if flips.any() else None
+        s, size = self.images.shape[1], transform.image_size
+        out = np.empty((len(indices), size, size, 3), np.uint8)
+        if s == size:  # no crop: one gather per orientation from the page cache
+            out[~flips] = self.images[indices[~flips]]
+            if mirrored is not None:
+                out[flips] = mirrored[indices[flips]]
+        else:
+            for j, (i, (top, left, flip)) in enumerate(zip(indices, params)):
+                out[j] = (mirrored[i, top:top + size, s - left - size:s - left] if flip else
+                          self.images[i, top:top + size, left:left + size])
         return out, self.labels[indices]
 
 
@@ -227,9 +247,12 @@ def open_cache(source: Sequence, transform, *, dataset: str, split: str, cache_d
                  "original image", where)
         return None
     nbytes = len(source) * size * size * 3
-    if nbytes > max_bytes:
-        say("decoded cache not used for %s: %d images at %d px would take %.2f GB, over the "
-                 "limit of %.2f GB (data.cache_max_gb)", where, len(source), size, nbytes / 2**30, max_bytes / 2**30)
+    copies = 2 if transform.train and transform.hflip else 1  # + the mirrored copy for flips
+    if nbytes * copies > max_bytes:
+        say("decoded cache not used for %s: %d images at %d px%s would take %.2f GB, over the "
+            "limit of %.2f GB (data.cache_max_gb)", where, len(source), size,
+            " (and their mirror images, for flips)" if copies == 2 else "", nbytes * copies / 2**30,
+            max_bytes / 2**30)
         return None
     fp = source_fingerprint(source)
     if fp is None:
