@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> dict:
                              workers=w)
         dt = time.perf_counter() - t0
         res["cache_build"][str(w)] = {"seconds": dt, "images_per_s": rate(args.images, dt)}
-        print(f"cache build, {w} worker process(es): {dt:.2f}s = {rate(args.images, dt):.0f} images/s "
+        print(f"cache build, {w} decoding process(es) (1: this one): {dt:.2f}s = {rate(args.images, dt):.0f} images/s "
               f"(incl. process start-up)", flush=True)
     res["cache_mb"] = cache.nbytes / 2**20
 
