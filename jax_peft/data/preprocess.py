@@ -62,14 +62,19 @@ def normalize(image: np.ndarray, kind: str = "minus_one_one") -> np.ndarray:
     minus_one_one: x/127.5 - 1 (= mean 0.5, std 0.5 on [0, 1]); imagenet: ([0, 1] - mean) / std;
     zero_one: x/255.
     """
-    x = np.asarray(image, np.float32)
+    if kind not in NORMALIZATIONS:
+        raise ValueError(f"unknown normalization {kind!r}; use one of {NORMALIZATIONS}")
+    x = np.array(image, np.float32)  # a new array, updated in place (no temporaries: whole batches)
     if kind == "minus_one_one":
-        return x / np.float32(127.5) - np.float32(1.0)
-    if kind == "imagenet":
-        return (x / np.float32(255.0) - IMAGENET_MEAN) / IMAGENET_STD
-    if kind == "zero_one":
-        return x / np.float32(255.0)
-    raise ValueError(f"unknown normalization {kind!r}; use one of {NORMALIZATIONS}")
+        x /= np.float32(127.5)
+        x -= np.float32(1.0)
+    elif kind == "imagenet":
+        x /= np.float32(255.0)
+        x -= IMAGENET_MEAN
+        x /= IMAGENET_STD
+    else:
+        x /= np.float32(255.0)
+    return x
 
 
 def hflip(image: np.ndarray) -> np.ndarray:
