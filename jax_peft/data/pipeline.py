@@ -256,6 +256,9 @@ class BatchIterator:
             self._put_final(StopIteration())
         except BaseException as e:  # re-raised in the consumer
             self._put_final(e)
+        finally:
+            if self._procs is not None:  # done or stopped: release the worker processes
+                self._procs.close()
 
     def _put_final(self, item: BaseException) -> None:
         while not self._stop.is_set():
