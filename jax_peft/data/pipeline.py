@@ -123,9 +123,11 @@ class BatchPlan:
         return np.where(valid, pos, 0), valid.astype(np.float32)
 
 
-def _worker_iterator(source: Sequence, transform: Transform, plan: BatchPlan, image_size: int) -> "BatchIterator":
+def _worker_iterator(source: Sequence, transform: Transform, plan: BatchPlan, image_size: int,
+                     num_classes: int | None, name: str) -> "BatchIterator":
     """A worker process's synchronous copy of an iterator (see `worker_processes`)."""
-    return BatchIterator(source, transform, plan, image_size=image_size, prefetch=0, num_workers=1)
+    return BatchIterator(source, transform, plan, image_size=image_size, prefetch=0, num_workers=1,
+                         num_classes=num_classes, name=name)
 
 
 class BatchIterator:
@@ -141,10 +143,12 @@ class BatchIterator:
 
     def __init__(self, source: Sequence, transform: Transform, plan: BatchPlan, *,
                  image_size: int, start_batch: int = 0, prefetch: int = 2,
-                 num_workers: int | None = None, worker_processes: int = 0):
+                 num_workers: int | None = None, num_classes: int | None = None, name: str = "dataset",
+                 worker_processes: int = 0):
         if start_batch < 0:
             raise ValueError(f"start_batch must be >= 0, got {start_batch}")
         self.source, self.transform, self.plan = source, transform, plan
+        self.num_classes, self.name = num_classes, name  # labels are checked against num_classes
         self.image_size = image_size
         self.steps_per_epoch = plan.batches_per_epoch
         self.num_batches = plan.num_batches
@@ -160,7 +164,7 @@ class BatchIterator:
                 raise ValueError("worker_processes needs prefetch > 0 (the batches come from a background thread)")
             from jax_peft.data.workers import ProcessMap
 
-            self._procs = ProcessMap(_worker_iterator, (source, transform, plan, image_size),
+            self._procs = ProcessMap(_worker_iterator, (source, transform, plan, image_size, num_classes, name),
                                      "batch_examples", worker_processes)
         self._queue: queue.Queue | None = None
         self._thread: threading.Thread | None = None
@@ -172,8 +176,22 @@ class BatchIterator:
 
     # --- producing ------------------------------------------------------------------------------
     def _load_one(self, index: int, rng: np.random.Generator | None, stage: Transform) -> tuple[np.ndarray, int]:
-        ex = self.source[int(index)]
-        return stage(ex["image"], rng), int(ex["label"])
+        try:
+            ex = self.source[int(index)]
+            image = stage(ex["image"], rng)
+        except Exception as e:  # noqa: BLE001 - name the dataset and the example of any read/decode error
+            raise ExampleError(f"{self.name}, example {int(index)}: {type(e).__name__}: {e}") from e
+        label = int(ex["label"])
+        self._check_label(int(index), label)
+        return image, label
+
+    def _check_label(self, index: int, label: int) -> None:
+        if self.num_classes is not None and not 0 <= label < self.num_classes:
+            where = getattr(self.source, "describe", lambda i: "")(int(index))
+            raise ExampleError(
+                f"{self.name}, example {int(index)}{f' ({where})' if where else ''}: label {label} is outside "
+                f"[0, {self.num_classes}) for a dataset of {self.num_classes} classes; training on it would "
+                "give a wrong loss silently. Fix the label (or the dataset's class count)")
 
     def _map(self, fn, *iterables):
         return list(self._pool.map(fn, *iterables)) if self._pool else list(map(fn, *iterables))
@@ -184,6 +202,8 @@ class BatchIterator:
         load_examples = getattr(self.source, "load_examples", None)
         if load_examples is not None and hasattr(self.transform, "augment"):
             images, labels = load_examples(indices, rngs, self.transform)
+            for i, label in zip(indices, labels):  # the cache stores the source's labels unchecked
+                self._check_label(int(i), int(label))
             return images, np.asarray(labels, np.int32)
         stage = getattr(self.transform, "geometry", self.transform)
         out = self._map(lambda i, g: self._load_one(i, g, stage), indices, rngs)
@@ -319,6 +339,10 @@ class BatchIterator:
             self._stop.set()
         except Exception:
             pass
+
+
+class ExampleError(ValueError):
+    """An example could not be read, decoded or has an invalid label; names the dataset and index."""
 
 
 class DatasetUnavailableError(RuntimeError):
