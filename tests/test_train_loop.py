@@ -82,6 +82,7 @@ def test_outputs_of_an_uninterrupted_run(straight):
     for key in ("method", "trainable_params", "best_eval_accuracy", "final_eval_accuracy", "steps", "wall_time_s"):
         assert key in summary
     assert summary["method"] == "bitfit" and summary["steps"] == 16
+    assert 0 < summary["input_wait_s"] and 0 < summary["input_wait_fraction"] < 1  # time in next(data)
     assert summary["final_eval_accuracy"] == recs[-1]["eval_accuracy"]
     assert summary["best_eval_accuracy"] == max(r["eval_accuracy"] for r in recs if "eval_accuracy" in r)
     assert json.load(open(os.path.join(workdir, "config.json")))["method"]["name"] == "bitfit"

@@ -24,6 +24,7 @@ last batches and a `mask`. See `jax_peft.data.pipeline` for the exact order.
 from __future__ import annotations
 
 import importlib
+import os
 from typing import Any
 
 from jax_peft.data.pipeline import BatchIterator, BatchPlan, DatasetUnavailableError, ExampleError
@@ -100,7 +101,9 @@ def make_dataset(name: str, split: str, *, batch_size: int, image_size: int, tra
                  process_index: int | None = None, process_count: int | None = None,
                  start_batch: int = 0, drop_remainder: bool | None = None, prefetch: int = 2,
                  crop_fraction: float | None | str = "default", num_workers: int | None = None,
-                 source: Any = None, num_classes: int | None = None) -> BatchIterator:
+                 source: Any = None, num_classes: int | None = None, cache: bool = False,
+                 cache_dir: str | None = None, cache_max_gb: float = 4.0,
+                 worker_processes: int | None = None) -> BatchIterator:
     """Batches {"image": float32 (B, H, W, 3), "label": int32 (B,)} (+ "mask": float32 (B,) in eval).
 
     Args:
@@ -123,6 +126,13 @@ def make_dataset(name: str, split: str, *, batch_size: int, image_size: int, tra
       source: optional record source to use instead of the named dataset's (tests, custom data).
       num_classes: every label must lie in [0, num_classes), else `ExampleError` names the dataset,
         the label and the example (default: the dataset's class count; with `source`, unchecked).
+      cache: read the split from the decoded cache (`jax_peft.data.cache`: decoded and resized once,
+        then memory-mapped; bit-identical batches), building it on first use, when the split fits
+        in `cache_max_gb` and its preprocessing allows (not random_resized_crop).
+      cache_dir: where the cache lives (default: $JAX_PEFT_CACHE_DIR, else <data_dir>/jax_peft_cache,
+        else ~/.cache/jax_peft/decoded).
+      worker_processes: processes decoding what is not cached, and building the cache (whole
+        batches each; same batches as 0). None: min(8, cpu count) for splits of >= 512 records, else 0.
     """
     family, name = _split_name(name)
     if process_index is None or process_count is None:
@@ -149,12 +159,30 @@ def make_dataset(name: str, split: str, *, batch_size: int, image_size: int, tra
     transform = Preprocess(image_size=image_size, train=train, normalization=normalization,
                            interpolation=interpolation, hflip=hflip,
                            random_resized_crop=random_resized_crop, crop_fraction=crop_fraction)
+    procs = _auto_processes(len(source)) if worker_processes is None else int(worker_processes)
+    notes: list[str] = []
+    if cache:
+        from jax_peft.data import cache as cache_lib
+
+        cached = cache_lib.open_cache(source, transform, dataset=name, split=split,
+                                      cache_dir=cache_dir or cache_lib.default_cache_dir(data_dir),
+                                      max_bytes=float(cache_max_gb) * 2**30, workers=procs, notes=notes)
+        if cached is not None:
+            source, procs = cached, 0  # reading the cache is cheaper than sending batches between processes
     plan = BatchPlan(len(source), batch_size=batch_size, train=train, seed=seed,
                      process_index=process_index, process_count=process_count,
                      drop_remainder=drop_remainder)
-    return BatchIterator(source, transform, plan, image_size=image_size, start_batch=start_batch,
-                         prefetch=prefetch, num_workers=num_workers, num_classes=num_classes,
-                         name=f"{name} split {split!r}")
+    it = BatchIterator(source, transform, plan, image_size=image_size, start_batch=start_batch,
+                       prefetch=prefetch, num_workers=num_workers, num_classes=num_classes,
+                       name=f"{name} split {split!r}", worker_processes=procs if prefetch > 0 else 0)
+    it.notes = notes  # what the decoded cache did (the training loop prints them)
+    return it
+
+
+def _auto_processes(num_records: int) -> int:
+    """Decoding processes by default: min(8, cpu count) for splits of >= 512 records, else none."""
+    cpus = os.cpu_count() or 1
+    return min(8, cpus) if num_records >= 512 and cpus > 1 else 0
 
 
 __all__ = ["vtab_tasks", "num_classes", "dataset_info", "make_dataset", "get_source", "BatchIterator",

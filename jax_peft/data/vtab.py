@@ -20,6 +20,7 @@ comparisons with the papers' tables use the export (`python -m jax_peft.data.pre
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import warnings
 from typing import Any, Callable, Sequence
@@ -40,8 +41,12 @@ SPLITS = ("train800", "val200", "train800val200", "test", "train", "val", "train
 
 
 # --- label functions (numpy versions of task_adaptation's tf code) --------------------------------
+def _read_label(key: str, ex: dict) -> int:
+    return int(ex[key])
+
+
 def _label(key: str) -> Callable[[dict], int]:
-    return lambda ex: int(ex[key])
+    return functools.partial(_read_label, key)  # picklable (worker processes), unlike a lambda
 
 
 def _clevr_count(ex: dict) -> int:
@@ -70,8 +75,12 @@ def _kitti_dist(ex: dict) -> int:
     return int(np.max(np.nonzero(_KITTI_THRESHOLDS - np.min(z) < 0)[0]))
 
 
+def _read_binned(key: str, factor: float, ex: dict) -> int:
+    return int(np.floor(float(ex[key]) / factor))
+
+
 def _binned(key: str, factor: float) -> Callable[[dict], int]:
-    return lambda ex: int(np.floor(float(ex[key]) / factor))
+    return functools.partial(_read_binned, key, factor)
 
 
 # --- image fixes ------------------------------------------------------------------------------------

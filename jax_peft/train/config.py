@@ -8,7 +8,8 @@ as `--config.optimizer.lr_rate=...` fails with the list of valid keys. Shape of 
                hidden_size, num_layers, num_heads, mlp_dim, classifier
     method:    name, and the method's own hyper-parameters (e.g. rank, scale), free-form
     data:      name, data_dir, train_split, eval_split, image_size, interpolation, normalization,
-               hflip, random_resized_crop, shuffle_buffer, prefetch
+               hflip, random_resized_crop, shuffle_buffer, prefetch, cache, cache_dir, cache_max_gb,
+               worker_processes
     optimizer: name (adamw|sgd), lr, weight_decay, b1, b2, eps, momentum, grad_clip_norm
     schedule:  kind (cosine|timm_epoch|constant), warmup_steps, warmup_epochs, warmup_lr, min_lr,
                cosine_epochs, steps_per_epoch, step_offset ("after_epoch" | "before_epoch")
@@ -65,6 +66,10 @@ def default_config() -> ml_collections.ConfigDict:
         drop_remainder=True,      # training: False keeps the last partial batch of each epoch
                                   # (padded + masked, as PyTorch's drop_last=False; RLRR's loader)
         prefetch=2,
+        cache=True,               # decoded cache (jax_peft.data.cache): decode + resize each split once
+        cache_dir="",             # "": $JAX_PEFT_CACHE_DIR, else <data_dir>/jax_peft_cache, else ~/.cache/jax_peft/decoded
+        cache_max_gb=4.0,         # splits whose decoded images would take more are decoded every epoch
+        worker_processes=-1,      # decoding processes for what is not cached; -1: auto (cpu count for >= 512 records)
     ))
 
     c.optimizer = ml_collections.ConfigDict(dict(

@@ -357,6 +357,8 @@ def _train(config: Any, workdir: str, pre: "_Preemption", stop_at: int | None) -
 
     data = model_setup.make_dataset(config, config.data.train_split, train=True,
                                     start_batch=int(meta.get("data_position", start)))
+    for note in getattr(data, "notes", ()):  # the decoded cache's size and place (jax_peft.data.cache)
+        progress.message(note)
     wall_before = float(meta.get("wall_time_s", 0.0))
     log_every, eval_every = max(int(config.log_every), 1), int(config.eval_every)
     ckpt_every = int(config.checkpoint_every)
@@ -364,6 +366,8 @@ def _train(config: Any, workdir: str, pre: "_Preemption", stop_at: int | None) -
     step = start
     guard = safety.FiniteGuard(runner.get)
     last_good = _last_good(ckpt)
+    timing = {"input_wait_s": 0.0, "eval_s": 0.0, "loop_s": 0.0}  # this run's share of waiting for input
+    t_loop = time.perf_counter()
     with open(metrics_path if main else os.devnull, "a") as mfile:
         pre.agree()
         preempted = pre.requested and step < s.total_steps  # signalled during set-up
@@ -371,6 +375,7 @@ def _train(config: Any, workdir: str, pre: "_Preemption", stop_at: int | None) -
             t0 = time.perf_counter()
             batch = runner.put_batch(next(data))
             t1 = time.perf_counter()
+            timing["input_wait_s"] += t1 - t0
             state, metrics = runner.train(state, frozen, batch)
             step += 1
             if guard.add(step, metrics):
@@ -395,7 +400,9 @@ def _train(config: Any, workdir: str, pre: "_Preemption", stop_at: int | None) -
             if do_log:  # the log synced already; the flags of the steps since the last check
                 guard.check(last_good)
             if do_eval:
+                t_eval = time.perf_counter()
                 ev = run_eval(s, state, frozen)
+                timing["eval_s"] += time.perf_counter() - t_eval
                 record.update(ev)
                 last_eval = record
                 improved = best is None or ev["eval_accuracy"] > best
@@ -416,6 +423,7 @@ def _train(config: Any, workdir: str, pre: "_Preemption", stop_at: int | None) -
             if pre.requested and not last:
                 preempted = True
                 break
+    timing["loop_s"] = time.perf_counter() - t_loop - timing["eval_s"]
     progress.close()
     ckpt.close()
     if preempted:
@@ -437,6 +445,10 @@ def _train(config: Any, workdir: str, pre: "_Preemption", stop_at: int | None) -
         "wall_time_s": wall,
         "num_devices": runner.num_devices,
         "parallel": runner.kind,
+        # time blocked on the next batch (+ its transfer) in this run's training steps, and its share
+        # of the training loop's time (evaluations excluded)
+        "input_wait_s": timing["input_wait_s"],
+        "input_wait_fraction": timing["input_wait_s"] / max(timing["loop_s"], 1e-9),
     }
     if config.export_merged:
         summary["merged_checkpoint"] = export_state(s, runner.get_state(state), os.path.join(workdir, "merged.npz"))

@@ -49,6 +49,8 @@ def make_dataset(config: Any, split: str, *, train: bool, start_batch: int = 0,
         seed=int(config.seed), normalization=d.normalization, interpolation=d.interpolation,
         hflip=bool(d.hflip) and train, random_resized_crop=bool(d.random_resized_crop) and train,
         data_dir=d.data_dir, start_batch=int(start_batch), prefetch=int(d.prefetch),
+        cache=bool(d.cache), cache_dir=d.cache_dir or None, cache_max_gb=float(d.cache_max_gb),
+        worker_processes=None if int(d.worker_processes) < 0 else int(d.worker_processes),
     )
     if train and not bool(d.drop_remainder):
         kwargs["drop_remainder"] = False
