@@ -25,6 +25,7 @@ LOCK_NAME = "run.lock"
 # Config fields that change nothing the run computes: ignored on resume.
 FREE_ON_RESUME = ("progress", "mode", "restore_from", "export_merged", "log_every", "checkpoint_every",
                   "keep_checkpoints", "keep_best", "resume_override", "data.prefetch", "data.data_dir",
+                  "data.cache", "data.cache_dir", "data.cache_max_gb", "data.worker_processes",
                   "model.remat")
 # Fields that may change on resume when named in `--config.resume_override` (they change the
 # schedule length, the evaluation or the numerics' rounding, not what is being trained).
