@@ -50,6 +50,9 @@ NAMED_CONFIGS: dict[str, tuple[int, int, int, int, int]] = {
     "ViT-L/16": (16, 1024, 24, 16, 4096),
     "ViT-L/32": (32, 1024, 24, 16, 4096),
     "ViT-H/14": (14, 1280, 32, 16, 5120),
+    # Scaling-ViT shapes (Zhai et al. 2022, Table 2; big_vision's variant table "g" and "G"):
+    "ViT-g/14": (14, 1408, 40, 16, 6144),
+    "ViT-G/14": (14, 1664, 48, 16, 8192),
 }
 
 
@@ -111,11 +114,14 @@ class ViTConfig:
 
 
 def _canonical_name(name: str) -> str:
-    """'ViT-B_16', 'vit-b/16', 'B/16', 'B_16' -> 'ViT-B/16'."""
-    m = re.fullmatch(r"(?i)(?:vit[-_]?)?(ti|s|b|l|h)[-_/]?(\d+)", name.strip())
+    """'ViT-B_16', 'vit-b/16', 'B/16', 'B_16' -> 'ViT-B/16'. The case of g and G is kept: ViT-g/14
+    and ViT-G/14 are different models."""
+    m = re.fullmatch(r"(?:[vV][iI][tT][-_]?)?([tT][iI]|[sSbBlLhH]|g|G)[-_/]?(\d+)", name.strip())
     if not m:
         return name
-    return f"ViT-{m.group(1).capitalize() if m.group(1).lower() != 'ti' else 'Ti'}/{m.group(2)}"
+    size = m.group(1)
+    size = size if size in ("g", "G") else ("Ti" if size.lower() == "ti" else size.upper())
+    return f"ViT-{size}/{m.group(2)}"
 
 
 def vit_config(
