@@ -28,7 +28,7 @@ import sys
 
 def _arguments(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", default="ViT-B/16,ViT-L/16,ViT-H/14,ViT-g/14,ViT-G/14")
+    p.add_argument("--models", default="ViT-B/16,ViT-L/16,ViT-H/14,ViT-So400m/14,ViT-g/14,ViT-g-opt/16,ViT-G/14")
     p.add_argument("--methods", default="linear,lora,fact_tt,rlrr,full")
     p.add_argument("--fsdp", default="1,4,8,16")
     p.add_argument("--num-classes", type=int, default=1000)

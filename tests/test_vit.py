@@ -20,6 +20,9 @@ PARAM_COUNTS = {
     # Zhai et al. 2022 ("Scaling Vision Transformers"), Table 2: 1011M and 1843M parameters.
     "ViT-g/14": (1_011_202_432, 1_012_611_432),
     "ViT-G/14": (1_842_775_680, 1_844_440_680),
+    # SigLIP image towers with their MAP head (big_vision So400m and g-opt), 224 px: ~0.4B and ~1.1B
+    "ViT-So400m/14": (427_680_704, 428_833_704),
+    "ViT-g-opt/16": (1_163_076_096, 1_164_613_096),
 }
 
 
