@@ -53,7 +53,18 @@ NAMED_CONFIGS: dict[str, tuple[int, int, int, int, int]] = {
     "ViT-L/16": (16, 1024, 24, 16, 4096),
     "ViT-L/32": (32, 1024, 24, 16, 4096),
     "ViT-H/14": (14, 1280, 32, 16, 5120),
+    # Scaling-ViT shapes (Zhai et al. 2022, Table 2; big_vision's variant table "g" and "G"):
+    "ViT-g/14": (14, 1408, 40, 16, 6144),
+    "ViT-G/14": (14, 1664, 48, 16, 8192),
+    # SigLIP image towers (big_vision variants "So400m" and "g-opt", the SigLIP 2 g/16 tower):
     "ViT-So400m/14": (14, 1152, 27, 16, 4304),  # SigLIP's shape-optimized tower (big_vision)
+    "ViT-g-opt/16": (16, 1536, 40, 16, 6144),
+}
+# Named models whose released weights differ from the ViT defaults: the SigLIP towers pool with a
+# MAP head (no class token) and use tanh GELU, as big_vision trains them.
+NAMED_DEFAULTS: dict[str, dict[str, Any]] = {
+    "ViT-So400m/14": {"classifier": "map", "gelu": "tanh"},
+    "ViT-g-opt/16": {"classifier": "map", "gelu": "tanh"},
 }
 
 
@@ -168,11 +179,14 @@ def check_images(config: "ViTConfig", images: Any) -> None:
 
 
 def _canonical_name(name: str) -> str:
-    """'ViT-B_16', 'vit-b/16', 'B/16', 'B_16' -> 'ViT-B/16'; 'So400m/14' -> 'ViT-So400m/14'."""
-    m = re.fullmatch(r"(?i)(?:vit[-_]?)?(ti|so400m|s|b|l|h)[-_/]?(\d+)", name.strip())
+    """'ViT-B_16', 'vit-b/16', 'B/16', 'B_16' -> 'ViT-B/16'; 'So400m/14' -> 'ViT-So400m/14'. The case
+    of g and G is kept: ViT-g/14 and ViT-G/14 are different models ('g-opt/16': SigLIP 2's g tower)."""
+    m = re.fullmatch(r"(?:[vV][iI][tT][-_]?)?([tT][iI]|[sS][oO]400[mM]|g-opt|[sSbBlLhH]|g|G)[-_/]?(\d+)",
+                     name.strip())
     if not m:
         return name
-    size = {"ti": "Ti", "so400m": "So400m"}.get(m.group(1).lower(), m.group(1).upper())
+    size = m.group(1)
+    size = {"ti": "Ti", "so400m": "So400m"}.get(size.lower(), size if size in ("g", "G", "g-opt") else size.upper())
     return f"ViT-{size}/{m.group(2)}"
 
 
@@ -207,7 +221,8 @@ def vit_config(
                 "For a custom size pass None and set patch_size, hidden_size, num_layers, num_heads, mlp_dim."
             )
         p, d, l, h, m = NAMED_CONFIGS[canon]
-        base = ViTConfig(patch_size=p, hidden_size=d, num_layers=l, num_heads=h, mlp_dim=m, name=canon)
+        base = ViTConfig(patch_size=p, hidden_size=d, num_layers=l, num_heads=h, mlp_dim=m, name=canon,
+                         **NAMED_DEFAULTS.get(canon, {}))
     else:
         base = infer_config(name_or_params)
     changes = dict(overrides)

@@ -118,8 +118,8 @@ class _Children:
     def __init__(self, logs: Path, cache: Path):
         self.logs, self.cache, self.procs = logs, cache, []
 
-    def train(self, name: str, workdir: Path, num_processes: int) -> None:
-        cmd = [sys.executable, "-m", "jax_peft.main", *SMOKE, "--workdir", str(workdir)]
+    def train(self, name: str, workdir: Path, num_processes: int, *flags: str) -> None:
+        cmd = [sys.executable, "-m", "jax_peft.main", *SMOKE, "--workdir", str(workdir), *flags]
         if num_processes == 1:
             self._start(f"{name}", cmd, _child_env(8, self.cache))
             return
@@ -192,14 +192,16 @@ def test_two_processes_match_one_and_exchange_checkpoints(tmp_path):
     a, b, c, d = (tmp_path / n for n in ("pair", "single", "single_from_pair", "pair_from_single"))
     children = _Children(logs, tmp_path / "jax_cache")
     try:
-        children.train("pair", a, 2)
+        # The pair shards the frozen backbone over all 8 devices of both processes (fsdp=8); the
+        # single process is plain data parallel; the pair's checkpoint then resumes on the single one.
+        children.train("pair", a, 2, "--config.mesh.fsdp=8", "--config.mesh.min_bytes=0")
         children.train("single", b, 1)
         children.wait(PHASE_TIMEOUT_S)
 
         la, lb = _losses(a), _losses(b)
         assert sorted(la) == sorted(lb) == list(range(1, STEPS + 1))
         assert la[STEPS] < la[1]  # it trains
-        _assert_losses_equal(la, lb, range(1, STEPS + 1), "2 processes x 4 devices vs 1 x 8")
+        _assert_losses_equal(la, lb, range(1, STEPS + 1), "2 processes x 4 devices (fsdp=8) vs 1 x 8")
         sa, sb = (json.loads((w / "summary.json").read_text()) for w in (a, b))
         assert sa["num_devices"] == sb["num_devices"] == 8
         assert sa["final_eval_accuracy"] == pytest.approx(sb["final_eval_accuracy"], abs=1 / 256)

@@ -15,6 +15,7 @@ as `--config.optimizer.lr_rate=...` fails with the list of valid keys. Shape of 
                cosine_epochs, steps_per_epoch, step_offset ("after_epoch" | "before_epoch")
     batch_size, total_steps, num_epochs, seed, label_smoothing, eval_every, log_every,
     checkpoint_every, keep_checkpoints, keep_best, export_merged, parallel (jit|pmap),
+    mesh (data, fsdp, rules, min_bytes),
     compute_dtype (float32|bfloat16), train_form (auto|weight|activation), mode (train|eval|export), restore_from (latest|best), progress,
     resume_override
 """
@@ -106,6 +107,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.keep_best = True            # also keep the checkpoint with the best eval accuracy
     c.export_merged = False       # write DIR/merged.npz (Google layout) at the end
     c.parallel = "jit"            # "jit" (NamedSharding over a mesh) | "pmap"
+    # Device mesh for parallel="jit": the batch is split over data x fsdp; frozen parameters are
+    # sharded over fsdp by `rules` ((path regex, "shard" | "replicate"), first match wins; leaves under
+    # `min_bytes` replicated). fsdp=1: plain data parallelism. See docs/distributed.md.
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, rules=((".*", "shard"),), min_bytes=1 << 18))
     c.compute_dtype = "float32"   # "float32" | "bfloat16" (parameters and optimizer stay float32)
     c.train_form = "auto"         # "auto" (activation form for FacT/EFFT/LoRA) | "weight" | "activation"
     c.mode = "train"              # "train" | "eval" | "export"

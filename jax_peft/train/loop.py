@@ -136,7 +136,14 @@ def setup(config: Any) -> Setup:
     model = ViT(vcfg)
     runner = step_lib.make_runner(model, method, tx, seed=int(config.seed),
                                   label_smoothing=float(config.label_smoothing), parallel=config.parallel,
-                                  schedule=sched, train_form=config.train_form)
+                                  schedule=sched, train_form=config.train_form,
+                                  mesh=(int(config.mesh.data), int(config.mesh.fsdp)),
+                                  shard_rules=tuple(tuple(r) for r in config.mesh.rules),
+                                  shard_min_bytes=int(config.mesh.min_bytes))
+    if int(config.mesh.fsdp) > 1 and not vcfg.remat:
+        log.warning("mesh.fsdp=%d without model.remat: the backward pass keeps every layer's gathered frozen "
+                    "weights, which can cost as much memory as fsdp saves; add --config.model.remat=True "
+                    "(see docs/distributed.md)", int(config.mesh.fsdp))
     distributed.per_process_batch_size(int(config.batch_size))  # config.batch_size is the global batch
     runner.check_batch_size(int(config.batch_size))
     return Setup(config, method, vcfg, model, params, trainable, frozen, sched, tx, runner, num_classes,
@@ -507,8 +514,11 @@ def export_state(s: Setup, state: Any, path: str) -> str:
 
     trainable = jax.device_get(state["trainable"])
     if distributed.is_main_process():
-        merged = merge(step_lib.join_params(s.frozen, trainable), s.method, trainable["adapter"])
-        ck.save_checkpoint(path, jax.device_get(merged))
+        # Merged on the host's CPU backend from the host copy of the frozen tree: no accelerator has to
+        # hold a whole (possibly fsdp-sharded) model, and nothing is gathered from the devices.
+        with jax.default_device(jax.local_devices(backend="cpu")[0]):
+            merged = merge(step_lib.join_params(s.frozen, trainable), s.method, trainable["adapter"])
+            ck.save_checkpoint(path, jax.device_get(merged))
     distributed.sync("export_state")  # the file exists on every process's return
     return path
 

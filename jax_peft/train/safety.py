@@ -26,7 +26,10 @@ LOCK_NAME = "run.lock"
 FREE_ON_RESUME = ("progress", "mode", "restore_from", "export_merged", "log_every", "checkpoint_every",
                   "keep_checkpoints", "keep_best", "resume_override", "data.prefetch", "data.data_dir",
                   "data.cache", "data.cache_dir", "data.cache_max_gb", "data.worker_processes",
-                  "model.remat")
+                  "model.remat",
+                  # the device mesh: checkpoints hold the replicated trainable state only and restore
+                  # onto any mesh (like the device count, which is not in the config either)
+                  "mesh.data", "mesh.fsdp", "mesh.rules", "mesh.min_bytes")
 # Fields that may change on resume when named in `--config.resume_override` (they change the
 # schedule length, the evaluation or the numerics' rounding, not what is being trained).
 OVERRIDABLE_ON_RESUME = ("total_steps", "num_epochs", "eval_every", "data.eval_split", "parallel",

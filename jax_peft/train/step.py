@@ -36,9 +36,10 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from jax_peft import scan
 from jax_peft.methods.activation import forward, supports_activation_form
 from jax_peft.methods.base import Method
-from jax_peft.train import distributed
+from jax_peft.train import distributed, sharding
 
 Tree = Any
 PARALLEL = ("jit", "pmap")
@@ -231,10 +232,16 @@ class Runner:
 def make_runner(model: Any, method: Method, tx: optax.GradientTransformation, *, seed: int,
                 label_smoothing: float = 0.0, parallel: str = "jit",
                 devices: list | None = None, schedule: Callable | None = None,
-                train_form: str = "auto") -> Runner:
+                train_form: str = "auto", mesh: tuple[int, int] | None = None,
+                shard_rules: tuple[tuple[str, str], ...] = sharding.DEFAULT_RULES,
+                shard_min_bytes: int = sharding.DEFAULT_MIN_BYTES) -> Runner:
     """Builds the jitted (or pmapped) train/eval steps over `devices` (default: `jax.devices()`,
     i.e. every process's devices when `jax.distributed` is initialized; `put_batch` then takes this
-    process's rows and assembles the global batch, see `jax_peft.train.distributed`)."""
+    process's rows and assembles the global batch, see `jax_peft.train.distributed`).
+
+    `mesh=(data, fsdp)` with fsdp > 1 (jit only) shards the frozen parameters over an "fsdp" axis by
+    `shard_rules` (see `jax_peft.train.sharding`); the batch is split over data x fsdp and the
+    train state stays replicated. `data=-1` takes the devices that fsdp leaves."""
     if parallel not in PARALLEL:
         raise ValueError(f"unknown parallel mode {parallel!r}; use one of {PARALLEL}")
     if parallel == "pmap" and jax.process_count() > 1:
@@ -242,6 +249,13 @@ def make_runner(model: Any, method: Method, tx: optax.GradientTransformation, *,
                          "use --config.parallel=jit for multi-process training")
     devices = list(devices) if devices is not None else jax.devices()
     n = len(devices)
+    data_size, fsdp = sharding.mesh_shape(n, *mesh) if mesh is not None else (n, 1)
+    if fsdp > 1:
+        if parallel != "jit":
+            raise ValueError(f"mesh.fsdp={fsdp} needs parallel='jit' (pmap replicates every parameter)")
+        return _fsdp_runner(model, method, tx, devices, data_size, fsdp, shard_rules, shard_min_bytes,
+                            seed=seed, label_smoothing=label_smoothing, schedule=schedule,
+                            train_form=train_form)
     if parallel == "jit":
         # Auto axes: XLA propagates the sharding (make_mesh defaults to Explicit axes in new JAX).
         mesh = jax.make_mesh((n,), (AXIS,), devices=devices, axis_types=(jax.sharding.AxisType.Auto,))
@@ -279,3 +293,53 @@ def make_runner(model: Any, method: Method, tx: optax.GradientTransformation, *,
     first = lambda tree: jax.tree_util.tree_map(lambda x: x[0], tree)
     return Runner("pmap", n, train, evaluate, replicate, replicate, put_batch, first,
                   lambda tree: jax.device_get(first(tree)))
+
+
+class _ShardedStep:
+    """A jitted `fn(state, frozen, batch)` whose frozen-argument shardings are those of the frozen
+    tree it is called with (set by the runner's `put_frozen`); compiled once per placement."""
+
+    def __init__(self, fn: Callable, repl: NamedSharding, batch: NamedSharding, out_shardings: Any,
+                 donate: bool):
+        self._fn, self._repl, self._batch, self._out, self._donate = fn, repl, batch, out_shardings, donate
+        self._compiled: dict = {}
+
+    def _jitted(self, frozen: Tree) -> Callable:
+        leaves, treedef = jax.tree_util.tree_flatten(frozen)
+        key = (treedef, tuple(x.sharding for x in leaves))
+        if key not in self._compiled:
+            frozen_shardings = jax.tree_util.tree_unflatten(treedef, [x.sharding for x in leaves])
+            self._compiled[key] = jax.jit(self._fn, in_shardings=(self._repl, frozen_shardings, self._batch),
+                                          out_shardings=self._out, donate_argnums=(0,) if self._donate else ())
+        return self._compiled[key]
+
+    def __call__(self, state: Tree, frozen: Tree, batch: Tree):
+        return self._jitted(frozen)(state, frozen, batch)
+
+    def lower(self, state: Tree, frozen: Tree, batch: Tree):
+        return self._jitted(frozen).lower(state, frozen, batch)
+
+
+def _fsdp_runner(model: Any, method: Method, tx: optax.GradientTransformation, devices: list, data_size: int,
+                 fsdp: int, rules: tuple[tuple[str, str], ...], min_bytes: int, *, seed: int,
+                 label_smoothing: float, schedule: Callable | None, train_form: str) -> Runner:
+    """jit steps over a (data, fsdp) mesh: frozen leaves sharded by `rules`, state replicated, the
+    batch over both axes (each device computes its own rows, as in plain data parallelism)."""
+
+    mesh = sharding.make_mesh(data_size, fsdp, devices)
+    repl, data = NamedSharding(mesh, P()), NamedSharding(mesh, sharding.BATCH)
+    train = _ShardedStep(make_train_fn(model, method, tx, seed=seed, label_smoothing=label_smoothing,
+                                       schedule=schedule, train_form=train_form),
+                         repl, data, (repl, repl), donate=True)
+    evaluate = _ShardedStep(make_eval_fn(model, method), repl, data, repl, donate=False)
+
+    def put_frozen(tree: Tree) -> Tree:
+        stacked = "Transformer" in tree and scan.STACKED in tree["Transformer"]
+        specs = sharding.frozen_specs(tree, fsdp, rules, min_bytes=min_bytes,
+                                      stacked_prefix=f"Transformer/{scan.STACKED}/" if stacked else None)
+        return sharding.put_sharded(tree, mesh, specs)
+
+    put_batch = functools.partial(distributed.global_batch, sharding=data)
+    put_state = functools.partial(distributed.replicate, sharding=repl)
+    return Runner("jit", len(devices), train, evaluate, put_state, put_frozen, put_batch, lambda s: s,
+                  jax.device_get)
