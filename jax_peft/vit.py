@@ -102,10 +102,6 @@ class ViTConfig:
     def grid_size(self) -> int:
         return self.image_size // self.patch_size
 
-    @property
-    def num_tokens(self) -> int:
-        return self.grid_size**2 + (1 if self.classifier == "token" else 0)
-
     def replace(self, **changes: Any) -> "ViTConfig":
         return dataclasses.replace(self, **changes)
 

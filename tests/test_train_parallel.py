@@ -38,7 +38,7 @@ def run_losses(parallel: str, dropout: float = 0.0, steps: int = 3) -> dict:
                  "label": rng.integers(0, 5, (16,)).astype(np.int32)}
         state, m = runner.train(state, frozen, runner.put_batch(batch))
         losses.append(float(runner.get(m)["loss"]))
-    ev = runner.get(runner.eval(state, frozen, runner.put_batch(dict(batch, mask=np.ones(16, np.float32)))))
+    ev = runner.get(runner.eval(runner.merge(state, frozen), runner.put_batch(dict(batch, mask=np.ones(16, np.float32)))))
     return {"devices": runner.num_devices, "losses": losses, "correct": float(ev["correct"]),
             "loss_sum": float(ev["loss_sum"])}
 

@@ -88,10 +88,6 @@ class Checkpointer:
         self.manager.reload()
         return sorted(self.manager.all_steps())
 
-    def latest_step(self) -> int | None:
-        steps = self.all_steps()
-        return steps[-1] if steps else None
-
     def best_step(self) -> int | None:
         """The kept step with the highest eval accuracy (ties: the earliest), or None."""
         best, best_acc = None, -1.0
@@ -161,14 +157,6 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
-
-
-def abstract_like(tree: Any) -> Any:
-    """ShapeDtypeStructs (with shardings when present) of a concrete tree, for restoring."""
-    def one(x):
-        sharding = getattr(x, "sharding", None)
-        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
-    return jax.tree_util.tree_map(one, tree)
 
 
 def config_to_json(config: Any) -> dict:

@@ -237,8 +237,9 @@ def run_eval(s: Setup, state: Any, frozen: Any, split: str | None = None) -> dic
     """Accuracy and mean loss of the device-placed `state` over one pass of `split`."""
     split = split or s.config.data.eval_split
     totals = {"correct": 0.0, "count": 0.0, "loss_sum": 0.0}
+    params = s.runner.merge(state, frozen)  # the adapter merged once per pass, not once per batch
     for batch in model_setup.make_dataset(s.config, split, train=False):
-        out = s.runner.get(s.runner.eval(state, frozen, s.runner.put_batch(batch)))
+        out = s.runner.get(s.runner.eval(params, s.runner.put_batch(batch)))
         for k in totals:
             totals[k] += float(out[k])
     n = max(totals["count"], 1.0)
