@@ -10,7 +10,7 @@
 4. Merges the best PEFT adapter (`jax_peft.merge`), exports it as `.npz` and checks that the merged
    model's logits equal the adapted model's.
 
-Runs are configured by `configs/demo.py` (one config per run; `--quick` = a tiny version for tests).
+Runs are configured by `jax_peft.configs.demo` (one config per run; `--quick` = a tiny version for tests).
 """
 
 from __future__ import annotations
@@ -42,25 +42,13 @@ to the left object and beat it clearly (the best PEFT method by more than 5 poin
 fine-tuning nearly solves this easy, tiny-model task. What it does not show: the papers' numbers or
 rankings. Model, data and budget are tiny (a few hundred steps, PEFT methods not converged, lightly
 tuned learning rates), so the order of the methods here says nothing about VTAB-1k or FGVC with
-ViT-B/16 (use configs/vtab1k.py and configs/fgvc.py), and timings are for this toy size."""
-
-
-def _load_demo_config_module():
-    """configs/demo.py from the repository (not an installed package), as the CLI loads config files."""
-    import importlib.util
-
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.py")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} not found: run the demo from a checkout of jax_peft (it reads "
-                                "configs/demo.py).")
-    spec = importlib.util.spec_from_file_location("jax_peft_demo_config", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+ViT-B/16 (use jax_peft.configs.vtab1k and jax_peft.configs.fgvc), and timings are for this toy size."""
 
 
 def _config(which: str, quick: bool, seed: int, checkpoint: str | None = None) -> Any:
-    cfg = _load_demo_config_module().get_config(f"{which},quick" if quick else which)
+    from jax_peft.configs import demo as demo_config
+
+    cfg = demo_config.get_config(f"{which},quick" if quick else which)
     cfg.seed = seed
     cfg.progress = False
     if checkpoint is not None:

@@ -223,7 +223,7 @@ def quickstart() -> nbformat.NotebookNode:
         Next: `02_pytree_surgery.ipynb` (selecting, replacing and converting parameters) and
         `03_spectral_lens.ipynb` (what RLRR, FacT-TT and LoRA do to the weights' singular values).
         For the real thing, swap the backbone for `jax_peft.load_checkpoint("ViT-B_16")` and use
-        `configs/vtab1k.py` or `configs/fgvc.py`.
+        `jax_peft.configs.vtab1k` or `jax_peft.configs.fgvc`.
         """),
     ]
     return new_notebook(cells=cells, metadata=_metadata())
@@ -389,7 +389,7 @@ def spectral_lens() -> nbformat.NotebookNode:
         md("""
         ## Train three adapters (same backbone, data, steps and seed)
 
-        The learning rates are the demo's (`configs/demo.py`); FacT-TT and LoRA use rank 8, LoRA on
+        The learning rates are the demo's (`jax_peft.configs.demo`); FacT-TT and LoRA use rank 8, LoRA on
         q, k, v as in its paper. `analysis.load_run` restores each trained adapter and the frozen base.
         """),
         code("""
@@ -551,7 +551,7 @@ def spectral_lens() -> nbformat.NotebookNode:
         *What it does not show:* anything about ViT-B/16 on real data. The width (64), depth (2),
         training length (100 steps) and the single seed are far from the papers' settings; φ between two
         seeds of one method (LoRA's analysis) and between methods on VTAB-1k would need real runs (train
-        with `configs/vtab1k.py`, then `python -m jax_peft.analysis RUN_DIR` writes this report, PNG and
+        with `jax_peft.configs.vtab1k`, then `python -m jax_peft.analysis RUN_DIR` writes this report, PNG and
         markdown, for a real run).
         """),
     ]

@@ -76,7 +76,7 @@ def test_partial_sweep_resumes_and_leaves_incomplete_means_empty(tmp_path, capsy
                        "--config.data.data_dir=/d"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 17
-    assert out[0] == (f"python -m jax_peft.main --config=configs/vtab1k.py:cifar100,fact_tt "
+    assert out[0] == (f"python -m jax_peft.main --config=jax_peft.configs.vtab1k:cifar100,fact_tt "
                       f"--workdir={os.path.join(wd, 'cifar100')} --config.data.data_dir=/d")
     md_path, csv_path = tmp_path / "t.md", tmp_path / "t.csv"
     assert sweep.main(["--method", "fact_tt", "--workdir", wd, "--table-only",

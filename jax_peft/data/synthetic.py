@@ -16,7 +16,7 @@ Tasks (names may carry the `synthetic/` prefix):
                 (CLS) representation mixes both objects, so a linear probe on frozen features
                 cannot tell which colour is on the left; adapting attention can.
     smoke       one object; label = its colour among 4 (4 classes), tiny splits. Learnable in a
-                few dozen steps; used by `configs/smoke.py` and tests.
+                few dozen steps; used by `jax_peft.configs.smoke` and tests.
 
 Each split (`train`, `val`, `test`) has a fixed size and is generated from its own seed stream
 (`numpy.random.SeedSequence((task_id, split_id))`), so the held-out test set is disjoint from the

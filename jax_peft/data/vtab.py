@@ -98,10 +98,6 @@ class Task:
     image_fix: Callable[[np.ndarray], np.ndarray] | None = None
     manual: str = ""           # manual-download instructions, if any
 
-    @property
-    def tfds_name(self) -> str:
-        return self.builder.split(":")[0]
-
 
 def _native_val(train: int, val: int, test: int, *, val_name="validation") -> tuple[dict, dict]:
     """Datasets with their own validation split."""
@@ -189,7 +185,9 @@ _TASKS: dict[str, Task] = {t.name: t for t in [
 ]}
 
 _ALIASES = {"cifar": "cifar100", "svhn_cropped": "svhn", "sun397/tfds": "sun397",
-            "diabetic_retinopathy_detection": "diabetic_retinopathy"}
+            "diabetic_retinopathy_detection": "diabetic_retinopathy", "caltech": "caltech101",
+            "flowers": "oxford_flowers102", "pets": "oxford_iiit_pet", "pet": "oxford_iiit_pet",
+            "camelyon": "patch_camelyon", "retinopathy": "diabetic_retinopathy", "sun": "sun397"}
 assert tuple(_TASKS) == TASKS
 
 
