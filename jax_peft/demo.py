@@ -129,7 +129,7 @@ def merge_and_check(method: str, backbone: str, run_dir: str, out_path: str, *, 
     import jax
 
     from jax_peft import checkpoint as ck
-    from jax_peft.data import synthetic
+    from jax_peft import data
     from jax_peft.merge import merge
     from jax_peft.methods import activation
     from jax_peft.train import checkpointing, loop, step as step_lib
@@ -148,9 +148,9 @@ def merge_and_check(method: str, backbone: str, run_dir: str, out_path: str, *, 
     ck.save_checkpoint(out_path, jax.device_get(merged))
     reloaded = ck.load_checkpoint(out_path)
 
-    batch = next(synthetic.make_dataset("synthetic/downstream", "test", batch_size=num_images,
-                                        image_size=int(cfg.data.image_size), train=False,
-                                        process_index=0, process_count=1))
+    batch = next(data.make_dataset("synthetic/downstream", "test", batch_size=num_images,
+                                   image_size=int(cfg.data.image_size), train=False,
+                                   process_index=0, process_count=1, prefetch=0))
     x = batch["image"]
     # Adapted logits in the form training used (activation form, side paths beside the frozen kernels,
     # for FacT/EFFT/LoRA; weight form otherwise) vs the merged plain model reloaded from the .npz.
