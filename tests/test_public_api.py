@@ -1,4 +1,4 @@
-"""The public API of design.md is importable under its documented names, whatever else was imported."""
+"""The public API (README, docs/) is importable under its documented names, whatever else was imported."""
 
 import importlib
 import os

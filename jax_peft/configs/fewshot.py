@@ -9,7 +9,7 @@ are averaged over the three seeds); method in rlrr fact_tt fact_tk efft ssf lora
 With NOAH's list files under data_dir (see `jax_peft.data.fewshot`) the published splits are used;
 otherwise the k-shot list is sampled from TFDS with the seed (FGVC-Aircraft needs the files).
 
-Recipe (vtab_fgvc.md 9.2): AdamW, lr 5e-3, weight decay 1e-4, batch 64 (or the whole training set
+Recipe (NOAH's few-shot runs): AdamW, lr 5e-3, weight decay 1e-4, batch 64 (or the whole training set
 when it is smaller, e.g. 1-shot Pets = 37 images), 100 epochs, cosine with 10 warm-up epochs (timm
 per-epoch schedule; warm-up start 1e-6 and floor 1e-5 as NOAH's VTAB runs, the few-shot values are
 not stated); FacT-TT with rank 16 (scale 1, not stated), baselines with width/rank 8; train

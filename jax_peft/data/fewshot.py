@@ -17,7 +17,7 @@ Two sources:
 
 Preprocessing: random-resized crop + flip for training and Resize(256) -> CenterCrop(224) for
 evaluation (`CROP_FRACTION`), ImageNet normalization (jax_peft.configs.fewshot). NOAH's RandAugment,
-random erasing, mixup/cutmix and label smoothing are not reproduced (vtab_fgvc.md 9.2).
+random erasing, mixup/cutmix and label smoothing are not reproduced.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ Two sources, chosen per call:
     `<export_dir>/<split>.txt` (e.g. `DATA/cifar/train800val200.txt`); labels in the lists are final
     and images already fixed (grayscale tiled, dSprites x255) but native-resolution JPEGs.
   - TFDS (`tfds.data_source`, array_record, no TensorFlow at training time) otherwise, with the
-    builder/version pins, split strings, label functions and image fixes below (`vtab_fgvc.md`).
+    builder/version pins, split strings, label functions and image fixes below.
     Split boundaries are hard-coded from the TFDS metadata (task_adaptation computes the same numbers
     from `builder.info.splits` at run time), so they also hold under `tfds.testing.mock_data`.
 
