@@ -21,7 +21,8 @@ import os
 import shutil
 import sys
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -132,7 +133,8 @@ def merge_and_check(method: str, backbone: str, run_dir: str, out_path: str, *, 
     from jax_peft import data
     from jax_peft.merge import merge
     from jax_peft.methods import activation
-    from jax_peft.train import checkpointing, loop, step as step_lib
+    from jax_peft.train import checkpointing, loop
+    from jax_peft.train import step as step_lib
 
     cfg = _config(method, quick, seed, checkpoint=backbone)
     s = loop.setup(cfg)

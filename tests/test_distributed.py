@@ -79,7 +79,8 @@ def test_per_process_batch_size():
 
 def test_global_batch_and_replicate_on_one_process():
     import jax
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     mesh = distributed.global_mesh()
     rows = {"image": np.arange(2 * jax.device_count() * 3, dtype=np.float32).reshape(-1, 3)}

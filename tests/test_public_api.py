@@ -43,7 +43,7 @@ def test_merge_stays_the_function_after_submodule_imports():
 
 def test_unknown_attribute_is_an_attribute_error():
     try:
-        jax_peft.no_such_name
+        _ = jax_peft.no_such_name
     except AttributeError as e:
         assert "no_such_name" in str(e)
     else:

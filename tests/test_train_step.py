@@ -3,12 +3,12 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 import jax_peft
 from jax_peft import paths
-from jax_peft.train import optimizer, step as step_lib
+from jax_peft.train import optimizer
+from jax_peft.train import step as step_lib
 from jax_peft.train.config import default_config
 
 

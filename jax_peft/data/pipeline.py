@@ -28,7 +28,7 @@ import os
 import queue
 import threading
 import time
-from typing import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -243,7 +243,7 @@ class BatchIterator:
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
 
-    def __enter__(self) -> "BatchIterator":
+    def __enter__(self) -> BatchIterator:
         return self
 
     def __exit__(self, *exc) -> None:

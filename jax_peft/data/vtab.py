@@ -22,7 +22,8 @@ from __future__ import annotations
 import dataclasses
 import os
 import warnings
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -250,7 +251,7 @@ class TaskSource:
         if not 0 <= label < self.task.num_classes:
             if not self._warned:
                 warnings.warn(f"vtab/{self.task.name}: label {label} outside [0, "
-                              f"{self.task.num_classes}) clipped (expected only with mocked data)")
+                              f"{self.task.num_classes}) clipped (expected only with mocked data)", stacklevel=2)
                 self._warned = True
             label = int(np.clip(label, 0, self.task.num_classes - 1))
         return {"image": image, "label": label}

@@ -26,17 +26,17 @@ import signal
 import sys
 import threading
 import time
-from typing import Any, Iterator
+from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
 from jax_peft import paths, scan
 from jax_peft.methods.base import Method
-from jax_peft.train import checkpointing, distributed, model_setup, optimizer, schedules, step as step_lib
+from jax_peft.train import checkpointing, distributed, model_setup, optimizer, schedules
 from jax_peft.train import config as config_lib
+from jax_peft.train import step as step_lib
 from jax_peft.vit import ViT, ViTConfig
 
 log = logging.getLogger(__name__)
@@ -260,7 +260,7 @@ def train_and_evaluate(config: Any, workdir: str, *, stop_at: int | None = None)
         return _train(config, workdir, pre, stop_at)
 
 
-def _train(config: Any, workdir: str, pre: "_Preemption", stop_at: int | None) -> dict:
+def _train(config: Any, workdir: str, pre: _Preemption, stop_at: int | None) -> dict:
     t_start = time.perf_counter()
     os.makedirs(workdir, exist_ok=True)
     s = setup(config)

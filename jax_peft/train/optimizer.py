@@ -9,7 +9,8 @@ Weight decay follows the method's official recipe through `method.decay_mask(tra
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import optax
 
