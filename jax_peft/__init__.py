@@ -10,6 +10,10 @@ Public API (see README and docs)::
     logits = model.apply({"params": method.apply(params, adapter)}, images, train=False)
     merged = jax_peft.merge(params, method, adapter)
     jax_peft.save_checkpoint("merged.npz", merged)
+
+The top level is this pytree API; the trainer lives in `jax_peft.train` (`train_and_evaluate`,
+`evaluate`, `default_config`, `method_config`), datasets in `jax_peft.data`, configs in
+`jax_peft.configs`. Names are imported on first use: `import jax_peft` loads no JAX.
 """
 
 import sys
