@@ -55,7 +55,7 @@ def run_sweep(method: str, workdir: str, *, tasks=TASKS, config: str = "jax_peft
     """Runs the pending tasks in sequence; returns the tasks that failed."""
     failed = []
     workdir = os.path.abspath(workdir)  # the runs start in the repository root (python -m jax_peft.main)
-    config = os.path.abspath(config) if os.path.isfile(config) else os.path.join(ROOT, config)
+    config = os.path.abspath(config) if os.path.isfile(config) else config  # a file, or a module path
     for task in pending_tasks(workdir, tasks):
         cmd = task_command(method, task, workdir, config=config, extra=list(extra))
         print("+", shlex.join(cmd), flush=True)

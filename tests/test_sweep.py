@@ -103,7 +103,7 @@ def test_run_sweep_runs_pending_tasks_in_order_and_stops_on_failure(tmp_path, mo
     assert failed == ["dtd"] and len(calls) == 2  # cifar100 ran, dtd failed, the rest not started
     cmd, cwd = calls[0]
     assert cwd == sweep.ROOT and cmd[1:3] == ["-m", "jax_peft.main"]
-    assert cmd[3] == f"--config={os.path.join(sweep.ROOT, 'configs', 'vtab1k.py')}:cifar100,lora"
+    assert cmd[3] == "--config=jax_peft.configs.vtab1k:cifar100,lora"
     assert cmd[-1] == "--config.total_steps=1"
     calls.clear()
     assert sweep.run_sweep("lora", wd, keep_going=True) == ["dtd"]
