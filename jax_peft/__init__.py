@@ -44,6 +44,10 @@ _EXPORTS = {
     "Method": "jax_peft.methods.base",
     "from_official": "jax_peft.convert",
     "to_official": "jax_peft.convert",
+    "from_hf_peft": "jax_peft.convert",
+    "to_hf_peft": "jax_peft.convert",
+    "timm_vit": "jax_peft.timm_vit",
+    "torch_io": "jax_peft.torch_io",
     "paths": "jax_peft.paths",
     "data": "jax_peft.data",
     "analysis": "jax_peft.analysis",
@@ -58,7 +62,7 @@ _EXPORTS = {
     "merge": "jax_peft.merge",
     "train": "jax_peft.train",
 }
-_MODULES = {"paths", "data", "analysis", "train"}
+_MODULES = {"paths", "data", "analysis", "train", "timm_vit", "torch_io"}
 __all__ = sorted(_EXPORTS) + ["__version__"]
 
 
