@@ -4,7 +4,8 @@ tests/data/README.md). Each method class implements `from_official(state_dict, p
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 

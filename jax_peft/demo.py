@@ -10,7 +10,7 @@
 4. Merges the best PEFT adapter (`jax_peft.merge`), exports it as `.npz` and checks that the merged
    model's logits equal the adapted model's.
 
-Runs are configured by `configs/demo.py` (one config per run; `--quick` = a tiny version for tests).
+Runs are configured by `jax_peft.configs.demo` (one config per run; `--quick` = a tiny version for tests).
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ import os
 import shutil
 import sys
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -42,25 +43,13 @@ to the left object and beat it clearly (the best PEFT method by more than 5 poin
 fine-tuning nearly solves this easy, tiny-model task. What it does not show: the papers' numbers or
 rankings. Model, data and budget are tiny (a few hundred steps, PEFT methods not converged, lightly
 tuned learning rates), so the order of the methods here says nothing about VTAB-1k or FGVC with
-ViT-B/16 (use configs/vtab1k.py and configs/fgvc.py), and timings are for this toy size."""
-
-
-def _load_demo_config_module():
-    """configs/demo.py from the repository (not an installed package), as the CLI loads config files."""
-    import importlib.util
-
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.py")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} not found: run the demo from a checkout of jax_peft (it reads "
-                                "configs/demo.py).")
-    spec = importlib.util.spec_from_file_location("jax_peft_demo_config", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+ViT-B/16 (use jax_peft.configs.vtab1k and jax_peft.configs.fgvc), and timings are for this toy size."""
 
 
 def _config(which: str, quick: bool, seed: int, checkpoint: str | None = None) -> Any:
-    cfg = _load_demo_config_module().get_config(f"{which},quick" if quick else which)
+    from jax_peft.configs import demo as demo_config
+
+    cfg = demo_config.get_config(f"{which},quick" if quick else which)
     cfg.seed = seed
     cfg.progress = False
     if checkpoint is not None:
@@ -141,10 +130,11 @@ def merge_and_check(method: str, backbone: str, run_dir: str, out_path: str, *, 
     import jax
 
     from jax_peft import checkpoint as ck
-    from jax_peft.data import synthetic
+    from jax_peft import data
     from jax_peft.merge import merge
     from jax_peft.methods import activation
-    from jax_peft.train import checkpointing, loop, step as step_lib
+    from jax_peft.train import checkpointing, loop
+    from jax_peft.train import step as step_lib
 
     cfg = _config(method, quick, seed, checkpoint=backbone)
     s = loop.setup(cfg)
@@ -160,9 +150,9 @@ def merge_and_check(method: str, backbone: str, run_dir: str, out_path: str, *, 
     ck.save_checkpoint(out_path, jax.device_get(merged))
     reloaded = ck.load_checkpoint(out_path)
 
-    batch = next(synthetic.make_dataset("synthetic/downstream", "test", batch_size=num_images,
-                                        image_size=int(cfg.data.image_size), train=False,
-                                        process_index=0, process_count=1))
+    batch = next(data.make_dataset("synthetic/downstream", "test", batch_size=num_images,
+                                   image_size=int(cfg.data.image_size), train=False,
+                                   process_index=0, process_count=1, prefetch=0))
     x = batch["image"]
     # Adapted logits in the form training used (activation form, side paths beside the frozen kernels,
     # for FacT/EFFT/LoRA; weight form otherwise) vs the merged plain model reloaded from the .npz.

@@ -35,8 +35,8 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 GCS_HTTPS = "https://storage.googleapis.com/"
 ENV_CACHE = "JAX_PEFT_CACHE"

@@ -1,4 +1,7 @@
-"""Command line: `python -m jax_peft.main --config configs/<file>.py[:arg] --workdir DIR`.
+"""Command line: `python -m jax_peft.main --config jax_peft.configs.<name>[:arg] --workdir DIR`.
+
+`--config` takes a module (`jax_peft.configs.vtab1k:cifar100,rlrr`, or any importable module with a
+`get_config`) or a config file path (`my_config.py[:arg]`).
 
 Config fields are overridden with flags such as `--config.method.rank=16` or
 `--config.total_steps=300` (unknown keys fail with the list of valid ones). `--config.mode` picks
@@ -15,7 +18,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py[:arg]).",
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config: a module (jax_peft.configs.<name>[:arg]) or a file (path.py[:arg]).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics.jsonl and summary.json.")
 _EXPORT_PATH = flags.DEFINE_string("export_path", None, "mode=export: output .npz (default DIR/merged.npz).")
@@ -107,9 +110,27 @@ def _unknown_override(argv: list[str]) -> str | None:
     return None
 
 
+def _resolve_config_argv(argv: list[str]) -> list[str]:
+    """argv with a module `--config` value replaced by its file (ml_collections loads files)."""
+    from jax_peft.train.config import resolve_config
+
+    out = list(argv)
+    for i, a in enumerate(out):
+        if a.startswith("--config="):
+            out[i] = "--config=" + resolve_config(a.split("=", 1)[1])
+        elif a == "--config" and i + 1 < len(out):
+            out[i + 1] = resolve_config(out[i + 1])
+    return out
+
+
 def run() -> None:
     early = _EarlySigterm()
     signal.signal(signal.SIGTERM, early)
+    try:
+        sys.argv = _resolve_config_argv(sys.argv)
+    except ValueError as e:
+        sys.stderr.write(f"{e}\n")
+        sys.exit(2)
     message = _unknown_override(sys.argv[1:])
     if message:
         sys.stderr.write(message + "\n")

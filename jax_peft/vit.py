@@ -30,7 +30,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import Any, Literal, Mapping
+from collections.abc import Mapping
+from typing import Any, Literal
 
 import flax.linen as nn
 import flax.struct
@@ -119,11 +120,7 @@ class ViTConfig:
     def grid_size(self) -> int:
         return self.image_size // self.patch_size
 
-    @property
-    def num_tokens(self) -> int:
-        return self.grid_size**2 + (1 if self.classifier == "token" else 0)
-
-    def replace(self, **changes: Any) -> "ViTConfig":
+    def replace(self, **changes: Any) -> ViTConfig:
         return dataclasses.replace(self, **changes)
 
 
@@ -156,7 +153,7 @@ def _check_dtype(dtype: Any) -> None:
         raise ValueError(f"dtype {dtype!r} is not a floating dtype jax understands; {fix}")
 
 
-def check_images(config: "ViTConfig", images: Any) -> None:
+def check_images(config: ViTConfig, images: Any) -> None:
     """Refuses model input that is not (B, image_size, image_size, 3) channels-last, naming the
     expected shape (wrong channel count, NCHW layout, other size, missing batch axis)."""
     shape = tuple(jnp.shape(images))
@@ -322,7 +319,7 @@ class ScaleShift:
     shift: Array
 
 
-def _scale_shift(y: Array, ss: "ScaleShift | None", start: int = 0) -> Array:
+def _scale_shift(y: Array, ss: ScaleShift | None, start: int = 0) -> Array:
     """y (B, T, *out) ⊙ γ + β with γ, β[start:start + prod(out)] laid out over `out`."""
     if ss is None:
         return y
@@ -343,7 +340,7 @@ def _chunked_matmul(h: Array, f: Array) -> Array:
     return (h.reshape(-1, a) @ f).reshape(h.shape[0], (w // a) * f.shape[1])
 
 
-def _side(module: nn.Module, path: "SidePath | None", x: Array, deterministic: bool,
+def _side(module: nn.Module, path: SidePath | None, x: Array, deterministic: bool,
           split: int = 1) -> Array | tuple[Array, ...] | None:
     """Evaluates a SidePath on x (..., d_in) -> (..., d_out), or None when there is no path.
 

@@ -47,7 +47,8 @@ import platform
 import statistics
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 if "--quick" in sys.argv:  # the smoke test is all compile time: skip LLVM's optimization passes
@@ -61,7 +62,6 @@ MALLOC_TUNED = "--system-malloc" not in sys.argv and host.keep_freed_memory()
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import jax_peft  # noqa: E402
@@ -222,7 +222,7 @@ def build(args: argparse.Namespace, methods: list[str]) -> tuple[list[Timed], di
     fns = [compile_fn("forward", fwd, (params, images)),
            compile_fn("floor", floor, (params, images, labels)),
            compile_fn("full_grads", full, (params, images, labels))]
-    print(f"compiled baselines: " + ", ".join(f"{t.name} {t.compile_s:.1f}s" for t in fns), flush=True)
+    print("compiled baselines: " + ", ".join(f"{t.name} {t.compile_s:.1f}s" for t in fns), flush=True)
 
     frozen = {k: v for k, v in params.items() if k != "head"}
     forms = {}
@@ -274,8 +274,8 @@ def run_rounds(fns: list[Timed], warmup: int, runs: int, repeat: int = 1) -> Non
 def torch_benchmark(args: argparse.Namespace, methods: list[str]) -> dict:
     """Times the official PyTorch formulations (timm ViT) when torch and timm are installed."""
     try:
-        import torch  # noqa: F401
         import timm  # noqa: F401
+        import torch  # noqa: F401
     except ImportError as e:
         return {"skipped": f"torch/timm not importable ({e.name}); install both to time the official code"}
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))

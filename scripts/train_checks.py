@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""End-to-end checks of the training CLI on configs/smoke.py (CPU, about a minute each).
+"""End-to-end checks of the training CLI on jax_peft.configs.smoke (CPU, about a minute each).
 
     python scripts/train_checks.py resume  --workdir /tmp/checks [--steps 200] [--method rlrr]
     python scripts/train_checks.py devices --workdir /tmp/checks [--devices 8] [--parallel jit|pmap]
@@ -38,7 +38,7 @@ def _cli(workdir: str, args: argparse.Namespace, devices: int = 1, parallel: str
     env = dict(os.environ, JAX_PLATFORMS="cpu",
                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
                PYTHONPATH=os.pathsep.join([REPO] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
-    cmd = [sys.executable, "-m", "jax_peft.main", f"--config={REPO}/configs/smoke.py:{args.method}",
+    cmd = [sys.executable, "-m", "jax_peft.main", f"--config=jax_peft.configs.smoke:{args.method}",
            f"--workdir={workdir}", f"--config.total_steps={args.steps}", "--config.progress=False",
            f"--config.parallel={parallel}"]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -4,7 +4,6 @@ rules, swapping without recompilation, plots and the report CLI (tiny models onl
 from __future__ import annotations
 
 import math
-import os
 
 import jax
 import jax.numpy as jnp
@@ -418,16 +417,13 @@ def test_plots_without_matplotlib_say_how_to_install(monkeypatch, params, tmp_pa
 def test_report_cli_on_a_training_checkpoint_and_on_npz(tmp_path):
     """A checkpoint laid out as training writes it; the loader must rebuild the exact base that
     `loop.setup` trains on (random init from the run's seed) and restore adapter and head."""
-    import importlib.util
 
     from jax_peft.analysis import __main__ as cli
     from jax_peft.train import checkpointing, loop
 
     lora = method_or_skip("lora", rank=2)
-    spec = importlib.util.spec_from_file_location(
-        "smoke_cfg", os.path.join(os.path.dirname(__file__), "..", "configs", "smoke.py"))
-    smoke = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(smoke)
+    from jax_peft.configs import smoke
+
     c = smoke.get_config("lora")
     c.method.rank = 2
     s = loop.setup(c)

@@ -246,7 +246,7 @@ def test_eval_pass_covers_every_record_once_across_hosts():
         per_host.append(list(it))
         assert it.num_batches == 2
     real = []
-    for p, batches in enumerate(per_host):
+    for batches in per_host:
         for b in batches:
             assert b["image"].shape == (2, 8, 8, 3) and b["mask"].dtype == np.float32
             real += [int(lab) for lab, m in zip(b["label"], b["mask"]) if m]

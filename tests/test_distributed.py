@@ -1,7 +1,7 @@
 """Multi-process training: two local processes (2 x 4 CPU devices, gloo collectives) through the CLI
 reproduce a single process with 8 devices, and checkpoints move between the two set-ups.
 
-The end-to-end test runs four short `configs/smoke.py` trainings in two concurrent phases:
+The end-to-end test runs four short `jax_peft.configs.smoke` trainings in two concurrent phases:
 
     phase 1   pair (2 processes) -> A          single (1 process, 8 devices) -> B
     phase 2   single resumes A's step-3 ckpt   pair resumes B's step-3 ckpt
@@ -28,7 +28,7 @@ from jax_peft.train import distributed
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS, CKPT_EVERY = 6, 3
-SMOKE = ["--config", "configs/smoke.py", f"--config.total_steps={STEPS}",
+SMOKE = ["--config", "jax_peft.configs.smoke", f"--config.total_steps={STEPS}",
          f"--config.checkpoint_every={CKPT_EVERY}", "--config.eval_every=0",
          "--config.schedule.warmup_steps=2"]
 PHASE_TIMEOUT_S = 240
@@ -79,7 +79,8 @@ def test_per_process_batch_size():
 
 def test_global_batch_and_replicate_on_one_process():
     import jax
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     mesh = distributed.global_mesh()
     rows = {"image": np.arange(2 * jax.device_count() * 3, dtype=np.float32).reshape(-1, 3)}

@@ -94,7 +94,7 @@ def test_map_tree_layout_and_config(map_config, map_params):
     assert head == {"probe"} | {k for k in block if not k.startswith("LayerNorm_1/")}  # big_vision's names
     assert flat["MAPHead_0/MlpBlock_0/Dense_0/kernel"].shape == (32, 64)
     cfg = jax_peft.vit_config(map_params)
-    assert cfg.classifier == "map" and cfg.num_tokens == 16
+    assert cfg.classifier == "map" and cfg.grid_size**2 == 16  # 16 patch tokens, no class token
     with pytest.raises(ValueError, match="both a class token"):
         jax_peft.vit_config({**map_params, "cls": np.zeros((1, 1, 32), np.float32)})
 

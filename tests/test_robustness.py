@@ -16,11 +16,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
+from test_train_loop import _compilation_cache, smoke_config  # noqa: F401 (autouse fixture: shared XLA cache)
 
 import jax_peft
 from jax_peft import checkpoint as ck
-from jax_peft.train import checkpointing, loop, model_setup, safety, step as step_lib
-from test_train_loop import _compilation_cache, smoke_config  # noqa: F401 (autouse fixture: shared XLA cache)
+from jax_peft.train import checkpointing, loop, model_setup, safety
+from jax_peft.train import step as step_lib
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -186,7 +187,7 @@ def test_workdir_that_is_a_file_fails_in_one_line_before_any_work(tmp_path):
     with pytest.raises(safety.RunRefusedError, match="eval_val.json"):
         loop.evaluate(tiny_run_config(), str(tmp_path))
     env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
-    smoke = next(p for p in (ROOT / "jax_peft" / "configs" / "smoke.py", ROOT / "configs" / "smoke.py") if p.exists())
+    smoke = ROOT / "jax_peft" / "configs" / "smoke.py"
     r = subprocess.run([sys.executable, "-m", "jax_peft.main", "--config", str(smoke), "--workdir", str(f)],
                        capture_output=True, text=True, env=env, timeout=300)
     assert r.returncode == 1 and r.stderr.strip().splitlines() == [

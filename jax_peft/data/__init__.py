@@ -36,24 +36,24 @@ _FAMILIES = {
     "fgvc": "jax_peft.data.fgvc",
     "fewshot": "jax_peft.data.fewshot",
     "folder": "jax_peft.data.folder",
+    "synthetic": "jax_peft.data.synthetic",
 }
-_SYNTHETIC = "jax_peft.data.synthetic"
 
 
 def _split_name(name: str) -> tuple[str, str]:
     if not isinstance(name, str) or "/" not in name:
         raise ValueError(f"dataset name {name!r} must look like '<family>/<dataset>'; families: "
-                         f"{', '.join(list(_FAMILIES) + ['synthetic'])} (e.g. 'vtab/cifar100'; "
+                         f"{', '.join(_FAMILIES)} (e.g. 'vtab/cifar100'; "
                          f"all VTAB tasks: {', '.join(vtab_tasks())})")
     family = name.split("/", 1)[0]
-    if family not in _FAMILIES and family != "synthetic":
+    if family not in _FAMILIES:
         raise ValueError(f"unknown dataset family {family!r} in {name!r}; valid families: "
-                         f"{', '.join(list(_FAMILIES) + ['synthetic'])}")
+                         f"{', '.join(_FAMILIES)}")
     return family, name
 
 
 def _module(family: str):
-    return importlib.import_module(_SYNTHETIC if family == "synthetic" else _FAMILIES[family])
+    return importlib.import_module(_FAMILIES[family])
 
 
 def vtab_tasks() -> list[str]:
@@ -67,8 +67,6 @@ def num_classes(name: str, *, data_dir: str | None = None) -> int:
     """Number of classes of a dataset (`data_dir` is only needed for `folder/` datasets)."""
     family, name = _split_name(name)
     mod = _module(family)
-    if family == "synthetic":
-        return int(mod.dataset_info(name, "train")["num_classes"])
     if family == "folder":
         return mod.num_classes(name, data_dir=data_dir)
     return mod.num_classes(name)
@@ -80,18 +78,18 @@ _class_count = num_classes  # for make_dataset, whose argument of that name shad
 def dataset_info(name: str, split: str, *, data_dir: str | None = None) -> dict:
     """dict(num_examples=int, num_classes=int) of a split, without reading images."""
     family, name = _split_name(name)
-    mod = _module(family)
-    if family == "synthetic":
-        return dict(mod.dataset_info(name, split))
-    return mod.dataset_info(name, split, data_dir=data_dir)
+    return dict(_module(family).dataset_info(name, split, data_dir=data_dir))
 
 
-def get_source(name: str, split: str, *, data_dir: str | None = None):
+def get_source(name: str, split: str, *, data_dir: str | None = None, image_size: int | None = None):
     """The random-access record source behind `make_dataset`: `len(src)`, `src[i] -> {"image":
-    uint8 (H, W, C), "label": int}` (task label functions and image fixes applied)."""
+    uint8 (H, W, C), "label": int}` (task label functions and image fixes applied). Synthetic
+    datasets are rendered at `image_size` (required for them, ignored otherwise)."""
     family, name = _split_name(name)
     if family == "synthetic":
-        raise ValueError("synthetic datasets have no record source; use make_dataset")
+        if image_size is None:
+            raise ValueError(f"{name} is rendered at the input size: pass get_source(..., image_size=S)")
+        return _module(family).get_source(name, split, image_size=image_size)
     return _module(family).get_source(name, split, data_dir=data_dir)
 
 
@@ -140,18 +138,13 @@ def make_dataset(name: str, split: str, *, batch_size: int, image_size: int, tra
 
         process_index = jax.process_index() if process_index is None else process_index
         process_count = jax.process_count() if process_count is None else process_count
-    if family == "synthetic":
-        return _module(family).make_dataset(
-            name, split, batch_size=batch_size, image_size=image_size, train=train, seed=seed,
-            normalization=normalization, interpolation=interpolation, hflip=hflip,
-            random_resized_crop=random_resized_crop, data_dir=data_dir, process_index=process_index,
-            process_count=process_count, start_batch=start_batch, drop_remainder=drop_remainder,
-            prefetch=prefetch)
     mod = _module(family)
     if normalization not in NORMALIZATIONS:
         raise ValueError(f"unknown normalization {normalization!r}; use one of {NORMALIZATIONS}")
+    if family == "synthetic":
+        mod.check_augmentation(name, train=train, hflip=hflip, random_resized_crop=random_resized_crop)
     if source is None:
-        source = mod.get_source(name, split, data_dir=data_dir)
+        source = get_source(name, split, data_dir=data_dir, image_size=image_size)
         if num_classes is None:
             num_classes = _class_count(name, data_dir=data_dir)
     if crop_fraction == "default":

@@ -35,18 +35,12 @@ import os
 import queue
 import threading
 import time
-from typing import Any, Callable, Iterator, Protocol, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
 Batch = dict[str, np.ndarray]
 Transform = Callable[[np.ndarray, "np.random.Generator | None"], np.ndarray]
-
-
-class Source(Protocol):
-    def __len__(self) -> int: ...
-
-    def __getitem__(self, index: int) -> dict[str, Any]: ...
 
 
 def epoch_permutation(num_examples: int, seed: int, epoch: int) -> np.ndarray:
@@ -328,7 +322,7 @@ class BatchIterator:
         if self._procs is not None:
             self._procs.close()
 
-    def __enter__(self) -> "BatchIterator":
+    def __enter__(self) -> BatchIterator:
         return self
 
     def __exit__(self, *exc) -> None:

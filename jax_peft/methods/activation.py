@@ -37,7 +37,8 @@ Other methods (RLRR, BitFit, linear probe, full fine-tuning) have no cheaper act
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp

@@ -16,7 +16,8 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import math
-from typing import Any, ClassVar, Mapping
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp

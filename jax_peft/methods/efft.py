@@ -39,7 +39,8 @@ the first ones (the repository's SSF-combined file carries 48/24).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar, Mapping
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp

@@ -51,7 +51,8 @@ official layout exists for.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar, Mapping
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -181,8 +182,8 @@ class FacTTT(_FacT):
                     name, shape = f"blocks.{i}.mlp.fc2_FacTs.weight", (r, k * r)
                 cores[m].append(sd.take(name, shape))
         sd.finish(self._is_adapter_name,
-                  f"Pass the rank used in training (FacTu.weight is (rank, width)), a params tree of the same "
-                  f"depth, and blocks='all' for adapters trained with the official code.")
+                  "Pass the rank used in training (FacTu.weight is (rank, width)), a params tree of the same "
+                  "depth, and blocks='all' for adapters trained with the official code.")
         adapter = {"U": jnp.asarray(u.T), "V": jnp.asarray(v.T)}
         for m in self.modules:
             adapter[m] = jnp.asarray(np.stack([c.T for c in cores[m]]))

@@ -8,7 +8,8 @@ plain reshapes, so a (D, D) increment applies by reshaping it back.
 from __future__ import annotations
 
 import re
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax.numpy as jnp
 

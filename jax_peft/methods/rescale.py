@@ -8,7 +8,8 @@ bias b (out,) (q/k/v biases are stored (H, hd) and flattened here).
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp

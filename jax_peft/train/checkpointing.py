@@ -19,7 +19,8 @@ import json
 import logging
 import os
 import warnings
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
@@ -186,14 +187,6 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
-
-
-def abstract_like(tree: Any) -> Any:
-    """ShapeDtypeStructs (with shardings when present) of a concrete tree, for restoring."""
-    def one(x):
-        sharding = getattr(x, "sharding", None)
-        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
-    return jax.tree_util.tree_map(one, tree)
 
 
 def config_to_json(config: Any) -> dict:

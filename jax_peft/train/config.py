@@ -1,4 +1,4 @@
-"""The training configuration schema (ml_collections), shared by every file in `configs/`.
+"""The training configuration schema (ml_collections), shared by every module in `jax_peft.configs`.
 
 Config files start from `default_config()` and change fields; the schema is locked, so a typo such
 as `--config.optimizer.lr_rate=...` fails with the list of valid keys. Shape of the schema:
@@ -170,17 +170,31 @@ def lock_method(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     return config
 
 
-def load_config_module(path: str, name: str):
-    """Imports a Python file from `configs/` (not an installed package) once, as module `name`.
-
-    Config files are loaded by path (`--config configs/x.py`), so shared tables such as
-    `configs/recipes.py` are imported the same way; later calls return the cached module."""
+def resolve_config(spec: str) -> str:
+    """The config file behind a `--config` value: `package.module[:arg]` (e.g.
+    `jax_peft.configs.vtab1k:cifar100,rlrr`) becomes `/path/to/module.py[:arg]`; a file path
+    (`my_config.py[:arg]`) is returned as given. ValueError names the fix when neither exists."""
     import importlib.util
-    import sys
+    import os
 
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    target, sep, arg = spec.partition(":")
+    if os.path.isfile(target):
+        return spec
+    if target.endswith(".py"):
+        name = os.path.splitext(os.path.basename(target))[0]
+        hint = (f"; the configs moved into the package: use --config jax_peft.configs.{name}{sep}{arg}"
+                if importlib.util.find_spec("jax_peft.configs." + name) else "")
+        raise ValueError(f"config file {target!r} not found{hint}")
+    try:
+        found = importlib.util.find_spec(target)
+    except (ImportError, ValueError):
+        found = None
+    if found is None or not found.origin or not found.origin.endswith(".py"):
+        import pkgutil
+
+        from jax_peft import configs
+
+        names = ", ".join(f"jax_peft.configs.{m.name}" for m in pkgutil.iter_modules(configs.__path__))
+        raise ValueError(f"--config {spec!r}: {target!r} is neither a config file nor an importable module "
+                         f"with get_config(); the package's configs: {names}")
+    return found.origin + sep + arg

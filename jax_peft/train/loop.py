@@ -30,17 +30,18 @@ import signal
 import sys
 import threading
 import time
-from typing import Any, Callable, Iterator
+from collections.abc import Callable
+from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
 from jax_peft import paths, scan
 from jax_peft.methods.base import Method
-from jax_peft.train import checkpointing, distributed, model_setup, optimizer, safety, schedules, step as step_lib
+from jax_peft.train import checkpointing, distributed, model_setup, optimizer, safety, schedules
 from jax_peft.train import config as config_lib
+from jax_peft.train import step as step_lib
 from jax_peft.vit import ViT, ViTConfig
 
 log = logging.getLogger(__name__)
@@ -253,8 +254,9 @@ def run_eval(s: Setup, state: Any, frozen: Any, split: str | None = None) -> dic
     """Accuracy and mean loss of the device-placed `state` over one pass of `split`."""
     split = split or s.config.data.eval_split
     totals = {"correct": 0.0, "count": 0.0, "loss_sum": 0.0}
+    params = s.runner.merge(state, frozen)  # the adapter merged once per pass, not once per batch
     for batch in model_setup.make_dataset(s.config, split, train=False):
-        out = s.runner.get(s.runner.eval(state, frozen, s.runner.put_batch(batch)))
+        out = s.runner.get(s.runner.eval(params, s.runner.put_batch(batch)))
         for k in totals:
             totals[k] += float(out[k])
     n = max(totals["count"], 1.0)
@@ -324,7 +326,7 @@ def _last_good(ckpt: checkpointing.Checkpointer) -> Callable[[], str]:
     return message
 
 
-def _train(config: Any, workdir: str, pre: "_Preemption", stop_at: int | None) -> dict:
+def _train(config: Any, workdir: str, pre: _Preemption, stop_at: int | None) -> dict:
     t_start = time.perf_counter()
     cfg_json = checkpointing.config_to_json(config)
     main = distributed.is_main_process()  # process 0 writes config, metrics, progress and summary

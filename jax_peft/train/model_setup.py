@@ -13,14 +13,15 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import jax
 import numpy as np
 
 from jax_peft import vit
-from jax_peft.train import distributed
 from jax_peft.methods.base import Method, get_method
+from jax_peft.train import distributed
 
 RANDOM_INIT = ("", "random", "none", None)
 _ARCH = ("patch_size", "hidden_size", "num_layers", "num_heads", "mlp_dim")

@@ -18,7 +18,8 @@ import socket
 import tempfile
 import time
 import warnings
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 LOCK_NAME = "run.lock"
 
@@ -125,7 +126,7 @@ class WorkdirLock:
         except (OSError, ValueError):
             return {}
 
-    def acquire(self) -> "WorkdirLock":
+    def acquire(self) -> WorkdirLock:
         me = {"host": socket.gethostname(), "pid": os.getpid(), "start_time": _start_time(os.getpid()),
               "since": time.strftime("%Y-%m-%d %H:%M:%S %Z")}
         for _ in range(3):
@@ -138,7 +139,7 @@ class WorkdirLock:
                        if holder else "an unreadable lock file")
                 if holder.get("pid") == os.getpid() and holder.get("host") == me["host"]:
                     raise WorkdirLockedError(f"workdir {os.path.dirname(self.path)} is already in use by "
-                                             "this process; use another --workdir")
+                                             "this process; use another --workdir") from None
                 if alive is None:
                     raise WorkdirLockedError(
                         f"workdir {os.path.dirname(self.path)} is locked by {who}, another run on another "
@@ -171,7 +172,7 @@ class WorkdirLock:
                 except FileNotFoundError:
                     pass
 
-    def __enter__(self) -> "WorkdirLock":
+    def __enter__(self) -> WorkdirLock:
         return self.acquire()
 
     def __exit__(self, *exc) -> None:

@@ -11,7 +11,7 @@ differentiated and never donated; the state is donated. Dropout keys are
 Training runs each method in its cheaper form (`train_form="auto"`): activation form for FacT,
 EFFT and LoRA (low-rank side paths beside the frozen kernels, with the official dropout placement,
 no full-size weight gradient), weight form (`method.apply`) for the others. Eval always uses the
-weight form. Mixed precision: build the model with `ViTConfig.dtype="bfloat16"`; the parameters,
+weight form, merged once per evaluation pass (`Runner.merge`), then a plain forward per batch. Mixed precision: build the model with `ViTConfig.dtype="bfloat16"`; the parameters,
 gradients and optimizer state stay float32 and the loss is computed from float32 logits.
 
 `parallel="jit"`: one `jax.jit` step over `jax.make_mesh((n,), ("data",))`; the batch is sharded
@@ -28,13 +28,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jax_peft import scan
 from jax_peft.methods.activation import forward, supports_activation_form
@@ -93,10 +95,6 @@ def join_params(frozen: Mapping[str, Any], trainable: Mapping[str, Any]) -> dict
 def init_state(trainable: Tree, tx: optax.GradientTransformation) -> dict:
     """The state at step 0 (host-independent jax arrays; built in one compiled call)."""
     return jax.jit(lambda t: {"step": jnp.zeros((), jnp.int32), "trainable": t, "opt_state": tx.init(t)})(trainable)
-
-
-def effective_params(method: Method, frozen: Tree, trainable: Tree, rng: jax.Array | None = None) -> dict:
-    return method.apply(join_params(frozen, trainable), trainable["adapter"], rng=rng)
 
 
 TRAIN_FORMS = ("auto", "weight", "activation")
@@ -183,14 +181,30 @@ def _masked_mean(values: jax.Array, weights: jax.Array | None, count: jax.Array 
     return jnp.sum(values * weights) / jnp.maximum(count, 1.0)
 
 
-def make_eval_fn(model: Any, method: Method, *, axis_name: str | None = None) -> Callable:
-    """`evaluate(state, frozen, batch) -> {"correct", "count", "loss_sum"}` summed over the batch;
-    `batch["mask"]` (optional, (B,)) marks real examples in a padded batch."""
+def make_merge_fn(model: Any, method: Method) -> Callable:
+    """`merge(state, frozen) -> params`: the weight-form parameters (`method.apply` of the adapter on
+    the frozen base with the trained head) that the eval forward reads, built once per evaluation
+    pass. For a scanned model `frozen` may be stacked (`jax_peft.scan`); the result is stacked."""
+    scanned = bool(getattr(getattr(model, "config", None), "scan", False))
 
-    def evaluate(state: dict, frozen: Tree, batch: Mapping[str, jax.Array]):
-        trainable = state["trainable"]  # weight form (merged): the eval logits; stacked frozen for a scanned model
-        logits = forward(model, method, join_params(frozen, trainable), trainable["adapter"], batch["image"],
-                         form="weight")
+    def merge(state: dict, frozen: Tree) -> Tree:
+        trainable = state["trainable"]
+        params = join_params(frozen, trainable)
+        if scanned and scan.STACKED in params.get("Transformer", {}):
+            params = scan.unstack_blocks(params)  # the method reads the canonical per-block views
+        eff = method.apply(params, trainable["adapter"])
+        return scan.stack_blocks(eff) if scanned else eff
+
+    return merge
+
+
+def make_eval_fn(model: Any, *, axis_name: str | None = None) -> Callable:
+    """`evaluate(params, batch) -> {"correct", "count", "loss_sum"}` summed over the batch, a plain
+    forward of the merged `params` (`make_merge_fn`); `batch["mask"]` (optional, (B,)) marks real
+    examples in a padded batch."""
+
+    def evaluate(params: Tree, batch: Mapping[str, jax.Array]):
+        logits = model.apply({"params": params}, batch["image"], train=False)
         mask = batch.get("mask", jnp.ones(batch["label"].shape, jnp.float32))
         out = {
             "correct": jnp.sum((jnp.argmax(logits, -1) == batch["label"]) * mask),
@@ -206,14 +220,16 @@ def make_eval_fn(model: Any, method: Method, *, axis_name: str | None = None) ->
 class Runner:
     """Compiled steps plus the data movement for one parallelism mode.
 
-    `train(state, frozen, batch)` and `eval(state, frozen, batch)` take device-placed trees from
-    `put_state`, `put_frozen` and `put_batch` (host numpy batches of the global batch size);
+    `train(state, frozen, batch)` takes device-placed trees from `put_state`, `put_frozen` and
+    `put_batch` (host numpy batches of the global batch size); an evaluation pass merges once,
+    `params = merge(state, frozen)`, then runs `eval(params, batch)` per batch;
     `get_state` brings the state back as an unreplicated host-independent tree; `get` reads metrics.
     """
 
     kind: str
     num_devices: int
     train: Callable
+    merge: Callable
     eval: Callable
     put_state: Callable[[Tree], Tree]
     put_frozen: Callable[[Tree], Tree]
@@ -263,19 +279,20 @@ def make_runner(model: Any, method: Method, tx: optax.GradientTransformation, *,
         train = jax.jit(make_train_fn(model, method, tx, seed=seed, label_smoothing=label_smoothing,
                                       schedule=schedule, train_form=train_form),
                         in_shardings=(repl, repl, data), out_shardings=(repl, repl), donate_argnums=(0,))
-        evaluate = jax.jit(make_eval_fn(model, method), in_shardings=(repl, repl, data),
-                           out_shardings=repl)
+        merge = jax.jit(make_merge_fn(model, method), in_shardings=(repl, repl), out_shardings=repl)
+        evaluate = jax.jit(make_eval_fn(model), in_shardings=(repl, data), out_shardings=repl)
 
         put_batch = functools.partial(distributed.global_batch, sharding=data)
         put = functools.partial(distributed.replicate, sharding=repl)
-        return Runner("jit", n, train, evaluate, put, put, put_batch, lambda s: s, jax.device_get)
+        return Runner("jit", n, train, merge, evaluate, put, put, put_batch, lambda s: s, jax.device_get)
 
     mesh = jax.sharding.Mesh(np.asarray(devices), (AXIS,))
     stacked = NamedSharding(mesh, P(AXIS))
     train = jax.pmap(make_train_fn(model, method, tx, seed=seed, label_smoothing=label_smoothing,
                                    axis_name=AXIS, schedule=schedule, train_form=train_form),
                      axis_name=AXIS, devices=devices, donate_argnums=(0,))
-    evaluate = jax.pmap(make_eval_fn(model, method, axis_name=AXIS), axis_name=AXIS, devices=devices)
+    merge = jax.pmap(make_merge_fn(model, method), axis_name=AXIS, devices=devices)
+    evaluate = jax.pmap(make_eval_fn(model, axis_name=AXIS), axis_name=AXIS, devices=devices)
 
     def replicate(tree):
         def one(x):
@@ -291,7 +308,7 @@ def make_runner(model: Any, method: Method, tx: optax.GradientTransformation, *,
         return {k: one(v) for k, v in batch.items()}
 
     first = lambda tree: jax.tree_util.tree_map(lambda x: x[0], tree)
-    return Runner("pmap", n, train, evaluate, replicate, replicate, put_batch, first,
+    return Runner("pmap", n, train, merge, evaluate, replicate, replicate, put_batch, first,
                   lambda tree: jax.device_get(first(tree)))
 
 
