@@ -95,7 +95,8 @@ def compile_step(model_name: str, mesh: tuple[int, int], method_name: str, batch
 
     import jax_peft
     from jax_peft import scan as scan_lib
-    from jax_peft.train import optimizer, sharding, step as step_lib
+    from jax_peft.train import optimizer, sharding
+    from jax_peft.train import step as step_lib
     from jax_peft.train.config import default_config
 
     cfg = jax_peft.vit_config(model_name, num_classes=num_classes, image_size=image_size, scan=scan, remat=remat)

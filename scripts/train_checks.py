@@ -91,7 +91,7 @@ def check_cache(args: argparse.Namespace) -> dict:
         workdir = os.path.join(args.workdir, f"cache_{run}")
         shutil.rmtree(workdir, ignore_errors=True)
         cmd = [sys.executable, "-c", _MOCK_CLI.format(n=args.mock_examples),
-               f"--config={REPO}/configs/smoke.py:{args.method}", f"--workdir={workdir}",
+               f"--config=jax_peft.configs.smoke:{args.method}", f"--workdir={workdir}",
                "--config.model.checkpoint=random", f"--config.model.name={args.model}",
                "--config.model.patch_size=-1", "--config.model.hidden_size=-1", "--config.model.num_layers=-1",
                "--config.model.num_heads=-1", "--config.model.mlp_dim=-1",

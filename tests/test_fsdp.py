@@ -23,11 +23,12 @@ def run(method_name: str, mesh: tuple[int, int], scan: bool = False, steps: int 
     """Losses of `steps` steps (tiny ViT, width 64, batch 16) and the frozen bytes per device; all
     frozen leaves are sharded (`shard_min_bytes=0`), whatever their size."""
     import jax
+    from conftest import tiny_vit_config
 
     import jax_peft
-    from conftest import tiny_vit_config
     from jax_peft import scan as scan_lib
-    from jax_peft.train import optimizer, step as step_lib
+    from jax_peft.train import optimizer
+    from jax_peft.train import step as step_lib
     from jax_peft.train.config import default_config
 
     size = dict(hidden_size=64, mlp_dim=128, num_heads=4, num_layers=1 if not scan else 2)

@@ -31,7 +31,8 @@ import os
 import re
 import shutil
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -77,7 +78,7 @@ def source_fingerprint(source: Any) -> Any:
         return {"type": "tfds", "name": info.full_name, "split": str(source.split), "len": len(source),
                 "files": _file_stats(d, files)}
     if hasattr(source, "paths") and (hasattr(source, "image_root") or hasattr(source, "image_dir")):
-        root = getattr(source, "image_root", None) or getattr(source, "image_dir")
+        root = getattr(source, "image_root", None) or source.image_dir
         labels = np.asarray(getattr(source, "labels", []), np.int64)
         list_file = getattr(source, "list_file", None)
         listed = None

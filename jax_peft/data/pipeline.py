@@ -118,7 +118,7 @@ class BatchPlan:
 
 
 def _worker_iterator(source: Sequence, transform: Transform, plan: BatchPlan, image_size: int,
-                     num_classes: int | None, name: str) -> "BatchIterator":
+                     num_classes: int | None, name: str) -> BatchIterator:
     """A worker process's synchronous copy of an iterator (see `worker_processes`)."""
     return BatchIterator(source, transform, plan, image_size=image_size, prefetch=0, num_workers=1,
                          num_classes=num_classes, name=name)

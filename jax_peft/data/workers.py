@@ -14,7 +14,8 @@ import collections
 import concurrent.futures
 import multiprocessing
 import threading
-from typing import Any, Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 _STATE: Any = None
 
@@ -65,7 +66,7 @@ class ProcessMap:
         """Cancels what has not started; the workers exit after their current call."""
         self._pool.shutdown(wait=False, cancel_futures=True)
 
-    def __enter__(self) -> "ProcessMap":
+    def __enter__(self) -> ProcessMap:
         return self
 
     def __exit__(self, *exc) -> None:
