@@ -1,7 +1,7 @@
 """Run one method over the 19 VTAB-1k tasks and print the paper-style table beside the paper's numbers.
 
     # run every task in sequence (tasks with DIR/<task>/summary.json are skipped: rerun to resume)
-    python scripts/vtab_sweep.py --method rlrr --workdir runs/rlrr -- --config.data.data_dir=~/tensorflow_datasets
+    python scripts/vtab_sweep.py --method rlrr --workdir runs/rlrr -- --config.data.data_dir=$HOME/tensorflow_datasets
 
     # print one command per task (for a cluster), then build the table once they finished
     python scripts/vtab_sweep.py --method fact_tt --workdir runs/fact_tt --emit
