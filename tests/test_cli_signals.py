@@ -74,12 +74,22 @@ def test_ctrl_c_saves_and_the_same_command_resumes(tmp_path):
 
 
 def test_second_ctrl_c_aborts():
-    with loop._Preemption() as pre:
-        os.kill(os.getpid(), signal.SIGINT)
-        assert pre.requested and pre.signal_name.startswith("Ctrl-C")
-        with pytest.raises(KeyboardInterrupt):
+    # Python's default handler, as in a terminal (a CI shell may start us with SIGINT ignored).
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with loop._Preemption() as pre:
             os.kill(os.getpid(), signal.SIGINT)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+            assert pre.requested and pre.signal_name.startswith("Ctrl-C")
+            with pytest.raises(KeyboardInterrupt):
+                os.kill(os.getpid(), signal.SIGINT)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        # An ignored SIGINT stays ignored (nohup, background jobs).
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        with loop._Preemption() as pre:
+            os.kill(os.getpid(), signal.SIGINT)
+            assert not pre.requested
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_failed_download_is_one_line_with_the_cli_fix(tmp_path):
