@@ -82,7 +82,20 @@ def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
         raise CheckpointError(str(e)) from None
     try:
         with np.load(path, allow_pickle=False) as z:
-            return {k: _decode(z[k]) for k in z.files}
+            out = {}
+            for k in z.files:
+                try:
+                    out[k] = _decode(z[k])
+                except ValueError as e:
+                    if "allow_pickle" not in str(e):
+                        raise
+                    raise CheckpointError(
+                        f"checkpoint {path}: array {k!r} holds pickled Python objects, which are refused for "
+                        "safety (loading them can run arbitrary code). Save plain numeric arrays "
+                        "(numpy.savez of float arrays, or jax_peft.save_checkpoint)") from None
+            return out
+    except CheckpointError:
+        raise
     except (ValueError, zipfile.BadZipFile, EOFError, OSError) as e:
         raise CheckpointError(
             f"cannot read checkpoint {path}: {e}. The file is probably truncated or not a numpy .npz "
@@ -391,10 +404,47 @@ def adapt_to_config(params: Tree, config: ViTConfig, *,
 # ------------------------------------------------------------------------------------- public load
 
 
+def check_blocks(params: Tree, source: str = "the checkpoint") -> None:
+    """Raises CheckpointError unless the encoder blocks are `encoderblock_0 .. encoderblock_{L-1}`
+    with no gap (a missing block would otherwise fail later inside flax, or be skipped)."""
+    tr = params.get("Transformer", {}) if isinstance(params, Mapping) else {}
+    idx = sorted(int(m.group(1)) for k in tr if (m := re.fullmatch(r"encoderblock_(\d+)", k)))
+    missing = sorted(set(range(idx[-1] + 1)) - set(idx)) if idx else []
+    if missing:
+        raise CheckpointError(
+            f"{source} has encoder blocks {idx[:3] + ['...'] + idx[-2:] if len(idx) > 6 else idx} but lacks "
+            f"Transformer/encoderblock_{{{', '.join(map(str, missing))}}}: the file is incomplete (truncated "
+            "export or a wrong key renaming). Re-export or download it again")
+
+
+def check_finite(params: Tree, source: str = "the checkpoint", on_nonfinite: str = "warn") -> None:
+    """Warns (`on_nonfinite="warn"`) or raises CheckpointError ("raise") when float leaves hold NaN or
+    Inf, naming them; "ignore" skips the check."""
+    if on_nonfinite not in ("warn", "raise", "ignore"):
+        raise ValueError(f"on_nonfinite must be 'warn', 'raise' or 'ignore', got {on_nonfinite!r}")
+    if on_nonfinite == "ignore":
+        return
+    bad = [k for k, v in paths.flatten(params).items()
+           if _is_float(np.asarray(v)) and not np.all(np.isfinite(np.asarray(v, np.float32)))]
+    if bad:
+        msg = (f"{source} holds NaN/Inf values in {len(bad)} array(s): {', '.join(bad[:5])}"
+               f"{' ...' if len(bad) > 5 else ''}; outputs computed from them are NaN. Use another file "
+               "(or pass on_nonfinite='ignore' if that is intended)")
+        if on_nonfinite == "raise":
+            raise CheckpointError(msg)
+        warnings.warn(msg, stacklevel=3)
+
+
+def _cast_integer_leaves(params: Tree, dtype: Any) -> dict:
+    """Integer arrays where the ViT has float parameters (every leaf) -> `dtype` (float32 by default)."""
+    return paths.map_with_path(lambda _, v: np.asarray(v).astype(dtype or np.float32)
+                               if np.asarray(v).dtype.kind in "iub" else v, params)
+
+
 def load_checkpoint(path_or_url: str | os.PathLike, *, config: ViTConfig | None = None,
                     cache_dir: str | os.PathLike | None = None, head: str = "auto",
                     dtype: Any = np.float32, progress: bool = True, force_download: bool = False,
-                    verify: bool = True) -> dict:
+                    verify: bool = True, on_nonfinite: str = "warn") -> dict:
     """Loads a Google ViT checkpoint as the canonical nested tree of numpy arrays.
 
     Args:
@@ -408,12 +458,18 @@ def load_checkpoint(path_or_url: str | os.PathLike, *, config: ViTConfig | None 
       dtype: floating arrays are cast to this (float32; None keeps the stored dtypes).
       progress, force_download, verify: download progress bar, re-download even if cached, check
         the cached file's SHA-256 against the one recorded at download.
+      on_nonfinite: NaN/Inf values in the file: "warn" (default), "raise" or "ignore".
+
+    Encoder blocks must be numbered without gaps (CheckpointError otherwise). With `config`, integer
+    arrays (a file written with the wrong dtype) are cast to `dtype`.
     """
     path = fetch(path_or_url, cache_dir=cache_dir, progress=progress, force_download=force_download,
                  verify=verify)
     params = normalize(read_npz(path), dtype=dtype)
+    check_blocks(params, f"checkpoint {path}")
+    check_finite(params, f"checkpoint {path}", on_nonfinite)
     if config is not None:
-        params = adapt_to_config(params, config, head=head)  # type: ignore[arg-type]
+        params = adapt_to_config(_cast_integer_leaves(params, dtype), config, head=head)  # type: ignore[arg-type]
     return params
 
 

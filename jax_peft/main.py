@@ -135,8 +135,13 @@ def run() -> None:
     if message:
         sys.stderr.write(message + "\n")
         sys.exit(2)
+    from jax_peft.train.safety import RunRefusedError
+
     try:
         app.run(main)
+    except RunRefusedError as e:  # the workdir or its checkpoints refuse this run: the message is the fix
+        sys.stderr.write(f"error: {e}\n")
+        sys.exit(1)
     except KeyboardInterrupt:  # Ctrl-C before training started, or a second Ctrl-C during it
         sys.stderr.write("\naborted by Ctrl-C; checkpoints saved before are kept: rerun the same command "
                          "to resume from the newest\n")

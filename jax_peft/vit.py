@@ -91,8 +91,8 @@ class ViTConfig:
             raise ValueError(f"gelu must be 'exact' or 'tanh', got {self.gelu!r}")
         if self.drop_path_mode not in ("sample", "element"):
             raise ValueError(f"drop_path_mode must be 'sample' or 'element', got {self.drop_path_mode!r}")
-        if self.image_size % self.patch_size and self.image_size < self.patch_size:
-            raise ValueError(f"image_size {self.image_size} is smaller than patch_size {self.patch_size}")
+        _check_image_size(self.image_size, self.patch_size)
+        _check_dtype(self.dtype)
 
     @property
     def head_dim(self) -> int:
@@ -108,6 +108,57 @@ class ViTConfig:
 
     def replace(self, **changes: Any) -> "ViTConfig":
         return dataclasses.replace(self, **changes)
+
+
+_DTYPE_ALIASES = {"bf16": "bfloat16", "fp32": "float32", "f32": "float32", "fp16": "float16", "f16": "float16"}
+
+
+def _check_image_size(image_size: int, patch_size: int) -> None:
+    """Refuses an input size the patches do not tile (its last rows and columns would be dropped)."""
+    if patch_size < 1 or image_size < 1:
+        raise ValueError(f"image_size ({image_size}) and patch_size ({patch_size}) must be positive")
+    if image_size % patch_size:
+        lo = max(image_size // patch_size, 1) * patch_size
+        hi = (image_size // patch_size + 1) * patch_size
+        near = f"{lo} or {hi}" if lo < image_size else f"{hi}"
+        raise ValueError(
+            f"image_size {image_size} is not divisible by patch_size {patch_size}: the last "
+            f"{image_size % patch_size} rows and columns would never reach the model. Use image_size "
+            f"{near} (and resize the images to it, e.g. config.data.image_size in training)")
+
+
+def _check_dtype(dtype: Any) -> None:
+    """The compute dtype must be a floating dtype name that `jnp.dtype` understands."""
+    try:
+        ok = jnp.issubdtype(jnp.dtype(dtype), jnp.floating)
+    except TypeError:
+        ok = False
+    if not ok:
+        hint = _DTYPE_ALIASES.get(str(dtype).lower())
+        fix = f"use dtype={hint!r}" if hint else "use 'float32' or 'bfloat16'"
+        raise ValueError(f"dtype {dtype!r} is not a floating dtype jax understands; {fix}")
+
+
+def check_images(config: "ViTConfig", images: Any) -> None:
+    """Refuses model input that is not (B, image_size, image_size, 3) channels-last, naming the
+    expected shape (wrong channel count, NCHW layout, other size, missing batch axis)."""
+    shape = tuple(jnp.shape(images))
+    s = config.image_size
+    if len(shape) == 4 and shape[1:] == (s, s, 3):
+        return
+    want = f"(B, {s}, {s}, 3) (batch, height, width, RGB channels last; config image_size {s})"
+    if len(shape) == 3 and shape == (s, s, 3):
+        fix = "add the batch axis: images[None]"
+    elif len(shape) == 4 and shape[1] == 3 and shape[2:] == (s, s):
+        fix = "the input is channels-first (NCHW): transpose it with images.transpose(0, 2, 3, 1)"
+    elif len(shape) == 4 and shape[1:3] == (s, s):
+        fix = f"the images have {shape[3]} channels: convert them to RGB (3 channels)"
+    elif len(shape) == 4 and shape[-1] == 3:
+        fix = (f"resize the images to {s}x{s}, or build the model for {shape[1]}x{shape[2]} with "
+               f"vit_config(..., image_size=...) (square images whose size the patch size {config.patch_size} divides)")
+    else:
+        fix = "pass a batch of RGB images channels-last"
+    raise ValueError(f"ViT input has shape {shape}, expected {want}; {fix}")
 
 
 def _canonical_name(name: str) -> str:
@@ -512,6 +563,7 @@ class ViT(nn.Module):
     def __call__(self, images: Array, train: bool = False, return_features: bool = False,
                  side: Mapping[int, Mapping[str, SidePath]] | None = None):
         c = self.config
+        check_images(c, images)
         dt = jnp.dtype(c.dtype)
         x = images.astype(dt)
         x = nn.Conv(
