@@ -24,10 +24,15 @@ def _cli(workdir, *extra):
                JAX_PLATFORMS="cpu")
     cmd = [sys.executable, "-m", "jax_peft.main", "--config", f"{SMOKE}:bitfit", "--workdir", str(workdir),
            *[f"--config.{k}={v}" for k, v in OVERRIDES.items()], *extra]
-    # Reset SIGINT to the default in the child: a shell without job control starts background jobs
-    # (such as a CI runner's) with SIGINT ignored, which Python and the loop then respect.
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    # A shell without job control starts background jobs (such as a CI runner's) with SIGINT ignored,
+    # which the child would inherit (and Python and the loop respect): spawn it while this process has
+    # a handler, which exec resets to the default.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _steps(workdir):

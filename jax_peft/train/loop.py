@@ -277,8 +277,8 @@ def train_and_evaluate(config: Any, workdir: str, *, stop_at: int | None = None)
     """Trains `config` in `workdir` (resuming from its newest checkpoint) and returns the summary.
 
     Returns the dict written to `workdir/summary.json`, or `{"preempted": True, "step": ...}` when a
-    SIGTERM or a first Ctrl-C stopped the run (a checkpoint at that step was saved; rerun to resume). `stop_at=k`
-    stops the same way once step k is done (a programmatic preemption, e.g. for time budgets).
+    SIGTERM or a first Ctrl-C stopped the run (a checkpoint at that step was saved; rerun to
+    resume). `stop_at=k` stops the same way once step k is done (a programmatic preemption, e.g. for time budgets).
     A SIGTERM during set-up (loading, compiling) returns the same way before the first step.
     """
     with _Preemption() as pre:
