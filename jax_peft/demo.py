@@ -2,7 +2,8 @@
 
 1. Pretrains a small ViT (patch 8, width 96, 3 blocks, 32x32 images) on `synthetic/upstream`
    (colour x texture of one object) with the real training loop, exports it as a Google-layout
-   `.npz` (`save_checkpoint`) and caches it as `DIR/upstream_vit.npz` (reused by later runs).
+   `.npz` (`save_checkpoint`) and caches it as `DIR/upstream_vit_seed<N>_<config hash>.npz` (reused
+   by later runs with the same seed and pretraining config).
 2. Adapts the reloaded checkpoint (`load_checkpoint`, via the config's `model.checkpoint`) to
    `synthetic/downstream` (colour of the LEFT of two objects) with each method, through
    `jax_peft.train.loop.train_and_evaluate`, and measures held-out test accuracy.
@@ -46,12 +47,12 @@ tuned learning rates), so the order of the methods here says nothing about VTAB-
 ViT-B/16 (use jax_peft.configs.vtab1k and jax_peft.configs.fgvc), and timings are for this toy size."""
 
 
-def _config(which: str, quick: bool, seed: int, checkpoint: str | None = None) -> Any:
+def _config(which: str, quick: bool, seed: int, checkpoint: str | None = None, progress: bool = True) -> Any:
     from jax_peft.configs import demo as demo_config
 
     cfg = demo_config.get_config(f"{which},quick" if quick else which)
     cfg.seed = seed
-    cfg.progress = False
+    cfg.progress = progress  # the training CLI's progress line (stderr): step, loss, images/s, ETA
     if checkpoint is not None:
         cfg.model.checkpoint = checkpoint
     return cfg
@@ -61,12 +62,28 @@ def _say(msg: str) -> None:
     print(msg, flush=True)
 
 
-def pretrain(workdir: str, *, quick: bool = False, seed: int = 0, force: bool = False) -> tuple[str, dict]:
-    """The cached upstream backbone `workdir/upstream_vit[_quick].npz` (trained if missing) and info."""
+def backbone_path(workdir: str, cfg: Any) -> str:
+    """`workdir/upstream_vit_seed<N>_<hash>.npz`: the cache file of the backbone that pretraining
+    config `cfg` produces (the hash covers every field but `progress`, the seed included)."""
+    import hashlib
+
+    from jax_peft.train import checkpointing
+
+    fields = checkpointing.config_to_json(cfg)
+    fields.pop("progress", None)
+    digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:8]
+    return os.path.join(workdir, f"upstream_vit_seed{int(cfg.seed)}_{digest}.npz")
+
+
+def pretrain(workdir: str, *, quick: bool = False, seed: int = 0, force: bool = False,
+             progress: bool = True) -> tuple[str, dict]:
+    """The cached upstream backbone for this seed and config (trained if missing; `backbone_path`)
+    and its info (upstream test accuracy, steps, time)."""
     from jax_peft import checkpoint as ck
     from jax_peft.train import loop
 
-    path = os.path.join(workdir, "upstream_vit_quick.npz" if quick else "upstream_vit.npz")
+    cfg = _config("pretrain", quick, seed, progress=progress)
+    path = backbone_path(workdir, cfg)
     info_path = path[:-4] + ".json"
     if os.path.exists(path) and os.path.exists(info_path) and not force:
         with open(info_path) as f:
@@ -75,7 +92,6 @@ def pretrain(workdir: str, *, quick: bool = False, seed: int = 0, force: bool = 
         return path, info
     run_dir = os.path.join(workdir, "pretrain_quick" if quick else "pretrain")
     shutil.rmtree(run_dir, ignore_errors=True)
-    cfg = _config("pretrain", quick, seed)
     _say(f"[1/3] pretraining a ViT (patch {cfg.model.patch_size}, width {cfg.model.hidden_size}, "
          f"{cfg.model.num_layers} blocks) on synthetic/upstream for {cfg.total_steps} steps ...")
     t0 = time.perf_counter()
@@ -100,13 +116,14 @@ def _leaves(tree: Any) -> list:
     return jax.tree_util.tree_leaves(tree)
 
 
-def adapt(method: str, backbone: str, workdir: str, *, quick: bool = False, seed: int = 0) -> dict:
+def adapt(method: str, backbone: str, workdir: str, *, quick: bool = False, seed: int = 0,
+          progress: bool = True) -> dict:
     """Trains `method` on synthetic/downstream from `backbone` in `workdir/adapt/<method>` (fresh)."""
     from jax_peft.train import loop
 
     run_dir = os.path.join(workdir, "adapt", method)
     shutil.rmtree(run_dir, ignore_errors=True)
-    cfg = _config(method, quick, seed, checkpoint=backbone)
+    cfg = _config(method, quick, seed, checkpoint=backbone, progress=progress)
     t0 = time.perf_counter()
     summary = loop.train_and_evaluate(cfg, run_dir)
     test = loop.evaluate(cfg, run_dir, split="test")
@@ -176,18 +193,18 @@ def format_table(results: Sequence[dict]) -> str:
 
 
 def run(workdir: str, *, methods: Sequence[str] = DEFAULT_METHODS, quick: bool = False, seed: int = 0,
-        force_pretrain: bool = False) -> dict:
+        force_pretrain: bool = False, progress: bool = True) -> dict:
     """The whole demo; returns (and writes to `workdir/demo_summary.json`) the summary."""
     if "linear" not in methods:
         raise ValueError("the demo compares against the linear probe; keep 'linear' in --methods")
     t_start = time.perf_counter()
     os.makedirs(workdir, exist_ok=True)
-    backbone, pre = pretrain(workdir, quick=quick, seed=seed, force=force_pretrain)
+    backbone, pre = pretrain(workdir, quick=quick, seed=seed, force=force_pretrain, progress=progress)
 
     results = []
     for i, m in enumerate(methods):
         _say(f"[2/3] adapting to synthetic/downstream: {m} ({i + 1}/{len(methods)}) ...")
-        r = adapt(m, backbone, workdir, quick=quick, seed=seed)
+        r = adapt(m, backbone, workdir, quick=quick, seed=seed, progress=progress)
         _say(f"      {m}: test accuracy {r['test_accuracy']:.3f}, {r['trainable_params']:,} trainable "
              f"parameters (+ head: {r['trainable_params_with_head']:,}), {r['time_s']:.1f} s")
         results.append(r)
@@ -238,12 +255,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--workdir", required=True, help="output directory (also caches the pretrained backbone)")
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                    help=f"comma-separated methods to adapt with (default {','.join(DEFAULT_METHODS)})")
-    p.add_argument("--seed", type=int, default=0, help="training seed (data content is fixed)")
+    p.add_argument("--seed", type=int, default=0, help="seed of pretraining and adaptation (the generated data are fixed); each seed "
+                   "pretrains and caches its own backbone")
     p.add_argument("--quick", action="store_true", help="tiny model and a few steps (for tests)")
     p.add_argument("--force_pretrain", action="store_true", help="retrain the upstream backbone")
+    p.add_argument("--quiet", action="store_true", help="no per-step progress line (stderr)")
     a = p.parse_args(argv)
     methods = [m.strip() for m in a.methods.split(",") if m.strip()]
-    run(a.workdir, methods=methods, quick=a.quick, seed=a.seed, force_pretrain=a.force_pretrain)
+    run(a.workdir, methods=methods, quick=a.quick, seed=a.seed, force_pretrain=a.force_pretrain,
+        progress=not a.quiet)
     return 0
 
 

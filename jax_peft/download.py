@@ -85,7 +85,15 @@ HF_HUB = "https://huggingface.co/"
 
 
 class DownloadError(OSError):
-    """A checkpoint could not be fetched (network, HTTP status, truncated transfer)."""
+    """A checkpoint could not be fetched (network, HTTP status, truncated transfer).
+
+    `url`, `dest` (the cache file it was going to) and `reason` (one line) let a caller word its own
+    fix, as the training CLI does (`--config.model.checkpoint=PATH`)."""
+
+    def __init__(self, message: str, *, url: str | None = None, dest: str | os.PathLike | None = None,
+                 reason: str | None = None):
+        super().__init__(message)
+        self.url, self.dest, self.reason = url, None if dest is None else Path(dest), reason
 
 
 def _manual_hint(url: str) -> str:
@@ -354,12 +362,12 @@ def download(url: str, dest: str | os.PathLike, *, progress: bool = True, timeou
     except urllib.error.HTTPError as e:
         extra = " (bucket paths are case-sensitive, e.g. 'imagenet21k', not 'imagenet21K')" \
             if e.code == 404 else ""
-        raise DownloadError(f"cannot download {url}: HTTP {e.code} {e.reason}{extra}. {_manual_hint(url)}") \
-            from None
+        raise DownloadError(f"cannot download {url}: HTTP {e.code} {e.reason}{extra}. {_manual_hint(url)}",
+                            url=url, dest=dest, reason=f"HTTP {e.code} {e.reason}{extra}") from None
     except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError) as e:
         reason = getattr(e, "reason", e)
         raise DownloadError(f"cannot download {url}: {reason}. Check the URL and the network. "
-                            f"{_manual_hint(url)}") from None
+                            f"{_manual_hint(url)}", url=url, dest=dest, reason=str(reason)) from None
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
     except OSError:
@@ -385,14 +393,17 @@ def download(url: str, dest: str | os.PathLike, *, progress: bool = True, timeou
                         bar.update(len(chunk))
                 except (OSError, http.client.HTTPException) as e:
                     raise DownloadError(f"download of {url} was interrupted after {received} bytes ({e}). "
-                                        f"Try again. {_manual_hint(url)}") from None
+                                        f"Try again. {_manual_hint(url)}", url=url, dest=dest,
+                                        reason=f"interrupted after {received} bytes") from None
         if total is not None and received != total:
             raise DownloadError(f"download of {url} is truncated: received {received} of {total} bytes. "
-                                f"Try again. {_manual_hint(url)}")
+                                f"Try again. {_manual_hint(url)}", url=url, dest=dest,
+                                reason=f"truncated: {received} of {total} bytes")
         try:
             check_file(tmp, f"the file downloaded from {url}", name=dest.name)
         except ValueError as e:
-            raise DownloadError(f"{e} {_manual_hint(url)}") from None
+            raise DownloadError(f"{e} {_manual_hint(url)}", url=url, dest=dest,
+                                reason="the server did not send a .npz file") from None
         os.replace(tmp, dest)
     except BaseException:
         with contextlib.suppress(OSError):

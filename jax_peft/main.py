@@ -7,6 +7,9 @@ Config fields are overridden with flags such as `--config.method.rank=16` or
 `--config.total_steps=300` (unknown keys fail with the list of valid ones). `--config.mode` picks
 `train` (default; resumes from DIR's newest checkpoint), `eval` (evaluates the latest or best
 checkpoint, `--config.restore_from`) or `export` (writes DIR/merged.npz, or `--export_path`).
+
+SIGTERM or Ctrl-C saves a checkpoint after the current step and exits with status 0 (a second
+Ctrl-C aborts at once, status 130); the same command resumes.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import json
 import signal
 import sys
+from typing import Any
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -49,16 +53,33 @@ def main(argv: list[str]) -> int:
     early = signal.getsignal(signal.SIGTERM)
     if config.mode != "train" and getattr(early, "requested", False):
         return 0  # terminated before starting: nothing to save
-    if config.mode == "train":
-        out = loop.train_and_evaluate(config, workdir)
-    elif config.mode == "eval":
-        out = loop.evaluate(config, workdir)
-    elif config.mode == "export":
-        out = {"merged_checkpoint": loop.export(config, workdir, _EXPORT_PATH.value)}
-    else:
-        raise app.UsageError(f"unknown --config.mode={config.mode!r}; use train, eval or export")
+    from jax_peft.download import DownloadError
+
+    try:
+        if config.mode == "train":
+            out = loop.train_and_evaluate(config, workdir)
+        elif config.mode == "eval":
+            out = loop.evaluate(config, workdir)
+        elif config.mode == "export":
+            out = {"merged_checkpoint": loop.export(config, workdir, _EXPORT_PATH.value)}
+        else:
+            raise app.UsageError(f"unknown --config.mode={config.mode!r}; use train, eval or export")
+    except DownloadError as e:  # one line with the CLI's fix instead of a traceback
+        sys.stderr.write(download_failure_message(e, config.model.checkpoint) + "\n")
+        return 1
     print(json.dumps(out, indent=2))
     return 0
+
+
+def download_failure_message(error: Any, checkpoint: str) -> str:
+    """The CLI's one-line message for a failed checkpoint download (a `DownloadError`)."""
+    url = error.url or checkpoint
+    name = url.rstrip("/").rsplit("/", 1)[-1] or "checkpoint.npz"
+    where = f", or put the file at {error.dest}" if error.dest is not None else ""
+    what = url if checkpoint == url else f"checkpoint {checkpoint!r} from {url}"
+    return (f"error: cannot download {what} ({error.reason or error}). "
+            f"Download it elsewhere (e.g. curl -L -o {name} {url}) and pass "
+            f"--config.model.checkpoint=/path/to/{name}{where}.")
 
 
 class _EarlySigterm:
@@ -142,6 +163,10 @@ def run() -> None:
     except RunRefusedError as e:  # the workdir or its checkpoints refuse this run: the message is the fix
         sys.stderr.write(f"error: {e}\n")
         sys.exit(1)
+    except KeyboardInterrupt:  # Ctrl-C before training started, or a second Ctrl-C during it
+        sys.stderr.write("\naborted by Ctrl-C; checkpoints saved before are kept: rerun the same command "
+                         "to resume from the newest\n")
+        sys.exit(130)
 
 
 if __name__ == "__main__":

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import os
 import platform
@@ -483,7 +484,13 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         run_rounds(fns, args.warmup, args.runs, args.repeat)
         info["loadavg"] = [load0, os.getloadavg()[0]]
-        torch_res = {"skipped": "--no-torch"} if args.no_torch or args.quick else torch_benchmark(args, args.method_list)
+        if args.no_torch:
+            torch_res = {"skipped": "--no-torch"}
+        elif args.quick:  # the tiny model is not compared; still say so when torch is not there at all
+            absent = importlib.util.find_spec("torch") is None or importlib.util.find_spec("timm") is None
+            torch_res = {"skipped": "torch/timm not installed" if absent else "--quick (compared at full size only)"}
+        else:
+            torch_res = torch_benchmark(args, args.method_list)
         res = report(fns, info, args, torch_res)
     res["cost"] = cost_figures(fns)
     print_costs(res["cost"])

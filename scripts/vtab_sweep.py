@@ -1,7 +1,7 @@
 """Run one method over the 19 VTAB-1k tasks and print the paper-style table beside the paper's numbers.
 
     # run every task in sequence (tasks with DIR/<task>/summary.json are skipped: rerun to resume)
-    python scripts/vtab_sweep.py --method rlrr --workdir runs/rlrr -- --config.data.data_dir=/data/vtab-1k
+    python scripts/vtab_sweep.py --method rlrr --workdir runs/rlrr -- --config.data.data_dir=$HOME/tensorflow_datasets
 
     # print one command per task (for a cluster), then build the table once they finished
     python scripts/vtab_sweep.py --method fact_tt --workdir runs/fact_tt --emit
@@ -175,13 +175,19 @@ def main(argv=None) -> int:
 
     if args.emit:
         for t in pending_tasks(args.workdir, tasks):
-            print(shlex.join(task_command(args.method, t, args.workdir, config=args.config,
-                                          extra=extra, python="python")))
+            # this interpreter (e.g. .venv/bin/python), so the commands run without activating the venv
+            print(shlex.join(task_command(args.method, t, args.workdir, config=args.config, extra=extra)))
         return 0
     failed = [] if args.table_only else run_sweep(args.method, args.workdir, tasks=tasks,
                                                    config=args.config, extra=extra,
                                                    keep_going=args.keep_going)
-    rows = build_table(load_summaries(args.workdir), args.method, metric=args.metric)
+    summaries = load_summaries(args.workdir)
+    if not summaries:  # e.g. the first task failed: no table of 19 empty rows
+        print(f"no task has finished yet (no {args.workdir}/<task>/summary.json): no table. "
+              + ("Fix the failure above and rerun the same command (finished tasks are skipped)."
+                 if failed else "Run the sweep first (without --table-only)."), file=sys.stderr)
+        return 1
+    rows = build_table(summaries, args.method, metric=args.metric)
     md, table_csv = to_markdown(rows, args.method), to_csv(rows)
     print(md)
     print(table_csv)

@@ -162,6 +162,10 @@ def test_benchmark_quick_runs_and_writes_json(tmp_path, extra):
         assert row["page_faults"] >= 0
     assert "targets" in res and res["targets"]
     assert res["config"]["scan"] == ("--scan" in extra)
+    import importlib.util  # the real reason the PyTorch comparison is skipped, not "--no-torch"
+    torch_there = all(importlib.util.find_spec(m) is not None for m in ("torch", "timm"))
+    assert res["torch"]["skipped"] == ("--quick (compared at full size only)" if torch_there
+                                       else "torch/timm not installed")
 
 
 def test_efft_factor_dropout_matches_weight_form_with_the_same_key():

@@ -2,7 +2,7 @@
 
     python -m jax_peft.main --config jax_peft.configs.demo:pretrain --workdir DIR/pretrain
     python -m jax_peft.main --config jax_peft.configs.demo:rlrr --workdir DIR/rlrr \
-        --config.model.checkpoint=DIR/upstream_vit.npz
+        --config.model.checkpoint=DIR/upstream_vit_seed0_<hash>.npz
 
 `pretrain`: a small ViT (patch 8, width 96, 3 blocks, 32x32 images) trained from scratch with `full`
 on `synthetic/upstream` (colour x texture, one object). Any other argument is a method name

@@ -13,8 +13,9 @@ Files written to `workdir`:
 Resuming checks the stored config first (`safety.check_resume_config`; `config.resume_override` for
 the safe fields), and no state is saved unless its step flags say finite (`safety.FiniteGuard`).
 
-Preemption: SIGTERM makes the loop save a checkpoint at the current step and return cleanly
-(`{"preempted": True, ...}`); running the same command again resumes from the newest checkpoint, with
+Preemption: SIGTERM (and a first Ctrl-C, SIGINT; a second one aborts) makes the loop save a checkpoint
+at the current step and return cleanly (`{"preempted": True, ...}`); running the same command again
+resumes from the newest checkpoint, with
 the data stream repositioned (`start_batch`) and dropout keys derived from the step, so the losses
 at every later step and the final adapter are bit-identical to an uninterrupted run.
 """
@@ -219,21 +220,35 @@ def _write_json(path: str, obj: Any) -> None:
 
 
 class _Preemption:
-    """Sets a flag on SIGTERM (main thread only); restores the previous handler on exit."""
+    """Sets a flag on SIGTERM, and on a first SIGINT (Ctrl-C) while Python's default SIGINT handler is
+    in place; a second SIGINT raises KeyboardInterrupt as usual (main thread only). Restores the
+    previous handlers on exit."""
 
     def __init__(self):
         self.requested = False
+        self.signal_name = "SIGTERM"
         self._previous = None
+        self._previous_int = None
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, self._handle)
             # A SIGTERM recorded by an earlier handler (the CLI's, during imports) counts too.
             self.requested = bool(getattr(self._previous, "requested", False))
+            if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not ignored / taken over
+                self._previous_int = signal.signal(signal.SIGINT, self._handle_int)
         return self
 
     def _handle(self, signum, frame):
         self.requested = True
+
+    def _handle_int(self, signum, frame):
+        if self.requested:  # second Ctrl-C: abort without saving
+            signal.default_int_handler(signum, frame)
+        self.requested, self.signal_name = True, "Ctrl-C (SIGINT)"
+        sys.stderr.write("\nCtrl-C: saving a checkpoint after this step, then stopping "
+                         "(press Ctrl-C again to abort without saving)\n")
+        sys.stderr.flush()
 
     def agree(self) -> None:
         """Multi-process runs: stop when any process got the signal, so all save the same step
@@ -247,6 +262,8 @@ class _Preemption:
     def __exit__(self, *exc):
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
+        if self._previous_int is not None:
+            signal.signal(signal.SIGINT, self._previous_int)
 
 
 # -------------------------------------------------------------------------------------- eval
@@ -269,8 +286,8 @@ def train_and_evaluate(config: Any, workdir: str, *, stop_at: int | None = None)
     """Trains `config` in `workdir` (resuming from its newest checkpoint) and returns the summary.
 
     Returns the dict written to `workdir/summary.json`, or `{"preempted": True, "step": ...}` when a
-    SIGTERM stopped the run (a checkpoint at that step was saved; rerun to resume). `stop_at=k`
-    stops the same way once step k is done (a programmatic preemption, e.g. for time budgets).
+    SIGTERM or a first Ctrl-C stopped the run (a checkpoint at that step was saved; rerun to
+    resume). `stop_at=k` stops the same way once step k is done (a programmatic preemption, e.g. for time budgets).
     A SIGTERM during set-up (loading, compiling) returns the same way before the first step.
     """
     with _Preemption() as pre:
@@ -437,9 +454,11 @@ def _train(config: Any, workdir: str, pre: _Preemption, stop_at: int | None) -> 
     ckpt.close()
     if preempted:
         if step == start:
-            progress.message(f"SIGTERM before the first step (at step {step}); nothing new to save; rerun to resume")
+            progress.message(f"{pre.signal_name} before the first step (at step {step}); nothing new to save; "
+                             "rerun to resume")
         else:
-            progress.message(f"SIGTERM: saved a checkpoint at step {step} in {ckpt.directory}; rerun to resume")
+            progress.message(f"{pre.signal_name}: saved a checkpoint at step {step} in {ckpt.directory}; "
+                             "rerun the same command to resume")
         return {"preempted": True, "step": step}
 
     wall = wall_before + time.perf_counter() - t_start
