@@ -38,6 +38,10 @@ _EXPORTS = {
     "Method": "jax_peft.methods.base",
     "from_official": "jax_peft.convert",
     "to_official": "jax_peft.convert",
+    "from_hf_peft": "jax_peft.convert",
+    "to_hf_peft": "jax_peft.convert",
+    "timm_vit": "jax_peft.timm_vit",
+    "torch_io": "jax_peft.torch_io",
     "paths": "jax_peft.paths",
     "data": "jax_peft.data",
     "analysis": "jax_peft.analysis",
@@ -54,7 +58,7 @@ _EXPORTS = {
     "default_config": "jax_peft.train.config",
     "method_config": "jax_peft.train.config",
 }
-_MODULES = {"paths", "data", "analysis"}
+_MODULES = {"paths", "data", "analysis", "timm_vit", "torch_io"}
 
 # `merge` is both a submodule and the public function: import the function eagerly, so that a
 # later `import jax_peft.merge` (which finds the module in sys.modules) cannot rebind the name.
