@@ -92,11 +92,20 @@ def test_gradients_and_optimizer_state_cover_only_the_trainable_tree(tiny_config
     state = step_lib.init_state(trainable, tx)
     state_size = sum(np.size(x) for x in jax.tree_util.tree_leaves(state["opt_state"]))
     assert state_size == 2 * paths.count(trainable) + 1  # mu, nu, count
-    fn = step_lib.make_train_fn(jax_peft.ViT(tiny_config), method, tx, seed=0)
-    jaxpr = jax.make_jaxpr(fn)(state, frozen, _batch())
-    assert jaxpr  # traces; the frozen tree is an input only
-    out_state, _ = jax.eval_shape(fn, state, frozen, _batch())
+    model = jax_peft.ViT(tiny_config)
+    fn = step_lib.make_train_fn(model, method, tx, seed=0)
+    batch = _batch()
+    out_state, metrics = jax.jit(fn)(state, frozen, batch)
     assert jax.tree_util.tree_structure(out_state) == jax.tree_util.tree_structure(state)
+    # The step's gradient is the gradient of the loss w.r.t. {adapter, head} alone: its norm equals
+    # that of an independent gradient over the head (a linear probe's only trainable leaves).
+    def loss(head):
+        logits = model.apply({"params": step_lib.join_params(frozen, {"head": head})}, batch["image"])
+        return optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+
+    want = optax.tree.norm(jax.grad(loss)(trainable["head"]))
+    assert float(want) > 0
+    np.testing.assert_allclose(float(metrics["grad_norm"]), float(want), rtol=1e-5)
 
 
 def test_decay_mask_and_sgd_and_clipping():

@@ -117,7 +117,8 @@ def build_params(config: Any, method: Method, num_classes: int, rng: jax.Array) 
         # embedding resized to the input grid, and a new head (re-initialized below).
         cfg = vit.vit_config(params, num_classes=num_classes, image_size=image_size,
                              representation_size=None, **_regularization(config))
-        params = ck.adapt_to_config(params, cfg, head="reset")
+        # checked and adapted in the canonical layout, as the random init (the loop stacks it for scan)
+        params = ck.adapt_to_config(params, dataclasses.replace(cfg, scan=False), head="reset")
     width = cfg.representation_size or cfg.hidden_size
     params = dict(params)
     params["head"] = method.init_head(r_head, width, num_classes)
