@@ -10,12 +10,11 @@ import time
 
 import pytest
 
+from jax_peft.configs import smoke
 from jax_peft.train import loop
-from jax_peft.train.config import load_config_module
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SMOKE = next(p for p in (os.path.join(ROOT, "jax_peft", "configs", "smoke.py"), os.path.join(ROOT, "configs", "smoke.py"))
-             if os.path.exists(p))
+SMOKE = "jax_peft.configs.smoke"
 OVERRIDES = {"total_steps": 100000, "eval_every": 0, "checkpoint_every": 0, "model.num_layers": 1}
 
 
@@ -65,7 +64,7 @@ def test_ctrl_c_saves_and_the_same_command_resumes(tmp_path):
     assert str(first["step"]) in os.listdir(wd / "checkpoints")
 
     # The same config resumes from that checkpoint (in process: a second CLI start costs ~20 s of CPU).
-    config = load_config_module(SMOKE, "smoke_cfg_sigint").get_config("bitfit")
+    config = smoke.get_config("bitfit")
     for key, value in OVERRIDES.items():
         *parents, last = key.split(".")
         node = config
