@@ -116,16 +116,22 @@ class Method:
     def hparams(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
-    def spec(self) -> dict[str, Any]:
+    def spec(self, params: Tree | None = None) -> dict[str, Any]:
         """{"method": name, "hparams": {...}} with JSON types (tuples as lists): what an adapter was
-        built with. Store it beside an adapter; `check_spec` refuses a method that differs."""
+        built with; with `params`, also "model": the backbone's block count and site shapes (which
+        tell a patch-8 model from a patch-4 one even where the adapter's shapes agree). Store it
+        beside an adapter; `check_spec` (and `jax_peft.merge(..., spec=)`) refuses a mismatch."""
         def plain(v: Any) -> Any:
             return [plain(x) for x in v] if isinstance(v, (tuple, list)) else v
-        return {"method": self.name, "hparams": {k: plain(v) for k, v in self.hparams().items()}}
+        out = {"method": self.name, "hparams": {k: plain(v) for k, v in self.hparams().items()}}
+        if params is not None:
+            out["model"] = _model_signature(params)
+        return out
 
-    def check_spec(self, spec: Mapping[str, Any]) -> None:
-        """Raises when `spec` (from `Method.spec`) names another method or other hyper-parameters."""
-        mine = self.spec()
+    def check_spec(self, spec: Mapping[str, Any], params: Tree | None = None) -> None:
+        """Raises one error when `spec` (from `Method.spec`) names another method, other
+        hyper-parameters or (with `params` and a recorded "model") another model."""
+        mine = self.spec(params if "model" in spec else None)
         if spec.get("method") != mine["method"]:
             raise ValueError(f"the adapter was built for method {spec.get('method')!r}, not {self.name!r}; "
                              f"use get_method({spec.get('method')!r}, **hparams)")
@@ -133,9 +139,14 @@ class Method:
         diff = [f"{k}: adapter {theirs.get(k)!r} vs method {v!r}" for k, v in mine["hparams"].items()
                 if k in theirs and theirs[k] != v]
         diff += [f"{k}: adapter {theirs[k]!r} (unknown option)" for k in theirs if k not in mine["hparams"]]
+        if "model" in mine:
+            a, b = spec["model"], mine["model"]
+            diff += [f"model {k}: adapter {a.get(k)!r} vs params {b.get(k)!r}" for k in sorted(set(a) | set(b))
+                     if a.get(k) != b.get(k)]
         if diff:
-            raise ValueError(f"{self.name}: the adapter was built with other hyper-parameters ({'; '.join(diff)}); "
-                             f"build the method with the adapter's: get_method(spec['method'], **spec['hparams'])")
+            raise ValueError(f"{self.name}: the adapter was built with other settings ({'; '.join(diff)}); use the "
+                             "method options and model it was built for: "
+                             "get_method(spec['method'], **spec['hparams']) on that model")
 
     def num_params(self, adapter: Tree) -> int:
         """Trainable parameters of the adapter (the head is not counted)."""
@@ -157,6 +168,19 @@ class Method:
 
     def __str__(self) -> str:
         return self.summary()
+
+
+def _model_signature(params: Tree) -> dict[str, Any]:
+    """{"blocks": L, "<kind>": [[d_in, d_out], ...]}: the distinct site shapes per kind."""
+    from jax_peft import sites as sites_lib
+
+    all_sites = sites_lib.sites(params).values()
+    out: dict[str, Any] = {"blocks": len({s.block for s in all_sites if s.block is not None})}
+    for s in all_sites:
+        shapes = out.setdefault(s.kind, [])
+        if [s.d_in, s.d_out] not in shapes:
+            shapes.append([s.d_in, s.d_out])
+    return out
 
 
 def init_head(rng: jax.Array, width: int, num_classes: int, kind: str = "zeros") -> dict:
