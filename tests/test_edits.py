@@ -86,7 +86,6 @@ def test_identity_lora_keeps_a_float64_kernel_exactly():
 
 
 # --- a method of one's own ---------------------------------------------------------------------------
-@jax_peft.register_method("diag_qv")
 class DiagQV(jax_peft.Method):
     """Scales the outputs of q and v by learned vectors (the docs' ten-line example)."""
 
@@ -101,7 +100,16 @@ class DiagQV(jax_peft.Method):
         return {site: OutputAffine(lv["scale"], lv["shift"]) for site, lv in paths.group_by_node(adapter).items()}
 
 
-def test_registered_method_gets_the_library_for_free():
+@pytest.fixture
+def diag_qv():
+    """DiagQV registered as "diag_qv" for one test (other test files enumerate the registry)."""
+    from jax_peft.methods import base
+
+    yield jax_peft.register_method("diag_qv")(DiagQV)
+    base._CLASSES.pop("diag_qv", None)
+
+
+def test_registered_method_gets_the_library_for_free(diag_qv):
     method = jax_peft.get_method("diag_qv")
     assert "diag_qv" in jax_peft.method_names() and isinstance(method, DiagQV)
     assert method.has_activation_form() and method.affine_in_leaves() and not method.has_official_layout()

@@ -26,7 +26,8 @@ import dataclasses
 import functools
 import importlib
 import math
-from typing import Any, ClassVar, Mapping
+import re
+from typing import Any, ClassVar, Iterable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -259,6 +260,34 @@ def check_rate(value: Any, option: str, method: str) -> None:
         raise ValueError(f"{method}: {option} must be a float in [0, 1), got {value!r}")
 
 
+def check_choice(value: Any, choices: Iterable[str], option: str, method: str) -> None:
+    choices = tuple(choices)
+    if value not in choices:
+        raise ValueError(f"{method}: unknown {option} {value!r}; choose one of {', '.join(map(repr, choices))}")
+
+
+def check_subset(values: Any, choices: tuple[str, ...], option: str, method: str) -> tuple[str, ...]:
+    """A str or sequence of names, each one of `choices` (returned as a tuple)."""
+    vals = (values,) if isinstance(values, str) else tuple(values)
+    bad = [v for v in vals if v not in choices]
+    if bad:
+        raise ValueError(f"{method}: unknown {option}(s) {bad}; choose from {choices}")
+    return vals
+
+
+def check_regexes(patterns: Any, option: str, method: str) -> tuple[str, ...]:
+    """A regex or a non-empty sequence of regexes that compile (returned as a tuple)."""
+    pats = (patterns,) if isinstance(patterns, str) else tuple(patterns)
+    if not pats:
+        raise ValueError(f"{method}: `{option}` is empty; give at least one regex")
+    for p in pats:
+        try:
+            re.compile(p)
+        except re.error as e:
+            raise ValueError(f"{method}: invalid regex {p!r} in `{option}`: {e}") from None
+    return pats
+
+
 def check_blocks(value: Any, method: str) -> tuple[int, ...] | None:
     """`layers` option: None, or non-empty block indices >= 0 (returned as a tuple)."""
     if value is None:
@@ -279,6 +308,16 @@ def select_blocks(all_sites: Mapping[str, Any], layers: tuple[int, ...] | None, 
         raise ValueError(f"{method}: `layers` {over} do not exist in a {len(have)}-block model; "
                          f"use block indices 0..{len(have) - 1}")
     return sorted(set(layers))
+
+
+def check_placements(method: Method, field: str, choices: tuple[str, ...], option: str) -> None:
+    """Validates and normalizes the options shared by RLRR and SSF: `init_scheme`, the placement
+    subset `field` (names from `choices`), `layers` and the `targets` regex."""
+    check_choice(method.init_scheme, ("official", "identity"), "init", method.name)
+    object.__setattr__(method, field, check_subset(getattr(method, field), choices, option, method.name))
+    object.__setattr__(method, "layers", check_blocks(method.layers, method.name))
+    if method.targets is not None:
+        check_regexes(method.targets, "targets", method.name)
 
 
 def register_method(name: str):
