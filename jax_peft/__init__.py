@@ -40,6 +40,10 @@ _EXPORTS = {
     "sites": "jax_peft.sites",
     "from_official": "jax_peft.convert",
     "to_official": "jax_peft.convert",
+    "from_hf_peft": "jax_peft.convert",
+    "to_hf_peft": "jax_peft.convert",
+    "timm_vit": "jax_peft.timm_vit",
+    "torch_io": "jax_peft.torch_io",
     "paths": "jax_peft.paths",
     "data": "jax_peft.data",
     "analysis": "jax_peft.analysis",
@@ -56,7 +60,7 @@ _EXPORTS = {
     "default_config": "jax_peft.train.config",
     "method_config": "jax_peft.train.config",
 }
-_MODULES = {"paths", "data", "analysis", "sites"}
+_MODULES = {"paths", "data", "analysis", "sites", "timm_vit", "torch_io"}
 
 # `merge` is both a submodule and the public function: import the function eagerly, so that a
 # later `import jax_peft.merge` (which finds the module in sys.modules) cannot rebind the name.

@@ -37,3 +37,18 @@ def to_official(name: str, adapter_or_grads: Mapping[str, Any], **hparams: Any) 
     pytrees of adapters alike (the maps are linear re-layouts)."""
     _check(name)
     return get_method(name, **hparams).to_official(adapter_or_grads)
+
+
+def from_hf_peft(dir_or_files: Any, params: Mapping[str, Any] | None = None) -> Any:
+    """An HF PEFT LoRA adapter of a timm ViT (`adapter_config.json` + `adapter_model.safetensors`)
+    as `(method, adapter, head)`; see `jax_peft.hf_peft`."""
+    from jax_peft import hf_peft
+
+    return hf_peft.from_hf_peft(dir_or_files, params)
+
+
+def to_hf_peft(method: Any, adapter: Mapping[str, Any], out_dir: Any, **kw: Any) -> Any:
+    """Writes a LoRA adapter as an HF PEFT adapter directory for a timm ViT; see `jax_peft.hf_peft`."""
+    from jax_peft import hf_peft
+
+    return hf_peft.to_hf_peft(method, adapter, out_dir, **kw)

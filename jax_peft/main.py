@@ -114,7 +114,13 @@ def run() -> None:
     if message:
         sys.stderr.write(message + "\n")
         sys.exit(2)
-    app.run(main)
+    from jax_peft.train.safety import RunRefusedError
+
+    try:
+        app.run(main)
+    except RunRefusedError as e:  # the workdir or its checkpoints refuse this run: the message is the fix
+        sys.stderr.write(f"error: {e}\n")
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from jax_peft.data.pipeline import BatchIterator, BatchPlan, DatasetUnavailableError
+from jax_peft.data.pipeline import BatchIterator, BatchPlan, DatasetUnavailableError, ExampleError
 from jax_peft.data.preprocess import NORMALIZATIONS, Preprocess
 
 # family -> module implementing get_source / num_classes / dataset_info / CROP_FRACTION / names
@@ -73,6 +73,9 @@ def num_classes(name: str, *, data_dir: str | None = None) -> int:
     return mod.num_classes(name)
 
 
+_class_count = num_classes  # for make_dataset, whose argument of that name shadows it
+
+
 def dataset_info(name: str, split: str, *, data_dir: str | None = None) -> dict:
     """dict(num_examples=int, num_classes=int) of a split, without reading images."""
     family, name = _split_name(name)
@@ -97,7 +100,7 @@ def make_dataset(name: str, split: str, *, batch_size: int, image_size: int, tra
                  process_index: int | None = None, process_count: int | None = None,
                  start_batch: int = 0, drop_remainder: bool | None = None, prefetch: int = 2,
                  crop_fraction: float | None | str = "default", num_workers: int | None = None,
-                 source: Any = None) -> BatchIterator:
+                 source: Any = None, num_classes: int | None = None) -> BatchIterator:
     """Batches {"image": float32 (B, H, W, 3), "label": int32 (B,)} (+ "mask": float32 (B,) in eval).
 
     Args:
@@ -118,6 +121,8 @@ def make_dataset(name: str, split: str, *, batch_size: int, image_size: int, tra
         few-shot: 0.875 = resize to size/0.875 then centre crop, random crop when training).
       num_workers: decoding threads (default min(8, cpu count)).
       source: optional record source to use instead of the named dataset's (tests, custom data).
+      num_classes: every label must lie in [0, num_classes), else `ExampleError` names the dataset,
+        the label and the example (default: the dataset's class count; with `source`, unchecked).
     """
     family, name = _split_name(name)
     if process_index is None or process_count is None:
@@ -137,6 +142,8 @@ def make_dataset(name: str, split: str, *, batch_size: int, image_size: int, tra
         raise ValueError(f"unknown normalization {normalization!r}; use one of {NORMALIZATIONS}")
     if source is None:
         source = mod.get_source(name, split, data_dir=data_dir)
+        if num_classes is None:
+            num_classes = _class_count(name, data_dir=data_dir)
     if crop_fraction == "default":
         crop_fraction = mod.CROP_FRACTION
     transform = Preprocess(image_size=image_size, train=train, normalization=normalization,
@@ -146,8 +153,9 @@ def make_dataset(name: str, split: str, *, batch_size: int, image_size: int, tra
                      process_index=process_index, process_count=process_count,
                      drop_remainder=drop_remainder)
     return BatchIterator(source, transform, plan, image_size=image_size, start_batch=start_batch,
-                         prefetch=prefetch, num_workers=num_workers)
+                         prefetch=prefetch, num_workers=num_workers, num_classes=num_classes,
+                         name=f"{name} split {split!r}")
 
 
 __all__ = ["vtab_tasks", "num_classes", "dataset_info", "make_dataset", "get_source", "BatchIterator",
-           "BatchPlan", "DatasetUnavailableError", "Preprocess"]
+           "BatchPlan", "DatasetUnavailableError", "ExampleError", "Preprocess"]

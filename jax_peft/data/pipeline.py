@@ -127,10 +127,11 @@ class BatchIterator:
 
     def __init__(self, source: Sequence, transform: Transform, plan: BatchPlan, *,
                  image_size: int, start_batch: int = 0, prefetch: int = 2,
-                 num_workers: int | None = None):
+                 num_workers: int | None = None, num_classes: int | None = None, name: str = "dataset"):
         if start_batch < 0:
             raise ValueError(f"start_batch must be >= 0, got {start_batch}")
         self.source, self.transform, self.plan = source, transform, plan
+        self.num_classes, self.name = num_classes, name  # labels are checked against num_classes
         self.image_size = image_size
         self.steps_per_epoch = plan.batches_per_epoch
         self.num_batches = plan.num_batches
@@ -150,8 +151,19 @@ class BatchIterator:
 
     # --- producing ------------------------------------------------------------------------------
     def _load_one(self, index: int, rng: np.random.Generator | None) -> tuple[np.ndarray, int]:
-        ex = self.source[int(index)]
-        return self.transform(ex["image"], rng), int(ex["label"])
+        try:
+            ex = self.source[int(index)]
+            image = self.transform(ex["image"], rng)
+        except Exception as e:  # noqa: BLE001 - name the dataset and the example of any read/decode error
+            raise ExampleError(f"{self.name}, example {int(index)}: {type(e).__name__}: {e}") from e
+        label = int(ex["label"])
+        if self.num_classes is not None and not 0 <= label < self.num_classes:
+            where = getattr(self.source, "describe", lambda i: "")(int(index))
+            raise ExampleError(
+                f"{self.name}, example {int(index)}{f' ({where})' if where else ''}: label {label} is outside "
+                f"[0, {self.num_classes}) for a dataset of {self.num_classes} classes; training on it would "
+                "give a wrong loss silently. Fix the label (or the dataset's class count)")
+        return image, label
 
     def _map(self, fn, *iterables):
         return list(self._pool.map(fn, *iterables)) if self._pool else list(map(fn, *iterables))
@@ -260,6 +272,10 @@ class BatchIterator:
             self._stop.set()
         except Exception:
             pass
+
+
+class ExampleError(ValueError):
+    """An example could not be read, decoded or has an invalid label; names the dataset and index."""
 
 
 class DatasetUnavailableError(RuntimeError):

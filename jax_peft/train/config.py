@@ -14,7 +14,8 @@ as `--config.optimizer.lr_rate=...` fails with the list of valid keys. Shape of 
                cosine_epochs, steps_per_epoch, step_offset ("after_epoch" | "before_epoch")
     batch_size, total_steps, num_epochs, seed, label_smoothing, eval_every, log_every,
     checkpoint_every, keep_checkpoints, keep_best, export_merged, parallel (jit|pmap),
-    compute_dtype (float32|bfloat16), train_form (auto|weight|activation), mode (train|eval|export), restore_from (latest|best), progress
+    compute_dtype (float32|bfloat16), train_form (auto|weight|activation), mode (train|eval|export), restore_from (latest|best), progress,
+    resume_override
 """
 
 from __future__ import annotations
@@ -105,6 +106,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.mode = "train"              # "train" | "eval" | "export"
     c.restore_from = "latest"     # eval/export modes: "latest" | "best" checkpoint
     c.progress = True             # progress bar on stderr
+    c.resume_override = ""        # resuming with other values of these safe fields, e.g. "total_steps,eval_every"
+                                  # (jax_peft.train.safety.OVERRIDABLE_ON_RESUME); other fields must match
 
     c.lock()
     c.method.unlock()

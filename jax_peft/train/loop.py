@@ -8,6 +8,10 @@ Files written to `workdir`:
     checkpoints/<step>  orbax checkpoints (adapter + head + optimizer state + step + data position)
     summary.json        at the end: method, trainable_params, best/final eval accuracy, steps, wall time
     merged.npz          with `export_merged=True` (or mode "export"): the merged model, Google layout
+    run.lock            while training: the holder's host and pid (one run per workdir, `safety.WorkdirLock`)
+
+Resuming checks the stored config first (`safety.check_resume_config`; `config.resume_override` for
+the safe fields), and no state is saved unless its step flags say finite (`safety.FiniteGuard`).
 
 Preemption: SIGTERM makes the loop save a checkpoint at the current step and return cleanly
 (`{"preempted": True, ...}`); running the same command again resumes from the newest checkpoint, with
@@ -26,7 +30,7 @@ import signal
 import sys
 import threading
 import time
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -35,7 +39,7 @@ import optax
 
 from jax_peft import paths, scan
 from jax_peft.methods.base import Method
-from jax_peft.train import checkpointing, distributed, model_setup, optimizer, schedules, step as step_lib
+from jax_peft.train import checkpointing, distributed, model_setup, optimizer, safety, schedules, step as step_lib
 from jax_peft.train import config as config_lib
 from jax_peft.vit import ViT, ViTConfig
 
@@ -66,6 +70,7 @@ def validate_config(config: Any) -> None:
         raise ValueError("set config.total_steps > 0 or config.num_epochs > 0")
     if not 0.0 <= config.label_smoothing < 1.0:
         raise ValueError(f"config.label_smoothing must be in [0, 1), got {config.label_smoothing}")
+    safety.parse_override(config.get("resume_override", ""))
 
 
 # ------------------------------------------------------------------------------------- setup
@@ -110,6 +115,10 @@ def setup(config: Any) -> Setup:
     validate_config(config)
     info = model_setup.dataset_info(config, config.data.train_split)
     num_classes = int(config.model.num_classes) if config.model.num_classes > 0 else int(info["num_classes"])
+    if num_classes < int(info["num_classes"]):
+        raise ValueError(f"config.model.num_classes={num_classes}, but {config.data.name} has "
+                         f"{info['num_classes']} classes: labels >= {num_classes} would train nothing. Set "
+                         f"--config.model.num_classes={info['num_classes']} (or -1: from the dataset)")
     method = model_setup.build_method(config)
     rng = jax.random.PRNGKey(int(config.seed))
     r_params, r_adapter = jax.random.split(rng)
@@ -256,20 +265,70 @@ def train_and_evaluate(config: Any, workdir: str, *, stop_at: int | None = None)
     A SIGTERM during set-up (loading, compiling) returns the same way before the first step.
     """
     with _Preemption() as pre:
-        return _train(config, workdir, pre, stop_at)
+        workdir = safety.check_workdir(workdir)  # one line before any work (file, not writable)
+        with _workdir_lock(workdir):
+            return _train(config, workdir, pre, stop_at)
+
+
+def _workdir_lock(workdir: str) -> Any:
+    """The workdir's exclusive lock (`safety.WorkdirLock`), taken by process 0 of a run."""
+    import contextlib
+
+    return safety.WorkdirLock(workdir) if distributed.is_main_process() else contextlib.nullcontext()
+
+
+def _resume_check(config: Any, ckpt: checkpointing.Checkpointer, cfg_json: dict,
+                  override: Any = None) -> Callable[[dict, int], None]:
+    """`check(stored_config, step)` for `Checkpointer.restore`: refuses
+    (`safety.IncompatibleCheckpointError`) a checkpoint written with another run-defining config;
+    fields named in `override` (default `config.resume_override`) may differ (logged)."""
+    override = safety.parse_override(config.get("resume_override", "") if override is None else override)
+    logged: set[int] = set()
+
+    def check(stored: dict, step: int) -> None:
+        accepted = safety.check_resume_config(stored, cfg_json, step=step, where=ckpt.directory,
+                                              override=override)
+        if accepted and step not in logged:
+            logged.add(step)
+            log.warning("resuming step %d with changed %s (config.resume_override)", step, ", ".join(accepted))
+
+    return check
+
+
+def _newest_config_check(ckpt: checkpointing.Checkpointer, check: Callable[[dict, int], None]) -> None:
+    """Runs `check` on the config of the newest checkpoint whose config is readable (unreadable ones
+    are left to `Checkpointer.restore`, which sets them aside)."""
+    for step in reversed(ckpt.all_steps()):
+        try:
+            stored = ckpt.read_config(step)
+        except Exception:  # noqa: BLE001 - unreadable: restore handles it
+            continue
+        check(stored, step)
+        return
+
+
+def _last_good(ckpt: checkpointing.Checkpointer) -> Callable[[], str]:
+    """The FiniteGuard message naming the last (finite) checkpoint of `ckpt`."""
+    def message() -> str:
+        step = ckpt.latest_step()
+        if step is None:
+            return f"No checkpoint was saved in {ckpt.directory}."
+        return f"The last finite checkpoint is step {step} in {ckpt.directory} (a rerun resumes from it)."
+    return message
 
 
 def _train(config: Any, workdir: str, pre: "_Preemption", stop_at: int | None) -> dict:
     t_start = time.perf_counter()
-    os.makedirs(workdir, exist_ok=True)
-    s = setup(config)
     cfg_json = checkpointing.config_to_json(config)
     main = distributed.is_main_process()  # process 0 writes config, metrics, progress and summary
-    if main:
-        _write_json(os.path.join(workdir, "config.json"), cfg_json)
     ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), keep=int(config.keep_checkpoints),
                                       keep_best=bool(config.keep_best), config=cfg_json)
-    restored = ckpt.restore(s.abstract_state())
+    check_resume = _resume_check(config, ckpt, cfg_json)
+    _newest_config_check(ckpt, check_resume)  # refuse at once, before building the model
+    s = setup(config)
+    restored = ckpt.restore(s.abstract_state(), check_config=check_resume)  # before writing anything
+    if main:
+        _write_json(os.path.join(workdir, "config.json"), cfg_json)
     if restored is None:
         host_state, meta = s.init_state(), {"data_position": 0, "wall_time_s": 0.0}
     else:
@@ -303,6 +362,8 @@ def _train(config: Any, workdir: str, pre: "_Preemption", stop_at: int | None) -
     ckpt_every = int(config.checkpoint_every)
     preempted = False
     step = start
+    guard = safety.FiniteGuard(runner.get)
+    last_good = _last_good(ckpt)
     with open(metrics_path if main else os.devnull, "a") as mfile:
         pre.agree()
         preempted = pre.requested and step < s.total_steps  # signalled during set-up
@@ -312,6 +373,8 @@ def _train(config: Any, workdir: str, pre: "_Preemption", stop_at: int | None) -
             t1 = time.perf_counter()
             state, metrics = runner.train(state, frozen, batch)
             step += 1
+            if guard.add(step, metrics):
+                guard.check(last_good)
             last = step == s.total_steps
             if stop_at is not None and step >= stop_at:
                 pre.requested = True
@@ -329,11 +392,8 @@ def _train(config: Any, workdir: str, pre: "_Preemption", stop_at: int | None) -
                 progress.update(step, record["loss"], lr, ips, t1 - t0, t2 - t1)
                 if not math.isfinite(record["loss"]):
                     mfile.write(json.dumps(record) + "\n")
-                    raise FloatingPointError(
-                        f"the training loss is {record['loss']} at step {step} (lr {lr:.3g}); lower "
-                        "--config.optimizer.lr or set --config.optimizer.grad_clip_norm (and use "
-                        "--config.compute_dtype=float32 if it is bfloat16). Checkpoints saved before this "
-                        f"step are in {ckpt.directory}.")
+            if do_log:  # the log synced already; the flags of the steps since the last check
+                guard.check(last_good)
             if do_eval:
                 ev = run_eval(s, state, frozen)
                 record.update(ev)
@@ -350,10 +410,9 @@ def _train(config: Any, workdir: str, pre: "_Preemption", stop_at: int | None) -
             save = last or pre.requested or (ckpt_every > 0 and step % ckpt_every == 0) or \
                 (improved and bool(config.keep_best))
             if save:
+                guard.check(last_good)  # never save a non-finite state
                 wall = wall_before + time.perf_counter() - t_start
-                ckpt.save(runner.get_state(state), data_position=step,
-                          eval_accuracy=record["eval_accuracy"] if do_eval else None,
-                          extra={"wall_time_s": wall})
+                _save(ckpt, runner.get_state(state), step, record["eval_accuracy"] if do_eval else None, wall)
             if pre.requested and not last:
                 preempted = True
                 break
@@ -386,6 +445,16 @@ def _train(config: Any, workdir: str, pre: "_Preemption", stop_at: int | None) -
     return summary
 
 
+def _save(ckpt: checkpointing.Checkpointer, state: Any, step: int, eval_accuracy: float | None,
+          wall: float) -> None:
+    """Saves the (checked finite) state at `step`; a step directory that already exists means the
+    run could not save what it trained, which is an error, never a silent skip."""
+    if not ckpt.save(state, data_position=step, eval_accuracy=eval_accuracy, extra={"wall_time_s": wall}):
+        raise RuntimeError(
+            f"cannot save step {step}: {os.path.join(ckpt.directory, str(step))} already exists but was "
+            "not restored (another run wrote it?). Move it away (or use a new --workdir) and rerun")
+
+
 # ------------------------------------------------------------------------------ eval / export
 def _restore(s: Setup, workdir: str) -> tuple[Any, dict]:
     ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), keep=int(s.config.keep_checkpoints),
@@ -393,7 +462,10 @@ def _restore(s: Setup, workdir: str) -> tuple[Any, dict]:
     step = ckpt.best_step() if s.config.restore_from == "best" else None
     if s.config.restore_from == "best" and step is None:
         raise FileNotFoundError(f"no evaluated checkpoint in {ckpt.directory}; use --config.restore_from=latest")
-    out = ckpt.restore(s.abstract_state(), step)
+    # A checkpoint of another model or method is refused, never taken for a corrupted one; the
+    # schedule-length and evaluation fields do not matter here.
+    check = _resume_check(s.config, ckpt, checkpointing.config_to_json(s.config), safety.OVERRIDABLE_ON_RESUME)
+    out = ckpt.restore(s.abstract_state(), step, check_config=check)
     ckpt.close()
     if out is None:
         raise FileNotFoundError(f"no checkpoint in {ckpt.directory}; train first (--config.mode=train)")
@@ -403,13 +475,16 @@ def _restore(s: Setup, workdir: str) -> tuple[Any, dict]:
 def evaluate(config: Any, workdir: str, *, split: str | None = None) -> dict:
     """Evaluates the latest (or best, `config.restore_from`) checkpoint of `workdir` on `split`
     (default `config.data.eval_split`); writes and returns `workdir/eval_<split>.json`."""
+    split = split or config.data.eval_split
+    path = os.path.join(workdir, f"eval_{split.replace('/', '_')}.json")
+    if jax.process_index() == 0:
+        safety.check_writable(path)  # before the evaluation, so its result is never lost
     s = setup(config)
     state, meta = _restore(s, workdir)
     ev = run_eval(s, s.runner.put_state(state), s.device_frozen(), split)
-    split = split or config.data.eval_split
     out = {"step": int(meta["step"]), "split": split, **ev}
     if jax.process_index() == 0:
-        _write_json(os.path.join(workdir, f"eval_{split.replace('/', '_')}.json"), out)
+        _write_json(path, out)
     return out
 
 
@@ -428,6 +503,9 @@ def export_state(s: Setup, state: Any, path: str) -> str:
 
 def export(config: Any, workdir: str, path: str | None = None) -> str:
     """Merges the latest (or best) checkpoint of `workdir` into `path` (default `workdir/merged.npz`)."""
+    path = path or os.path.join(workdir, "merged.npz")
+    if distributed.is_main_process():
+        safety.check_writable(path)  # before the merge
     s = setup(config)
     state, _ = _restore(s, workdir)
-    return export_state(s, state, path or os.path.join(workdir, "merged.npz"))
+    return export_state(s, state, path)

@@ -49,10 +49,31 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float =
     """Per-example softmax cross-entropy (B,), with PyTorch's label smoothing:
     target = (1 - a) one_hot + a / C."""
     num_classes = logits.shape[-1]
+    check_labels(labels, num_classes)
     targets = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
     if label_smoothing:
         targets = optax.smooth_labels(targets, label_smoothing)
     return optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
+
+
+def _raise_bad_labels(labels: np.ndarray, num_classes: int) -> None:
+    labels = np.asarray(labels)
+    bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+    if bad.size:
+        raise ValueError(
+            f"labels outside [0, {num_classes}) at batch position(s) {bad[:8].tolist()} (values "
+            f"{labels.reshape(-1)[bad[:8]].tolist()}): one_hot would make their loss silently zero. Fix the "
+            "dataset's labels or the model's number of classes")
+
+
+def check_labels(labels: Any, num_classes: int) -> None:
+    """Refuses labels outside [0, num_classes): at once for concrete labels, and inside jitted code
+    when JAX's debug checks are on (`jax.config.update("jax_enable_checks", True)`, a host callback).
+    (The training loop checks every step on the device anyway: `step_flags`.)"""
+    if not isinstance(labels, jax.core.Tracer):
+        _raise_bad_labels(labels, num_classes)
+    elif jax.config.jax_enable_checks:
+        jax.debug.callback(_raise_bad_labels, labels, num_classes)
 
 
 def split_params(params: Mapping[str, Any], adapter: Tree) -> tuple[dict, dict]:
@@ -130,11 +151,28 @@ def make_train_fn(model: Any, method: Method, tx: optax.GradientTransformation, 
         trainable = optax.apply_updates(state["trainable"], updates)
         new = {"step": state["step"] + 1, "trainable": trainable, "opt_state": opt_state}
         metrics = {"loss": loss, "accuracy": acc, "grad_norm": optax.tree.norm(grads)}
+        metrics.update(step_flags(metrics, trainable, batch["label"], logits.shape[-1], weights, axis_name))
         if schedule is not None:
             metrics["lr"] = jnp.asarray(schedule(state["step"]), jnp.float32)
         return new, metrics
 
     return train
+
+
+def step_flags(metrics: Mapping[str, jax.Array], trainable: Tree, labels: jax.Array, num_classes: int,
+               weights: jax.Array | None = None, axis_name: str | None = None) -> dict:
+    """Device-side health flags of a step (read by the loop before saving, no sync per step):
+    `finite` (loss, gradient norm and the updated trainable tree finite) and `bad_labels` (count of
+    real examples whose label is outside [0, num_classes))."""
+    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"]) & \
+        jnp.isfinite(optax.tree.norm(trainable))
+    out_of_range = (labels < 0) | (labels >= num_classes)
+    if weights is not None:
+        out_of_range = out_of_range & (weights > 0)
+    bad = jnp.sum(out_of_range.astype(jnp.int32))
+    if axis_name is not None:
+        bad = jax.lax.psum(bad, axis_name)
+    return {"finite": finite, "bad_labels": bad}
 
 
 def _masked_mean(values: jax.Array, weights: jax.Array | None, count: jax.Array | None) -> jax.Array:
