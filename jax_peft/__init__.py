@@ -42,6 +42,8 @@ _EXPORTS = {
     "get_method": "jax_peft.methods.base",
     "method_names": "jax_peft.methods.base",
     "Method": "jax_peft.methods.base",
+    "register_method": "jax_peft.methods.base",
+    "sites": "jax_peft.sites",
     "from_official": "jax_peft.convert",
     "to_official": "jax_peft.convert",
     "from_hf_peft": "jax_peft.convert",
@@ -62,7 +64,7 @@ _EXPORTS = {
     "merge": "jax_peft.merge",
     "train": "jax_peft.train",
 }
-_MODULES = {"paths", "data", "analysis", "train", "timm_vit", "torch_io"}
+_MODULES = {"paths", "data", "analysis", "train", "sites", "timm_vit", "torch_io"}
 __all__ = sorted(_EXPORTS) + ["__version__"]
 
 

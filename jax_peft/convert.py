@@ -1,5 +1,5 @@
 """Import and export of adapters in the official PyTorch layouts (names and shapes in
-tests/data/README.md). Each method class implements `from_official(state_dict, params)` and
+the repository's tests/data/README.md). Each method class with an official layout implements `from_official(state_dict, params)` and
 `to_official(tree)`; these functions dispatch by name."""
 
 from __future__ import annotations
@@ -9,14 +9,18 @@ from typing import Any
 
 import numpy as np
 
-from jax_peft.methods.base import get_method
+from jax_peft.methods.base import get_method, method_class, method_names
 
-OFFICIAL = ("rlrr", "fact_tt", "fact_tk", "efft")
+
+def official_methods() -> tuple[str, ...]:
+    """The methods with an official layout (`Method.has_official_layout`)."""
+    return tuple(n for n in method_names() if method_class(n).has_official_layout())
 
 
 def _check(name: str) -> None:
-    if name not in OFFICIAL:
-        raise ValueError(f"no official layout for method {name!r}; conversion supports {', '.join(OFFICIAL)}")
+    if not method_class(name).has_official_layout():
+        raise ValueError(f"no official layout for method {name!r}; conversion supports "
+                         f"{', '.join(official_methods())}")
 
 
 def from_official(name: str, state_dict: Mapping[str, Any], params: Mapping[str, Any] | None = None,

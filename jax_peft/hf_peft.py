@@ -157,7 +157,7 @@ def from_hf_peft(dir_or_files: str | os.PathLike | tuple, params: Mapping[str, A
                           "blocks for every target")
     depth = None
     if params is not None:
-        from jax_peft.methods import layers as vit_layers
+        from jax_peft import sites as vit_layers
 
         depth = vit_layers.num_blocks(params)
     # without params: all blocks when they run 0..n-1 (pass params to tell "the first n of a deeper model")

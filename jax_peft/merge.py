@@ -11,14 +11,20 @@ import jax.numpy as jnp
 from jax_peft.methods.base import Method
 
 
-def merge(params: Mapping[str, Any], method: Method, adapter: Mapping[str, Any]) -> dict:
-    """A plain parameter tree (same structure as `params`, no adapter leaves) whose eval logits
-    equal `model.apply({"params": method.apply(params, adapter)}, ...)`.
+def merge(params: Mapping[str, Any], method: Method, adapter: Mapping[str, Any], *,
+          spec: Mapping[str, Any] | None = None) -> dict:
+    """A plain parameter tree (same structure as `params`, no adapter left) whose eval logits equal
+    `model.apply({"params": method.apply(params, adapter)}, ...)`.
 
-    The merge is computed in at least float32 whatever the dtypes of `params` and `adapter`, and the
-    result is float32 (float64 stays float64 under `jax_enable_x64`), ready for
-    `jax_peft.save_checkpoint`.
+    Every leaf is computed and returned in the wider of float32 and its own dtype: float32 trees stay
+    float32 (ready for `jax_peft.save_checkpoint`), bfloat16 trees are merged and returned in float32,
+    float64 trees (jax x64) stay float64. The adapter must fit `params` and the method's options
+    (`jax_peft.methods.base.check_adapter`, one error listing every mismatch); `spec` (the
+    `method.spec(params)` recorded with the adapter) additionally refuses other hyper-parameters (e.g.
+    LoRA's alpha) and another model whose shapes happen to fit (e.g. patch 8 vs 4 for RLRR / SSF).
     """
+    if spec is not None:
+        method.check_spec(spec, params)
     wide = lambda t: jax.tree_util.tree_map(_at_least_f32, t)
     merged = jax.jit(lambda p, a: method.apply(p, a))(wide(params), wide(adapter))
     return wide(merged)

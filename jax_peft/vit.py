@@ -456,6 +456,7 @@ class Attention(nn.Module):
             y = nn.DenseGeneral((self.num_heads, hd), dtype=self.dtype, name=name)(inp)  # (B, T, H, hd)
             for extra in (_side(self, side.get(short), inp, deterministic), fused[j]):
                 y = y if extra is None else y + extra.reshape(y.shape)
+            y = _scale_shift(y, side.get(f"{short}_ssf"))  # output scale/shift of this projection
             return _scale_shift(y, side.get("qkv_ssf"), j * d)  # SSF on the fused qkv output
 
         q, k, v = proj("query", "q", 0, x), proj("key", "k", 1, src), proj("value", "v", 2, src)
@@ -609,7 +610,7 @@ class ViT(nn.Module):
     `side` (optional) adds activation-form low-rank branches: `{block_index: {"q"|"k"|"v"|"o"|
     "fc1"|"fc2"|"qkv": SidePath}}`, evaluated beside the frozen kernels (see `SidePath`); "qkv" is
     one path of width 3D for the fused projection (columns q | k | v, one dropout mask). Entries
-    "qkv_ssf"|"o_ssf"|"fc1_ssf"|"fc2_ssf": `ScaleShift` scale and shift a linear's output (SSF).
+    "<key>_ssf" for any of those keys: `ScaleShift` scale and shift a linear's output (SSF).
     """
 
     config: ViTConfig

@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 
 from jax_peft import paths, vit
+from jax_peft import sites as layers
 from jax_peft.analysis import arithmetic as ar
 from jax_peft.analysis import similarity as si
 from jax_peft.analysis import spectral as sp
 from jax_peft.analysis.swap import SwappableForward
-from jax_peft.methods import layers
 from jax_peft.methods.base import get_method
 
 RNG = np.random.default_rng(0)

@@ -5,7 +5,7 @@ import numpy as np
 
 import jax_peft
 from jax_peft import paths
-from jax_peft.methods.layers import MODULES, matrix_view
+from jax_peft.sites import MODULES, matrix_view
 from jax_peft.vit import SidePath
 
 

@@ -25,8 +25,8 @@ from typing import Any
 
 import numpy as np
 
+from jax_peft import sites as sites_lib
 from jax_peft.analysis import spectral
-from jax_peft.methods import layers
 
 Tree = Mapping[str, Any]
 HEATMAPS = ("delta_fro", "delta_rel", "delta_erank", "overlap_left", "overlap_right")
@@ -53,7 +53,10 @@ def report_trees(base: Tree, adapted: Tree, out_dir: str, *, k: int = 8, title: 
     np.savez(os.path.join(out_dir, "spectra.npz"),
              **{f"{m}/{name}": v for m, s in spectra.items() for name, v in s.stats.items()})
     figures, plot_note = _figures(spectra, rows, out_dir) if plots else ([], "plots disabled")
-    md = _markdown(title, notes, spectra, rows, spectral.leaf_changes(base, adapted), k, figures, plot_note)
+    kernels = {s.kernel for s in sites_lib.sites(base).values()
+               if s.kind in spectra and s.block in spectra[s.kind].blocks and s.kernel}
+    md = _markdown(title, notes, spectra, rows, spectral.leaf_changes(base, adapted), k, figures, plot_note,
+                   kernels)
     path = os.path.join(out_dir, "report.md")
     with open(path, "w") as f:
         f.write(md)
@@ -86,7 +89,8 @@ def _fmt(x: float) -> str:
 
 def _markdown(title: str, notes: Sequence[str], spectra: Mapping[str, Any], rows: list[dict],
               leaves: Mapping[str, tuple[float, float]], k: int, figures: list[tuple[str, str]],
-              plot_note: str) -> str:
+              plot_note: str, kernels: set[str]) -> str:
+    """`kernels`: the leaf paths of the matrices in `spectra` (listed in the tables, not again below)."""
     out = [f"# Spectral report: {title}", ""]
     out += [f"- {n}" for n in notes]
     out += [f"- Adapted matrices: {sum(r['delta_fro'] > 0 for r in rows)} of {len(rows)} "
@@ -109,7 +113,6 @@ def _markdown(title: str, notes: Sequence[str], spectra: Mapping[str, Any], rows
                    f"{r['delta_rank']} | {_fmt(r['delta_erank'])} | {_fmt(r['max_abs_rel_change'])} | "
                    f"{_fmt(r['overlap_left'])} | {_fmt(r['overlap_right'])} | "
                    f"{_fmt(r['max_angle_left_deg'])} | {_fmt(r['max_angle_right_deg'])} |")
-    kernels = {f"{layers.module_path(b, m)}/kernel" for m in spectra for b in spectra[m].blocks}
     other = sorted(((p, d, n) for p, (d, n) in leaves.items() if p not in kernels),
                    key=lambda t: -t[1] / (t[2] or 1.0))
     out += ["", "## Other changed leaves (biases, norms, embeddings, head)", ""]

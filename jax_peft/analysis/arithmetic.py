@@ -8,10 +8,11 @@ Two combination spaces, chosen honestly:
   For LoRA this combines the ΔW = s·AB products, never A and B separately.
 - **leaf space** (only where it means the same thing): `Σ w_i a_i` (or `a_0 + Σ w_i (a_i − a_0)`)
   gives one adapter of the same method. It equals the delta-space combination exactly when the
-  method's `apply` is affine in its leaves: BitFit, full fine-tuning, linear probing (the adapter
-  overwrites base leaves) and SSF (K·diag γ, b ⊙ γ + β are linear in (γ, β)). It is refused for
-  LoRA (ΔW = s·AB is bilinear), FacT-TT/TK and EFFT (ΔW = s·U T V, multilinear) and RLRR
-  (K ⊙ (1 + s_in s_outᵀ) is bilinear): averaging factors is not averaging increments.
+  method's `apply` is affine in its leaves, which follows from its edit kinds
+  (`Method.affine_in_leaves`): replacements (BitFit, full fine-tuning), no edits (linear probing) and
+  output scale/shift (SSF: K·diag γ, b ⊙ γ + β are linear in (γ, β)) are; low-rank products (LoRA,
+  FacT-TT/TK, EFFT: multilinear in the factors) and RLRR's rescaling (K ⊙ (1 + s_in s_outᵀ),
+  bilinear) are not, and are refused: averaging factors is not averaging increments.
   When the weights sum to 1 the plain weighted sum is used; otherwise the combination is taken
   around the method's identity adapter a_0 (apply(params, a_0) = params), which is built and checked.
 
@@ -32,20 +33,15 @@ import numpy as np
 
 from jax_peft import paths
 from jax_peft.merge import merge
-from jax_peft.methods.base import Method
+from jax_peft.methods.base import Method, method_class, method_names
 
 Tree = Mapping[str, Any]
 
-# Methods whose `apply` is affine in all adapter leaves (see the module docstring).
-AFFINE_METHODS = frozenset({"bitfit", "full", "linear", "ssf"})
-# Why the others are not, for the error message.
-_NOT_AFFINE = {
-    "lora": "ΔW = s·A B is bilinear in (A, B)",
-    "fact_tt": "ΔW = s·U T V is multilinear in (U, T, V)",
-    "fact_tk": "ΔW = s·U (C ×₃ P) V is multilinear in (U, C, P, V)",
-    "efft": "ΔW = s·u c v is multilinear in (u, c, v)",
-    "rlrr": "K' = K ⊙ (1 + s_in s_outᵀ) is bilinear in (s_in, s_out)",
-}
+
+def __getattr__(name: str) -> Any:
+    if name == "AFFINE_METHODS":  # the registered methods affine in their leaves (computed on access)
+        return frozenset(n for n in method_names() if method_class(n).affine_in_leaves())
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # --- functional core --------------------------------------------------------------------------
@@ -94,14 +90,14 @@ def combine_adapters(params: Tree, method: Method, adapters: Sequence[Tree], wei
                      identity: Tree | None = None) -> dict:
     """One adapter of `method` whose merge equals params + Σ w_i τ_i (leaf-space task arithmetic).
 
-    Only for methods affine in their leaves (`AFFINE_METHODS`); raises otherwise, pointing to
+    Only for methods affine in their leaves (`method.affine_in_leaves()`); raises otherwise, pointing to
     `combine_deltas`. If Σw = 1 the result is Σ w_i a_i; else a_0 + Σ w_i (a_i − a_0) with a_0 the
     identity adapter (`identity`, or `identity_adapter(params, method)`). The adapters must share
     tree structure, shapes and the method's hyper-parameters (pass one `method`).
     """
     name = getattr(method, "name", type(method).__name__)
-    if name not in AFFINE_METHODS:
-        why = _NOT_AFFINE.get(name, "its apply is not known to be affine in the adapter leaves")
+    if not method.affine_in_leaves():
+        why = method.not_affine_because() or "its apply is not known to be affine in the adapter leaves"
         raise ValueError(
             f"leaf-space combination is not defined for {name!r}: {why}, so a weighted sum of adapter "
             "leaves is not the weighted sum of their weight increments. Combine in delta space instead: "

@@ -1,7 +1,7 @@
 """The spectral lens: how an adapter changes the singular value decomposition of each adapted matrix.
 
-For every block and module (q, k, v, o, fc1, fc2; matrix views (in, out) from
-`jax_peft.methods.layers`), with W the frozen matrix, W' the merged one and ΔW = W' − W:
+For every block and module (site kinds q, k, v, o, fc1, fc2 by default; matrix views (in, out) of the
+backbone's sites, `jax_peft.sites`), with W the frozen matrix, W' the merged one and ΔW = W' − W:
 
 - `s_base`, `s_adapted` (r,): singular values of W and W' (r = min(in, out), descending);
 - `rel_change` (r,): (σ_i(W') − σ_i(W)) / σ_i(W), index by index;
@@ -37,12 +37,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_peft import paths
+from jax_peft import sites as sites_lib
 from jax_peft.analysis.similarity import numerical_rank, principal_angles
-from jax_peft.methods import layers
 
 Array = jax.Array
 Tree = Mapping[str, Any]
-ALL_MODULES: tuple[str, ...] = tuple(layers.MODULES)
+ALL_MODULES: tuple[str, ...] = ("q", "k", "v", "o", "fc1", "fc2")
 EPS32 = float(np.finfo(np.float32).eps)
 
 
@@ -174,11 +174,15 @@ class ModuleSpectra:
 
 
 def module_matrices(params: Tree, module: str, blocks: Sequence[int] | None = None) -> Array:
-    """Matrix views (in, out) of `module` stacked over blocks: (len(blocks), in, out)."""
-    if module not in layers.MODULES:
-        raise ValueError(f"unknown module {module!r}; choose from {', '.join(layers.MODULES)}")
-    blocks = range(layers.num_blocks(params)) if blocks is None else blocks
-    mats = [layers.matrix_view(jnp.asarray(paths.get(params, f"{layers.module_path(i, module)}/kernel")), module)
+    """Matrix views (in, out) of the `module` sites (a site kind) stacked over blocks: (len(blocks), in, out)."""
+    by_kind: dict[str, dict[int, sites_lib.Site]] = {}
+    for s in sites_lib.sites(params).values():
+        if s.block is not None and s.kernel is not None:
+            by_kind.setdefault(s.kind, {})[s.block] = s
+    if module not in by_kind:
+        raise ValueError(f"unknown module {module!r}; choose from {', '.join(by_kind)}")
+    blocks = sorted(by_kind[module]) if blocks is None else blocks
+    mats = [sites_lib.matrix_view(jnp.asarray(paths.get(params, by_kind[module][i].kernel)), by_kind[module][i])
             for i in blocks]
     if not mats:
         raise ValueError("no blocks selected")
@@ -190,9 +194,9 @@ def compare(base: Tree, adapted: Tree, *, k: int = 8, modules: Iterable[str] = A
     """Spectral statistics of `adapted` (plain params, e.g. `merge(...)`) against `base`, per
     module over blocks. Returns {module: ModuleSpectra}."""
     modules = tuple(modules)
-    depth = layers.num_blocks(base)
-    if layers.num_blocks(adapted) != depth:
-        raise ValueError(f"base has {depth} blocks but adapted has {layers.num_blocks(adapted)}")
+    depth = sites_lib.num_blocks(base)
+    if sites_lib.num_blocks(adapted) != depth:
+        raise ValueError(f"base has {depth} blocks but adapted has {sites_lib.num_blocks(adapted)}")
     blocks = tuple(range(depth)) if blocks is None else tuple(int(b) for b in blocks)
     bad = [b for b in blocks if not 0 <= b < depth]
     if bad:

@@ -47,7 +47,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_peft.methods import lowrank as lr
-from jax_peft.methods.base import Method
+from jax_peft.methods.base import Method, check_choice, check_number, check_positive_int, check_rate
+from jax_peft.methods.edits import LowRank
 
 Tree = Mapping[str, Any]
 ATTN = ("q", "k", "v", "o")
@@ -68,6 +69,7 @@ class EFFT(Method):
     head_init: ClassVar[str] = "torch_linear"
 
     hparam_aliases: ClassVar[Mapping[str, str]] = {"init": "init_scheme"}
+    edit_kinds: ClassVar[tuple[type, ...]] = (LowRank,)
 
     rank: int = 16
     scale: float = 1.0
@@ -76,15 +78,14 @@ class EFFT(Method):
     variant: str = "shared"
 
     def __post_init__(self) -> None:
-        lr.check_rank(self.rank, self.name)
-        lr.check_dropout(self.dropout, self.name)
-        lr.check_choice(self.variant, _VARIANTS, "variant", self.name)
+        check_positive_int(self.rank, "rank", self.name)
+        check_rate(self.dropout, "dropout", self.name)
+        check_choice(self.variant, _VARIANTS, "variant", self.name)
         if not (isinstance(self.init_scheme, str) and len(self.init_scheme) == 2
                 and set(self.init_scheme) <= {"u", "v"}):
             raise ValueError(f"efft: init must be two characters from 'u'/'v' (first: attention pair, second: "
                              f"MLP pair; 'v' = v factor starts at zero), e.g. 'vv' or 'vu'; got {self.init_scheme!r}")
-        if not isinstance(self.scale, (int, float)) or isinstance(self.scale, bool):
-            raise ValueError(f"efft: scale must be a number, got {self.scale!r}")
+        check_number(self.scale, "scale", self.name)
 
     # --- shapes --------------------------------------------------------------------------------
     def _shapes(self, params: Tree) -> tuple[int, int, int]:
@@ -94,6 +95,10 @@ class EFFT(Method):
 
     def _slices(self, depth: int) -> tuple[int, int]:
         return (4, 2) if self.variant == "shared" else (4 * depth, 2 * depth)
+
+    def adapter_hint(self) -> str:
+        return ("The cores have 4/2 slices (variant='shared') or 4L/2L slices (variant='per_layer') for depth L; "
+                "u/v follow the rank and widths. ")
 
     def _check(self, adapter: Tree) -> None:
         if set(adapter) != set(LEAVES):
@@ -127,7 +132,7 @@ class EFFT(Method):
         `apply(..., rng=rng)` draws them."""
         self._check(adapter)
         self._depth_of(adapter, depth)
-        u1, v1, c1, u2, v2, c2 = (lr.f32(adapter[n]) for n in LEAVES)
+        u1, v1, c1, u2, v2, c2 = (jnp.asarray(adapter[n]) for n in LEAVES)
         drop = self.dropout if rng is not None else 0.0
         out = {}
         for i in range(depth):
@@ -148,38 +153,20 @@ class EFFT(Method):
             out[i] = block
         return out
 
-    def deltas(self, adapter: Tree, depth: int, rng: jax.Array | None = None) -> dict[tuple[int, str], jax.Array]:
-        """{(block, module): ΔK (in, out)} in (at least) float32."""
-        s = self.scale
-        fac = self.factors(adapter, depth, rng)
-        shared = self.variant == "shared" and (rng is None or self.dropout == 0.0)
-        out: dict[tuple[int, str], jax.Array] = {}
-        for i in range(depth):
-            for m in MODULES:
-                # without noise the shared variant's increments are the same in every block: build once
-                out[(i, m)] = out[(0, m)] if shared and i > 0 else s * lr.mm(*fac[i][m])
-        return out
+    def edits(self, params: Tree, adapter: Tree, *, rng: jax.Array | None = None) -> dict[str, LowRank]:
+        """One LowRank per adapted matrix with the (dropped, when `rng` is given) factors of `factors`;
+        no activation dropout (EFFT's noise is on the factor entries)."""
+        blocks = lr.blocks_of(params)
+        fac = self.factors(adapter, len(blocks), rng)
+        return {blocks[i][m].name: LowRank(tuple(f), scale=float(self.scale))
+                for i in range(len(blocks)) for m, f in fac[i].items()}
 
-    def apply(self, params: Tree, adapter: Tree, *, rng: jax.Array | None = None) -> dict:
-        _, _, depth = self._shapes(params)
-        return lr.add_increments(params, self.deltas(adapter, depth, rng))
 
-    def summary(self) -> str:
-        where = ("one increment shared by all blocks (released code)" if self.variant == "shared"
-                 else "per-block core slices, shared u/v")
-        return (f"efft: EFFT rank {self.rank}, ΔK = {self.scale}·u c_j v on q, k, v, o (u1, c1, v1) and fc1, fc2 "
-                f"(u2, c2, v2; fc2 transposed), {where}; init {self.init_scheme!r} (zero "
-                f"{self.init_scheme[0]}1, {self.init_scheme[1]}2 at init); "
-                f"training dropout {self.dropout} on the factor entries")
-
-    # --- official layout -------------------------------------------------------------------------
     def from_official(self, state_dict: Mapping[str, Any], params: Tree | None) -> dict:
-        if params is None:
-            raise ValueError("efft.from_official needs params= (the ViT tree) to know depth and widths")
-        d, m, depth = self._shapes(params)
+        d, m, depth = self._shapes(lr.need_params(params, self.name))
         r = self.rank
         n1, n2 = self._slices(depth)
-        sd = lr.OfficialDict(lr.strip_prefix(state_dict, "EFFT"), self.name)
+        sd = lr.official_dict(state_dict, "EFFT", self.name)
         out = {"u1": sd.take("EFFTu1", (d, r)), "v1": sd.take("EFFTv1", (r, d)),
                "u2": sd.take("EFFTu2", (d, r)), "v2": sd.take("EFFTv2", (r, m))}
         if self.variant == "shared":
@@ -202,3 +189,11 @@ class EFFT(Method):
             x = np.asarray(jax.device_get(tree[n]))
             out[_OFFICIAL[n]] = x if x.dtype == np.float64 else x.astype(np.float32)
         return out
+
+    def summary(self) -> str:
+        where = ("one increment shared by all blocks (released code)" if self.variant == "shared"
+                 else "per-block core slices, shared u/v")
+        return (f"efft: EFFT rank {self.rank}, ΔK = {self.scale}·u c_j v on q, k, v, o (u1, c1, v1) and fc1, fc2 "
+                f"(u2, c2, v2; fc2 transposed), {where}; init {self.init_scheme!r} (zero "
+                f"{self.init_scheme[0]}1, {self.init_scheme[1]}2 at init); "
+                f"training dropout {self.dropout} on the factor entries")

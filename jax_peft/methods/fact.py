@@ -59,7 +59,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_peft.methods import lowrank as lr
-from jax_peft.methods.base import Method
+from jax_peft.methods.base import Method, check_choice, check_number, check_positive_int, check_rate
+from jax_peft.methods.edits import LowRank
 
 Tree = Mapping[str, Any]
 ATTN = ("q", "k", "v", "o")
@@ -88,12 +89,13 @@ class _FacT(Method):
 
     head_init: ClassVar[str] = "torch_linear"
 
+    edit_kinds: ClassVar[tuple[type, ...]] = (LowRank,)
+
     def __post_init__(self) -> None:
-        lr.check_rank(self.rank, self.name)
-        lr.check_dropout(self.dropout, self.name)
-        lr.check_choice(self.blocks, _BLOCKS, "blocks", self.name)
-        if not isinstance(self.scale, (int, float)) or isinstance(self.scale, bool):
-            raise ValueError(f"{self.name}: scale must be a number, got {self.scale!r}")
+        check_positive_int(self.rank, "rank", self.name)
+        check_rate(self.dropout, "dropout", self.name)
+        check_choice(self.blocks, _BLOCKS, "blocks", self.name)
+        check_number(self.scale, "scale", self.name)
 
     @property
     def modules(self) -> tuple[str, ...]:
@@ -111,6 +113,33 @@ class _FacT(Method):
         if got != set(expected):
             raise ValueError(f"{self.name} (blocks={self.blocks!r}) expects adapter leaves {sorted(expected)}, "
                              f"got {sorted(got)}; build the adapter with the same method settings")
+
+    def adapter_hint(self) -> str:
+        return (f"Its leaves depend on blocks={self.blocks!r} (which matrices are adapted), the rank and, for the "
+                "cores / P, the depth and MLP ratio. ")
+
+    def cores(self, params: Tree, adapter: Tree) -> dict[int, dict[str, jax.Array]]:
+        """{block: {module: core}} with attention cores (r, r), fc1 T1 (r, k·r), fc2 T2 (k·r, r)."""
+        raise NotImplementedError
+
+    def edits(self, params: Tree, adapter: Tree, *, rng: jax.Array | None = None) -> dict[str, LowRank]:
+        """Per block: one LowRank (U, [T_q | T_k | T_v], V) on the fused qkv site (V acts on each rank-r
+        chunk), (U, T_o, V) on o, (U, T1, V) on fc1 (V chunk-wise: the k square blocks) and (U, T2, V) on
+        fc2 (U chunk-wise); dropout on the rank-r activation after the core, as the official code."""
+        opts = dict(scale=float(self.scale), dropout=float(self.dropout), dropout_after=1)
+        u, v = adapter["U"], adapter["V"]
+        blocks = lr.blocks_of(params)
+        out = {}
+        for i, cores in self.cores(params, adapter).items():
+            site = blocks[i]
+            if "q" in cores:
+                qkv = jnp.concatenate([cores[m] for m in ("q", "k", "v")], axis=1)
+                out[site["qkv"].name] = LowRank((u, qkv, v), **opts)
+                out[site["o"].name] = LowRank((u, cores["o"], v), **opts)
+            for m in MLP:
+                if m in cores:
+                    out[site[m].name] = LowRank((u, cores[m], v), **opts)
+        return out
 
     @staticmethod
     def _is_adapter_name(name: str) -> bool:
@@ -137,39 +166,15 @@ class FacTTT(_FacT):
                 adapter[m] = lr.torch_linear_uniform(key, (depth, k * r, r), k * r)
         return adapter
 
-    def deltas(self, adapter: Tree) -> dict[tuple[int, str], jax.Array]:
-        """{(block, module): ΔK (in, out)} in (at least) float32."""
-        self._check_keys(adapter, ("U", "V") + self.modules)
-        u, v, s = adapter["U"], adapter["V"], self.scale
+    def cores(self, params: Tree, adapter: Tree) -> dict[int, dict[str, jax.Array]]:
         depth = adapter[self.modules[0]].shape[0]
-        out = {}
-        for i in range(depth):
-            for m in self.modules:
-                core = adapter[m][i]
-                if m in ATTN:
-                    out[(i, m)] = s * lr.mm(u, core, v)
-                elif m == "fc1":
-                    out[(i, m)] = s * lr.chunked_fc1(u, core, v)
-                else:
-                    out[(i, m)] = s * lr.chunked_fc2(u, core, v)
-        return out
+        return {i: {m: adapter[m][i] for m in self.modules} for i in range(depth)}
 
-    def apply(self, params: Tree, adapter: Tree, *, rng: jax.Array | None = None) -> dict:
-        return lr.add_increments(params, self.deltas(adapter))
 
-    def summary(self) -> str:
-        return (f"fact_tt: FacT-TT, ΔK = {self.scale}·U T V on {', '.join(self.modules)} of every block "
-                f"(U (D, {self.rank}) and V ({self.rank}, D) shared, one {self.rank}x{self.rank} core per "
-                f"matrix and MLP square block; V starts at 0); training dropout {self.dropout} on the "
-                f"rank-{self.rank} activation (activation form only)")
-
-    # --- official layout -----------------------------------------------------------------------
     def from_official(self, state_dict: Mapping[str, Any], params: Tree | None) -> dict:
-        if params is None:
-            raise ValueError("fact_tt.from_official needs params= (the ViT tree) to know depth and widths")
-        d, k, depth = self._shapes(params)
+        d, k, depth = self._shapes(lr.need_params(params, self.name))
         r = self.rank
-        sd = lr.OfficialDict(lr.strip_prefix(state_dict, "FacT"), self.name)
+        sd = lr.official_dict(state_dict, "FacT", self.name)
         u, v = sd.take("FacTu.weight", (r, d)), sd.take("FacTv.weight", (d, r))
         cores: dict[str, list] = {m: [] for m in self.modules}
         for i in range(depth):
@@ -202,6 +207,13 @@ class FacTTT(_FacT):
                 out[name] = np.ascontiguousarray(stacked[i].T)
         return out
 
+    def summary(self) -> str:
+        return (f"fact_tt: FacT-TT, ΔK = {self.scale}·U T V on {', '.join(self.modules)} of every block "
+                f"(U (D, {self.rank}) and V ({self.rank}, D) shared, one {self.rank}x{self.rank} core per "
+                f"matrix and MLP square block; V starts at 0); training dropout {self.dropout} on the "
+                f"rank-{self.rank} activation (activation form only)")
+
+
 
 @dataclasses.dataclass(frozen=True)
 class FacTTK(_FacT):
@@ -213,7 +225,7 @@ class FacTTK(_FacT):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        lr.check_choice(self.mlp_layout, _LAYOUTS, "mlp_layout", self.name)
+        check_choice(self.mlp_layout, _LAYOUTS, "mlp_layout", self.name)
 
     def columns(self, k: int) -> int:
         """Columns of P per block for MLP ratio k."""
@@ -230,56 +242,36 @@ class FacTTK(_FacT):
             "P": lr.xavier_uniform(kp, (r, depth * self.columns(k))),
         }
 
-    def deltas(self, adapter: Tree, depth: int, k: int) -> dict[tuple[int, str], jax.Array]:
-        """{(block, module): ΔK (in, out)} in (at least) float32 for depth `depth` and MLP ratio k."""
-        self._check_keys(adapter, ("U", "V", "C", "P"))
-        u, v, s, r = adapter["U"], adapter["V"], self.scale, self.rank
-        c = self.columns(k)
-        p = lr.f32(adapter["P"])
-        if p.shape != (r, depth * c):
-            raise ValueError(f"fact_tk: P has shape {p.shape}, expected {(r, depth * c)} for depth {depth}, "
-                             f"rank {r}, blocks={self.blocks!r}; build the adapter for this model")
-        slices = jnp.einsum("abc,cld->labd", lr.f32(adapter["C"]), p.reshape(r, depth, c),
-                            precision=lr.HI)  # (L, r, r, c)
+    def cores(self, params: Tree, adapter: Tree) -> dict[int, dict[str, jax.Array]]:
+        """Slices A_ℓ = C ×₃ P_ℓ (r, r, c): attention j = A_ℓ[:, :, j]; MLP F1 / T2 by `mlp_layout`."""
+        _, k, depth = self._shapes(params)
+        r, c = self.rank, self.columns(k)
+        p = adapter["P"]
+        slices = jnp.einsum("abc,cld->labd", adapter["C"], p.reshape(r, depth, c), precision=jax.lax.Precision.HIGHEST)
         out = {}
         for i in range(depth):
-            a = slices[i]
-            off = 0
+            a, cores, off = slices[i], {}, 0
             if "q" in self.modules:
-                for j, m in enumerate(ATTN):
-                    out[(i, m)] = s * lr.mm(u, a[:, :, j], v)
+                cores.update({m: a[:, :, j] for j, m in enumerate(ATTN)})
                 off = 4
             if "fc1" in self.modules:
                 mlp = a[:, :, off:off + 2 * k]
                 if self.mlp_layout == "official":
-                    f1 = mlp[:, :, :k].reshape(r, k * r)
-                    t2 = mlp[:, :, k:].reshape(r, k * r).T
+                    cores["fc1"] = mlp[:, :, :k].reshape(r, k * r)
+                    cores["fc2"] = mlp[:, :, k:].reshape(r, k * r).T
                 else:
-                    f1 = mlp[:, :, :k].transpose(0, 2, 1).reshape(r, k * r)
-                    t2 = mlp[:, :, k:].transpose(2, 0, 1).reshape(k * r, r)
-                out[(i, "fc1")] = s * lr.chunked_fc1(u, f1, v)
-                out[(i, "fc2")] = s * lr.chunked_fc2(u, t2, v)
+                    cores["fc1"] = mlp[:, :, :k].transpose(0, 2, 1).reshape(r, k * r)
+                    cores["fc2"] = mlp[:, :, k:].transpose(2, 0, 1).reshape(k * r, r)
+            out[i] = cores
         return out
 
-    def apply(self, params: Tree, adapter: Tree, *, rng: jax.Array | None = None) -> dict:
-        d, k, depth = self._shapes(params)
-        return lr.add_increments(params, self.deltas(adapter, depth, k))
 
-    def summary(self) -> str:
-        return (f"fact_tk: FacT-TK, ΔK = {self.scale}·U (C ×₃ P_ℓ)[:, :, j] V on {', '.join(self.modules)} "
-                f"of every block (U, V rank {self.rank} shared, core C ({self.rank},{self.rank},{self.rank}), "
-                f"P with one column per adapted square matrix; MLP layout {self.mlp_layout!r}; V starts at 0); "
-                f"training dropout {self.dropout} on the rank-{self.rank} activation (activation form only)")
-
-    # --- official layout -----------------------------------------------------------------------
     def from_official(self, state_dict: Mapping[str, Any], params: Tree | None) -> dict:
-        if params is None:
-            raise ValueError("fact_tk.from_official needs params= (the ViT tree) to know depth and widths")
-        d, m, depth = lr.width_mlp_depth(params)
+        d, m, depth = lr.width_mlp_depth(lr.need_params(params, self.name))
         lr.check_rank_width(self.rank, d, self.name)
         k = lr.mlp_ratio(d, m, self.name)
         r, c_all = self.rank, 4 + 2 * k
-        sd = lr.OfficialDict(lr.strip_prefix(state_dict, "FacT"), self.name)
+        sd = lr.official_dict(state_dict, "FacT", self.name)
         u, v = sd.take("FacTu.weight", (r, d)), sd.take("FacTv.weight", (d, r))
         core = sd.take("FacTc", (r, r, r))
         p = sd.take("FacTp", min_shape=(r, c_all * depth))
@@ -313,3 +305,9 @@ class FacTTK(_FacT):
         full[:, :depth, keep] = p.reshape(r, depth, -1)
         return {"FacTu.weight": _dense(tree["U"]).T, "FacTv.weight": _dense(tree["V"]).T,
                 "FacTc": _dense(tree["C"]), "FacTp": full.reshape(r, -1)}
+
+    def summary(self) -> str:
+        return (f"fact_tk: FacT-TK, ΔK = {self.scale}·U (C ×₃ P_ℓ)[:, :, j] V on {', '.join(self.modules)} "
+                f"of every block (U, V rank {self.rank} shared, core C ({self.rank},{self.rank},{self.rank}), "
+                f"P with one column per adapted square matrix; MLP layout {self.mlp_layout!r}; V starts at 0); "
+                f"training dropout {self.dropout} on the rank-{self.rank} activation (activation form only)")

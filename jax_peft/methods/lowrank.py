@@ -2,36 +2,22 @@
 
 * PyTorch-compatible initializers (`torch_linear_uniform`, `xavier_uniform`), so a jax_peft adapter
   starts from the same distributions as the official code.
-* `chunked_fc1` / `chunked_fc2`: FacT's block-wise MLP increments (the (D, M) / (M, D) kernel is split
-  into M/D square blocks, each its own rank-r product).
-* `add_increments`: adds (in, out) increments to the matrix views of the canonical ViT kernels and
-  returns a new tree (the input tree is never modified).
-* `width_mlp_depth`, `check_rank`, `OfficialDict`: shape reading and error helpers.
-
-All increments are built in (at least) float32 with HIGHEST matmul precision and cast once to the
-kernel dtype.
+* `width_mlp_depth`, `blocks_of`, `check_rank_width`, `OfficialDict`: shape reading (through the
+  backbone's sites) and error helpers; `dropout` for noise on factor entries (EFFT).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_peft import paths
-from jax_peft.methods import layers
-
-HI = jax.lax.Precision.HIGHEST
-
-
-def f32(x: Any) -> jax.Array:
-    """`x` as an array of at least float32 precision (bf16/fp16 -> fp32; fp64 stays fp64)."""
-    x = jnp.asarray(x)
-    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+from jax_peft.sites import Site
+from jax_peft.sites import sites as sites_of
 
 
 # --- initializers ------------------------------------------------------------------------------
@@ -51,13 +37,22 @@ def xavier_uniform(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
 
 
 # --- shapes and validation ---------------------------------------------------------------------
+def blocks_of(params: Mapping[str, Any]) -> dict[int, dict[str, Site]]:
+    """{block: {kind: Site}} over the backbone's sites that belong to a block."""
+    out: dict[int, dict[str, Site]] = {}
+    for s in sites_of(params).values():
+        if s.block is not None:
+            out.setdefault(s.block, {}).setdefault(s.kind, s)
+    return out
+
+
 def width_mlp_depth(params: Mapping[str, Any]) -> tuple[int, int, int]:
-    """(D, M, L) of a canonical ViT tree; M must be a multiple of D (FacT's square MLP blocks)."""
-    depth = layers.num_blocks(params)
-    if depth == 0:
-        raise ValueError("the parameter tree has no Transformer/encoderblock_{i}; nothing to adapt")
-    d, m = layers.in_out(params, 0, "fc1")
-    return d, m, depth
+    """(D, M, L) of a tree from its first block's fc1 site (D -> M)."""
+    blocks = blocks_of(params)
+    if not blocks or "fc1" not in blocks[min(blocks)]:
+        raise ValueError("the parameter tree has no blocks with an MLP (fc1) site; nothing to adapt")
+    d, m = blocks[min(blocks)]["fc1"].shape
+    return d, m, len(blocks)
 
 
 def mlp_ratio(width: int, mlp_dim: int, method: str) -> int:
@@ -67,70 +62,17 @@ def mlp_ratio(width: int, mlp_dim: int, method: str) -> int:
     return mlp_dim // width
 
 
-def check_rank(rank: Any, method: str) -> None:
-    if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank < 1:
-        raise ValueError(f"{method}: rank must be a positive integer, got {rank!r}")
-
-
 def check_rank_width(rank: int, width: int, method: str) -> None:
     if rank > width:
         raise ValueError(f"{method}: rank {rank} is larger than the model width {width}; "
                          f"use rank <= {width}")
 
 
-def check_dropout(p: Any, method: str) -> None:
-    if not isinstance(p, (int, float)) or not 0.0 <= float(p) < 1.0:
-        raise ValueError(f"{method}: dropout must be a float in [0, 1), got {p!r}")
-
-
-def check_choice(value: Any, choices: Iterable[str], option: str, method: str) -> None:
-    choices = tuple(choices)
-    if value not in choices:
-        raise ValueError(f"{method}: unknown {option} {value!r}; choose one of {', '.join(map(repr, choices))}")
-
-
-# --- increments ------------------------------------------------------------------------------
-def mm(*xs: jax.Array) -> jax.Array:
-    """Left-to-right matrix chain product in float32, HIGHEST precision."""
-    out = f32(xs[0])
-    for x in xs[1:]:
-        out = jnp.matmul(out, f32(x), precision=HI)
-    return out
-
-
-def chunked_fc1(u: jax.Array, t1: jax.Array, v: jax.Array) -> jax.Array:
-    """FacT fc1 increment (D, k·D) from U (D, r), T1 (r, k·r), V (r, D): column block i is
-    `U T1[:, i r:(i+1) r] V`. Computed as ((U T1) viewed (D·k, r)) V: two plain matmuls."""
-    d, r = u.shape
-    k = t1.shape[1] // r
-    ut = jnp.matmul(f32(u), f32(t1), precision=HI).reshape(d * k, r)  # row (d, i) = U[d] T1[:, i r:(i+1) r]
-    return jnp.matmul(ut, f32(v), precision=HI).reshape(d, k * v.shape[1])
-
-
-def chunked_fc2(u: jax.Array, t2: jax.Array, v: jax.Array) -> jax.Array:
-    """FacT fc2 increment (k·D, D) from U (D, r), T2 (k·r, r), V (r, D): row block i is
-    `U T2[i r:(i+1) r, :] V`. Computed as [U T2_i]_i stacked (k·D, r) times V."""
-    d, r = u.shape
-    k = t2.shape[0] // r
-    ut = jnp.einsum("da,iab->idb", f32(u), f32(t2).reshape(k, r, r), precision=HI).reshape(k * d, r)
-    return jnp.matmul(ut, f32(v), precision=HI)
-
-
-def add_increments(params: Mapping[str, Any], deltas: Mapping[tuple[int, str], jax.Array]) -> dict:
-    """New tree with `K_view += Δ` for every ((block, module), Δ (in, out)) in `deltas`.
-
-    The kernel is updated through its matrix view (head-major reshape for attention) in float32 and
-    cast back to its own dtype (float64 trees stay float64)."""
-    updates = {}
-    for (i, module), delta in deltas.items():
-        path = f"{layers.module_path(i, module)}/kernel"
-        kernel = paths.get(params, path)
-        view = layers.matrix_view(f32(kernel), module)
-        if view.shape != delta.shape:
-            raise ValueError(f"increment for {path} has shape {delta.shape}, the kernel's matrix view is "
-                             f"{view.shape}; was the adapter built for a different model?")
-        updates[path] = (view + delta).reshape(kernel.shape).astype(kernel.dtype)
-    return paths.replace(params, updates)
+def need_params(params: Any, method: str) -> Any:
+    """`params` for `from_official`, which reads depth and widths from them."""
+    if params is None:
+        raise ValueError(f"{method}.from_official needs params= (the ViT tree) to know depth and widths")
+    return params
 
 
 def dropout(key: jax.Array, x: jax.Array, rate: float) -> jax.Array:
@@ -182,6 +124,11 @@ class OfficialDict:
         if problems:
             raise ValueError(f"{self.method}: the state dict does not match the official layout for these "
                              f"settings ({'; '.join(problems)}). {hint}".rstrip())
+
+
+def official_dict(state_dict: Mapping[str, Any], marker: str, method: str) -> OfficialDict:
+    """An `OfficialDict` over `state_dict` with wrapper prefixes dropped (`strip_prefix`)."""
+    return OfficialDict(strip_prefix(state_dict, marker), method)
 
 
 def strip_prefix(state_dict: Mapping[str, Any], marker: str) -> dict[str, Any]:

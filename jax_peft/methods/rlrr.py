@@ -24,8 +24,9 @@ Official names (zstarN70/RLRR `models/networks.py`): see `official_name`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
 import jax
@@ -33,76 +34,59 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_peft import paths
-from jax_peft.methods import layers, rescale
-from jax_peft.methods.base import Method, Tree
+from jax_peft import sites as sites_lib
+from jax_peft.methods import rescale
+from jax_peft.methods.base import Method, Tree, check_placements, select_blocks
+from jax_peft.methods.edits import OutputAffine, Rescale
 from jax_peft.methods.simple import path_mask
+from jax_peft.sites import Site
 
+LINEAR = ("q", "k", "v", "o", "fc1", "fc2")
 _OFFICIAL_MODULE = {"q": "attn.query", "k": "attn.key", "v": "attn.value", "o": "attn.out",
                     "fc1": "ffn.fc1", "fc2": "ffn.fc2"}
-_MODULE_OF_PATH = {p: m for m, p in layers.MODULES.items()}
-_LN_OFFICIAL = {layers.LN1: "attn_norm", layers.LN2: "ffn_norm"}
-_BLOCK = re.compile(r"^Transformer/encoderblock_(\d+)/(.+)$")
+_LN_OFFICIAL = {"ln1": "attn_norm", "ln2": "ffn_norm"}
+_RESCALE_LEAVES = ("s_in", "s_out", "f")
+_SSF_LEAVES = ("ssf_scale", "ssf_shift")
 
 
-@dataclasses.dataclass(frozen=True)
-class Site:
-    """One adapted location. kind: 'linear' | 'ln' | 'final' | 'patch'; path: params node path."""
-
-    kind: str
-    path: str
-    block: int | None = None
-    module: str | None = None  # q, k, v, o, fc1, fc2 for linears; LayerNorm_0/1 for 'ln'
-
-
-def _sites_of(depth: int, modules: Iterable[str], layer_set: Iterable[int], ln: bool, patch: bool,
-              final: bool) -> list[Site]:
-    out: list[Site] = []
-    if patch:
-        out.append(Site("patch", "embedding"))
-    for i in sorted(layer_set):
-        if ln:
-            out += [Site("ln", f"{layers.block_path(i)}/{n}", i, n) for n in (layers.LN1, layers.LN2)]
-        out += [Site("linear", layers.module_path(i, m), i, m) for m in layers.MODULES if m in modules]
-    if final:
-        out.append(Site("final", "Transformer/encoder_norm"))
-    return out
-
-
-def _site_of_path(node_path: str) -> Site:
-    """Inverse of `Site.path` for adapter trees (raises on foreign paths)."""
-    if node_path == "embedding":
-        return Site("patch", node_path)
-    if node_path == "Transformer/encoder_norm":
-        return Site("final", node_path)
-    m = _BLOCK.match(node_path)
-    if m:
-        i, rest = int(m.group(1)), m.group(2)
-        if rest in (layers.LN1, layers.LN2):
-            return Site("ln", node_path, i, rest)
-        if rest in _MODULE_OF_PATH:
-            return Site("linear", node_path, i, _MODULE_OF_PATH[rest])
-    raise ValueError(f"{node_path!r} is not an RLRR adapter location")
-
-
-_LEAVES = {"linear": ("s_in", "s_out", "f"), "ln": ("ssf_scale", "ssf_shift"),
-           "final": ("ssf_scale", "ssf_shift"), "patch": ("ssf_scale", "ssf_shift")}
+def _leaves(site: Site) -> tuple[str, ...]:
+    return _RESCALE_LEAVES if site.kind in LINEAR else _SSF_LEAVES
 
 
 def official_name(site: Site, leaf: str) -> str:
     """Official PyTorch parameter name of one adapter leaf."""
-    if site.kind == "linear":
+    if site.kind in LINEAR:
         off = {"s_in": "scale_col", "s_out": "scale_line", "f": "shift_bias"}[leaf]
-        return f"transformer.encoder.layer.{site.block}.{_OFFICIAL_MODULE[site.module]}.{off}"
+        return f"transformer.encoder.layer.{site.block}.{_OFFICIAL_MODULE[site.kind]}.{off}"
     kind = leaf.split("_")[1]  # scale | shift
-    if site.kind == "ln":
-        return f"transformer.encoder.layer.{site.block}.ssf_{kind}_{_LN_OFFICIAL[site.module]}"
-    if site.kind == "final":
+    if site.kind == "patch":
+        return f"transformer.embeddings.ssf_{kind}_patch"
+    if site.block is None:
         return f"transformer.encoder.ssf_{kind}_enc_norm"
-    return f"transformer.embeddings.ssf_{kind}_patch"
+    return f"transformer.encoder.layer.{site.block}.ssf_{kind}_{_LN_OFFICIAL[site.local]}"
 
 
 def _official_shape(leaf: str, n: int) -> tuple[int, ...]:
     return {"s_in": (1, n), "s_out": (n, 1), "f": (1, n)}.get(leaf, (n,))
+
+
+def _abstract_vit(sd: Mapping[str, Any], depth: int) -> dict:
+    """A shape-only ViT tree of `depth` blocks with the widths an official RLRR state dict implies
+    (for `from_official` without params: only site names and the official names matter)."""
+    def size(name: str, default: int) -> int:
+        return int(np.size(sd[name])) if name in sd else default
+
+    d = size("transformer.embeddings.ssf_scale_patch", size("transformer.encoder.layer.0.attn.query.scale_col", 768))
+    m = size("transformer.encoder.layer.0.ffn.fc1.scale_line", 4 * d)
+    return _vit_shapes(d, m, depth)
+
+
+@functools.lru_cache(maxsize=8)
+def _vit_shapes(d: int, m: int, depth: int) -> dict:
+    from jax_peft import vit
+
+    return vit.param_shapes(vit.ViTConfig(patch_size=1, image_size=1, hidden_size=d, mlp_dim=m, num_layers=depth,
+                                          num_heads=1, num_classes=1))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,6 +106,11 @@ class RLRR(Method):
         "MlpBlock_0" for FFN only, "LayerNorm" for LN-SSF only); must select something.
     """
 
+    name: ClassVar[str] = "rlrr"
+    head_init: ClassVar[str] = "zeros"
+    hparam_aliases: ClassVar[Mapping[str, str]] = {"init": "init_scheme"}
+    edit_kinds: ClassVar[tuple[type, ...]] = (Rescale, OutputAffine)
+
     init_scheme: str = "official"
     modules: tuple[str, ...] = ("q", "k", "v", "o", "fc1", "fc2")
     ln_ssf: bool = True
@@ -130,87 +119,68 @@ class RLRR(Method):
     layers: tuple[int, ...] | None = None
     targets: str | None = None
 
-    name: ClassVar[str] = "rlrr"
-    head_init: ClassVar[str] = "zeros"
-    hparam_aliases: ClassVar[Mapping[str, str]] = {"init": "init_scheme"}
-
     def __post_init__(self):
-        if self.init_scheme not in ("official", "identity"):
-            raise ValueError(f"rlrr: unknown init {self.init_scheme!r}; use 'official' or 'identity'")
-        mods = (self.modules,) if isinstance(self.modules, str) else tuple(self.modules)
-        bad = [m for m in mods if m not in layers.MODULES]
-        if bad:
-            raise ValueError(f"rlrr: unknown module(s) {bad}; choose from {tuple(layers.MODULES)}")
-        object.__setattr__(self, "modules", mods)
-        if self.layers is not None:
-            ls = (self.layers,) if isinstance(self.layers, int) else tuple(int(i) for i in self.layers)
-            if not ls or min(ls) < 0:
-                raise ValueError(f"rlrr: `layers` must be non-empty block indices ≥ 0, got {self.layers!r}")
-            object.__setattr__(self, "layers", ls)
-        if self.targets is not None:
-            try:
-                re.compile(self.targets)
-            except re.error as e:
-                raise ValueError(f"rlrr: invalid `targets` regex {self.targets!r}: {e}") from None
+        check_placements(self, "modules", LINEAR, "module")
 
     # --- selection --------------------------------------------------------------------------
-    def sites(self, depth: int) -> list[Site]:
-        """Adapted locations for a model of this depth (raises when nothing is selected)."""
-        layer_set = range(depth) if self.layers is None else self.layers
-        over = [i for i in layer_set if i >= depth]
-        if over:
-            raise ValueError(f"rlrr: `layers` {over} do not exist in a {depth}-block model")
-        sites = _sites_of(depth, self.modules, layer_set, self.ln_ssf, self.patch_ssf, self.final_ssf)
-        if self.targets is not None and sites:
-            keep = set(rescale.select_nodes([s.path for s in sites], self.targets, what="rlrr target"))
-            sites = [s for s in sites if s.path in keep]
-        if not sites:
+    def select(self, params: Tree) -> list[Site]:
+        """Adapted sites in init order: patch; per block its norms then its linears; final norm
+        (raises when nothing is selected)."""
+        all_sites = sites_lib.sites(params)
+        blocks = set(select_blocks(all_sites, self.layers, self.name))
+        chosen = []
+        for s in all_sites.values():
+            if s.kind == "patch":
+                keep = self.patch_ssf
+            elif s.block is None:
+                keep = self.final_ssf and s.kind == "norm"
+            else:
+                keep = s.block in blocks and ((s.kind == "norm" and self.ln_ssf) or s.kind in self.modules)
+            if keep:
+                chosen.append(s)
+        chosen.sort(key=lambda s: (-1 if s.kind == "patch" else (1 << 30) if s.block is None else s.block,
+                                   s.kind != "norm"))
+        if self.targets is not None and chosen:
+            keep_names = {s.name for s in sites_lib.select({s.name: s for s in chosen}, pattern=self.targets,
+                                                           what="rlrr target")}
+            chosen = [s for s in chosen if s.name in keep_names]
+        if not chosen:
             raise ValueError("rlrr: the selection adapts nothing; enable some modules, ln_ssf, "
                              "patch_ssf or final_ssf")
-        return sites
+        return chosen
 
     # --- contract ---------------------------------------------------------------------------
     def init(self, rng: jax.Array, params: Tree) -> dict:
-        sites = self.sites(layers.num_blocks(params))
+        chosen = self.select(params)
         identity = self.init_scheme == "identity"
         flat: dict[str, Any] = {}
-        for key, s in zip(jax.random.split(rng, len(sites)), sites):
-            if s.kind == "linear":
-                d_in, d_out = layers.in_out(params, s.block, s.module)
+        for key, s in zip(jax.random.split(rng, len(chosen)), chosen):
+            if s.kind in LINEAR:
                 k1, k2 = jax.random.split(key)
-                flat[f"{s.path}/s_in"] = rescale.kaiming_uniform(k1, (d_in,), d_in)
-                flat[f"{s.path}/s_out"] = (jnp.zeros((d_out,), jnp.float32) if identity
-                                           else rescale.kaiming_uniform(k2, (d_out,), 1))
-                flat[f"{s.path}/f"] = jnp.zeros((d_out,), jnp.float32)
+                flat[f"{s.node}/s_in"] = rescale.kaiming_uniform(k1, (s.d_in,), s.d_in)
+                flat[f"{s.node}/s_out"] = (jnp.zeros((s.d_out,), jnp.float32) if identity
+                                           else rescale.kaiming_uniform(k2, (s.d_out,), 1))
+                flat[f"{s.node}/f"] = jnp.zeros((s.d_out,), jnp.float32)
             else:
-                node = rescale.node(params, s.path)
-                dim = int(np.shape(node["bias"])[-1])
-                ssf = rescale.ssf_init(key, dim, identity)
-                flat[f"{s.path}/ssf_scale"], flat[f"{s.path}/ssf_shift"] = ssf["scale"], ssf["shift"]
+                ssf = rescale.ssf_init(key, s.d_out, identity)
+                flat[f"{s.node}/ssf_scale"], flat[f"{s.node}/ssf_shift"] = ssf["scale"], ssf["shift"]
         return paths.unflatten(flat)
 
-    def apply(self, params: Tree, adapter: Tree, *, rng: jax.Array | None = None) -> dict:
-        flat = paths.flatten(params)
-        for site, leaves in _group(adapter).items():
-            _check_leaves(site, leaves)
-            p = site.path
-            try:
-                if site.kind == "linear":
-                    flat[f"{p}/kernel"] = rescale.rescale_kernel(flat[f"{p}/kernel"], site.module,
-                                                                 leaves["s_in"], leaves["s_out"])
-                    flat[f"{p}/bias"] = rescale.shift_bias(flat[f"{p}/bias"], leaves["f"])
-                elif site.kind == "patch":
-                    flat[f"{p}/kernel"], flat[f"{p}/bias"] = rescale.scale_shift_conv(
-                        flat[f"{p}/kernel"], flat[f"{p}/bias"], leaves["ssf_scale"], leaves["ssf_shift"])
-                else:
-                    flat[f"{p}/scale"], flat[f"{p}/bias"] = rescale.scale_shift_affine(
-                        flat[f"{p}/scale"], flat[f"{p}/bias"], leaves["ssf_scale"], leaves["ssf_shift"])
-            except KeyError as e:
-                raise ValueError(f"rlrr adapter location {p!r} has no parameter {e.args[0]!r} in params; "
-                                 "the adapter was made for another model") from None
-            except TypeError as e:  # shape mismatch inside jnp broadcasting
-                raise ValueError(f"rlrr adapter at {p!r} does not fit params: {e}") from None
-        return paths.unflatten(flat)
+    def _grouped(self, params: Tree, adapter: Tree) -> list[tuple[Site, dict[str, Any]]]:
+        by_node = {s.node: s for s in self.select(params)}
+        out = []
+        for node, leaves in paths.group_by_node(adapter).items():
+            if node not in by_node:
+                raise ValueError(f"rlrr: the adapter has a location {node!r} that these options and parameters do "
+                                 "not adapt; build the adapter with method.init for this model")
+            out.append((by_node[node], leaves))
+        return out
+
+    def edits(self, params: Tree, adapter: Tree, *, rng: jax.Array | None = None) -> dict[str, Any]:
+        """Rescale (s_in, s_out, f) on each selected linear; OutputAffine (γ, β) on the norms and
+        the patch embedding (folded into their affine / conv parameters)."""
+        return {s.name: Rescale(lv["s_in"], lv["s_out"], lv["f"]) if s.kind in LINEAR
+                else OutputAffine(lv["ssf_scale"], lv["ssf_shift"]) for s, lv in self._grouped(params, adapter)}
 
     def decay_mask(self, trainable: Tree) -> Any:
         """Official rule: no decay on names containing `bias` or `norm`, i.e. the shifts f, the
@@ -220,9 +190,8 @@ class RLRR(Method):
             if path.startswith("head/"):
                 return path.endswith("kernel")
             node_path, leaf = path.removeprefix("adapter/").rsplit("/", 1)
-            if leaf == "f":
-                return False
-            return not (leaf.startswith("ssf_") and _site_of_path(node_path).kind in ("ln", "final"))
+            # the official names of norm SSF leaves contain "norm", as do the norm nodes of the tree
+            return leaf != "f" and not (leaf.startswith("ssf_") and "norm" in node_path.lower())
 
         return path_mask(trainable, decay)
 
@@ -248,24 +217,15 @@ class RLRR(Method):
         the expected shapes; without it the depth is read from the names. Backbone and head
         tensors are ignored; missing, mis-shaped or unknown RLRR tensors raise one error."""
         sd = {re.sub(r"^module\.", "", k): v for k, v in state_dict.items()}
-        if params is not None:
-            depth = layers.num_blocks(params)
-        else:
+        given = params is not None
+        if not given:
             idx = [int(m.group(1)) for k in sd if (m := re.match(r"transformer\.encoder\.layer\.(\d+)\.", k))]
-            depth = max(idx) + 1 if idx else 0
-        sites = self.sites(depth)
+            params = _abstract_vit(sd, max(idx) + 1 if idx else 0)
         expected: dict[str, tuple[str, tuple[int, ...] | None]] = {}
-        for s in sites:
-            for leaf in _LEAVES[s.kind]:
-                shape = None
-                if params is not None:
-                    if s.kind == "linear":
-                        d_in, d_out = layers.in_out(params, s.block, s.module)
-                        n = d_in if leaf == "s_in" else d_out
-                    else:
-                        n = int(np.shape(rescale.node(params, s.path)["bias"])[-1])
-                    shape = _official_shape(leaf, n)
-                expected[official_name(s, leaf)] = (f"{s.path}/{leaf}", shape)
+        for s in self.select(params):
+            for leaf in _leaves(s):
+                shape = _official_shape(leaf, s.d_in if leaf == "s_in" else s.d_out) if given else None
+                expected[official_name(s, leaf)] = (f"{s.node}/{leaf}", shape)
         problems, flat = [], {}
         for name, (path, shape) in expected.items():
             if name not in sd:
@@ -279,7 +239,7 @@ class RLRR(Method):
                 want = shape or _official_shape(leaf, -1)
                 problems.append(f"{name} has shape {arr.shape}, expected {want}")
                 continue
-            flat[path] = jnp.asarray(arr.reshape(-1), jnp.float32)
+            flat[path] = jnp.asarray(arr.reshape(-1), jax.dtypes.canonicalize_dtype(np.float64))  # f32 unless x64
         rlrr_like = re.compile(r"(scale_col|scale_line|shift_bias|ssf_scale|ssf_shift)")
         unknown = sorted(k for k in sd if rlrr_like.search(k) and k not in expected)
         problems += [f"unexpected {k}" for k in unknown]
@@ -300,19 +260,20 @@ class RLRR(Method):
             adapter = tree["adapter"]
             out["head.weight"] = np.asarray(tree["head"]["kernel"]).T
             out["head.bias"] = np.asarray(tree["head"]["bias"])
-        for site, leaves in _group(adapter).items():
-            _check_leaves(site, leaves)
+        for node, leaves in paths.group_by_node(adapter).items():
+            site = self._site_of_node(node)
+            if set(leaves) != set(_leaves(site)):
+                raise ValueError(f"rlrr adapter at {node!r} has leaves {sorted(leaves)}, expected {sorted(_leaves(site))}")
             for leaf, v in leaves.items():
                 v = np.asarray(v)
                 out[official_name(site, leaf)] = v.reshape(_official_shape(leaf, v.size))
         return out
 
+    def _site_of_node(self, node: str) -> Site:
+        """The ViT site of an adapter node (to_official has no params: the official layout is the ViT's)."""
+        by_node = {s.node: s for s in sites_lib.vit_sites(_abstract_vit({}, sites_lib.vit_depth_of([node]) or 1))}
+        if node not in by_node:
+            raise ValueError(f"{node!r} is not an RLRR adapter location of a ViT")
+        return by_node[node]
 
-def _group(adapter: Tree) -> dict[Site, dict[str, Any]]:
-    return {_site_of_path(p): leaves for p, leaves in paths.group_by_node(adapter).items()}
 
-
-def _check_leaves(site: Site, leaves: Mapping[str, Any]) -> None:
-    want = set(_LEAVES[site.kind])
-    if set(leaves) != want:
-        raise ValueError(f"rlrr adapter at {site.path!r} has leaves {sorted(leaves)}, expected {sorted(want)}")

@@ -1,7 +1,7 @@
 """Methods that train base leaves directly: BitFit (biases), linear probing (head only), full FT.
 
 They follow the common contract: the adapter holds *copies* of the trained base leaves (nothing for
-linear probing) and `apply` writes them back, so every method trains `{"adapter", "head"}`.
+linear probing) and their edits (`Replace`) write them back, so every method trains `{"adapter", "head"}`.
 Weight decay follows VPT's optimizer (the source of the Full / Linear / Bias table numbers): leaves
 named `bias` get no decay, everything else trainable does.
 """
@@ -17,7 +17,8 @@ import jax
 import jax.numpy as jnp
 
 from jax_peft import paths
-from jax_peft.methods.base import Method, Tree
+from jax_peft.methods.base import Method, Tree, check_regexes
+from jax_peft.methods.edits import Replace
 
 # Leaves never copied into an adapter: the classifier is trained separately as `head`.
 _HEAD = re.compile(r"^head/")
@@ -46,18 +47,9 @@ def _copy_leaves(params: Tree, selected: list[str]) -> dict:
     return paths.unflatten({p: jnp.array(flat[p]) for p in selected})
 
 
-def _write_back(params: Tree, adapter: Tree) -> dict:
-    """params with the adapter's leaves written in (each must exist with the same shape)."""
-    flat = paths.flatten(params)
-    updates = paths.flatten(adapter)
-    bad = [f"{p} (not in params)" for p in updates if p not in flat]
-    bad += [f"{p} (shape {jnp.shape(v)} vs params {jnp.shape(flat[p])})"
-            for p, v in updates.items() if p in flat and jnp.shape(v) != jnp.shape(flat[p])]
-    if bad:
-        raise ValueError("adapter does not fit these params: " + "; ".join(bad[:8])
-                         + ". Re-create it with method.init(rng, params) for this model.")
-    flat.update({p: jnp.asarray(v, jnp.result_type(flat[p])) for p, v in updates.items()})
-    return paths.unflatten(flat)
+def _replace_all(adapter: Tree) -> dict[str, Replace]:
+    """A `Replace` edit per adapter leaf: the adapter mirrors the parameter paths it trains."""
+    return {p: Replace(v) for p, v in paths.flatten(adapter).items()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,18 +64,12 @@ class BitFit(Method):
     targets: str | tuple[str, ...] = BITFIT_TARGETS
     name: ClassVar[str] = "bitfit"
     head_init: ClassVar[str] = "zeros"
+    edit_kinds: ClassVar[tuple[type, ...]] = (Replace,)
 
     def __post_init__(self):
-        pats = [self.targets] if isinstance(self.targets, str) else list(self.targets)
+        pats = check_regexes(self.targets, "targets", self.name)
         if not isinstance(self.targets, str):
-            object.__setattr__(self, "targets", tuple(pats))
-        if not pats:
-            raise ValueError("bitfit: `targets` is empty; give at least one regex, e.g. 'bias$'")
-        for p in pats:
-            try:
-                re.compile(p)
-            except re.error as e:
-                raise ValueError(f"bitfit: invalid regex {p!r} in `targets`: {e}") from None
+            object.__setattr__(self, "targets", pats)
 
     def selected(self, params: Tree) -> list[str]:
         body = [p for p in paths.leaf_paths(params) if not _HEAD.search(p)]
@@ -93,8 +79,8 @@ class BitFit(Method):
         """Copies of the selected bias leaves, e.g. `{"embedding": {"bias": (D,)}, ...}`."""
         return _copy_leaves(params, self.selected(params))
 
-    def apply(self, params: Tree, adapter: Tree, *, rng: jax.Array | None = None) -> dict:
-        return _write_back(params, adapter)
+    def edits(self, params: Tree, adapter: Tree, *, rng: jax.Array | None = None) -> dict[str, Replace]:
+        return _replace_all(adapter)
 
     def trainable_mask(self, params: Tree) -> dict:
         keep = set(self.selected(params))
@@ -120,10 +106,8 @@ class Linear(Method):
     def init(self, rng: jax.Array, params: Tree) -> dict:
         return {}
 
-    def apply(self, params: Tree, adapter: Tree, *, rng: jax.Array | None = None) -> dict:
-        if jax.tree_util.tree_leaves(adapter):
-            raise ValueError("linear probing has no adapter leaves; pass {} (method.init's result)")
-        return jax.tree_util.tree_map(lambda x: x, dict(params))
+    def edits(self, params: Tree, adapter: Tree, *, rng: jax.Array | None = None) -> dict:
+        return {}
 
     def decay_mask(self, trainable: Tree) -> Any:
         return path_mask(trainable, not_bias)
@@ -139,12 +123,13 @@ class Full(Method):
 
     name: ClassVar[str] = "full"
     head_init: ClassVar[str] = "zeros"
+    edit_kinds: ClassVar[tuple[type, ...]] = (Replace,)
 
     def init(self, rng: jax.Array, params: Tree) -> dict:
         return _copy_leaves(params, [p for p in paths.leaf_paths(params) if not _HEAD.search(p)])
 
-    def apply(self, params: Tree, adapter: Tree, *, rng: jax.Array | None = None) -> dict:
-        return _write_back(params, adapter)
+    def edits(self, params: Tree, adapter: Tree, *, rng: jax.Array | None = None) -> dict[str, Replace]:
+        return _replace_all(adapter)
 
     def trainable_mask(self, params: Tree) -> dict:
         return paths.mask(params, lambda p: True)
