@@ -10,8 +10,14 @@ Public API (see README and docs)::
     logits = model.apply({"params": method.apply(params, adapter)}, images, train=False)
     merged = jax_peft.merge(params, method, adapter)
     jax_peft.save_checkpoint("merged.npz", merged)
+
+The top level is this pytree API; the trainer lives in `jax_peft.train` (`train_and_evaluate`,
+`evaluate`, `default_config`, `method_config`), datasets in `jax_peft.data`, configs in
+`jax_peft.configs`. Names are imported on first use: `import jax_peft` loads no JAX.
 """
 
+import sys
+import types
 from importlib import import_module
 from typing import Any
 
@@ -44,6 +50,10 @@ _EXPORTS = {
     "sites": "jax_peft.sites",
     "from_official": "jax_peft.convert",
     "to_official": "jax_peft.convert",
+    "from_hf_peft": "jax_peft.convert",
+    "to_hf_peft": "jax_peft.convert",
+    "timm_vit": "jax_peft.timm_vit",
+    "torch_io": "jax_peft.torch_io",
     "paths": "jax_peft.paths",
     "data": "jax_peft.data",
     "analysis": "jax_peft.analysis",
@@ -55,18 +65,25 @@ _EXPORTS = {
     "supports_activation_form": "jax_peft.methods.activation",
     "stack_blocks": "jax_peft.scan",
     "unstack_blocks": "jax_peft.scan",
-    "train_and_evaluate": "jax_peft.train.loop",
-    "evaluate": "jax_peft.train.loop",
-    "default_config": "jax_peft.train.config",
-    "method_config": "jax_peft.train.config",
+    "merge": "jax_peft.merge",
+    "train": "jax_peft.train",
 }
-_MODULES = {"paths", "data", "analysis", "sites", "swin"}
+_MODULES = {"paths", "data", "analysis", "train", "sites", "swin", "timm_vit", "torch_io"}
+__all__ = sorted(_EXPORTS) + ["__version__"]
 
-# `merge` is both a submodule and the public function: import the function eagerly, so that a
-# later `import jax_peft.merge` (which finds the module in sys.modules) cannot rebind the name.
-from jax_peft.merge import merge  # noqa: E402
 
-__all__ = sorted(_EXPORTS) + ["merge", "__version__"]
+class _Package(types.ModuleType):
+    """`jax_peft.merge` is both a submodule and the public function. Importing a submodule binds it
+    as an attribute of its package (`setattr(jax_peft, "merge", <module>)`, whoever imports it and
+    whenever); this keeps the public name bound to the function instead, so `merge` can stay lazy."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name == "merge" and isinstance(value, types.ModuleType):
+            value = value.merge
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 def __getattr__(name: str) -> Any:

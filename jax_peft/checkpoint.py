@@ -10,11 +10,17 @@ in `jax_peft.vit`:
                      CLS slot (a zero CLS row is added, which preserves the function)
     big_vision-scan  `Transformer/encoderblock/...` arrays with a leading depth axis (sliced per block)
 
+Two-tower files (SigLIP, LiT): the image tower `params/img/` is taken and the rest (text tower,
+logit temperature and bias) dropped with a warning. A MAP head (`MAPHead_0`, or the inlined `probe`
+of early big_vision files) loads as is: `vit_config(params)` then gives classifier="map".
+timm state dicts (`.safetensors`, `.pth`, `hf-hub:timm/...`) go through `jax_peft.timm_vit`.
+
 An `opt/target/` prefix (Flax optimizer state) is stripped; bfloat16 stored as raw 2-byte void
 (`|V2`) is decoded; hybrid GroupNorm scale/bias of shape (1, 1, 1, C) are squeezed to (C,).
 
 `load_checkpoint` returns numpy float32 arrays (host memory; jax moves them on first use).
-`save_checkpoint` writes the original pre-Linen layout, which both vit_jax and timm's npz loader read.
+`save_checkpoint` writes the original pre-Linen layout, which both vit_jax and timm's npz loader read
+(`layout="big_vision"`: big_vision's; a `.safetensors` path: a timm state dict).
 """
 
 from __future__ import annotations
@@ -25,8 +31,9 @@ import re
 import tempfile
 import warnings
 import zipfile
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Iterable, Literal, Mapping
+from typing import Any, Literal
 
 import numpy as np
 
@@ -42,6 +49,8 @@ LAYOUTS = ("pre-Linen", "Linen", "big_vision", "big_vision-scan")
 _TO_PRE_LINEN = {"LayerNorm_0": "LayerNorm_0", "MultiHeadDotProductAttention_0": "MultiHeadDotProductAttention_1",
                  "LayerNorm_1": "LayerNorm_2", "MlpBlock_0": "MlpBlock_3"}
 _NUMBERED = re.compile(r"(.+)_(\d+)")
+# Top-level names of a MAP head stored inline (early big_vision files), moved under MAPHead_0.
+_INLINED_MAP = ("probe", "MlpBlock_0", "MultiHeadDotProductAttention_0", "LayerNorm_0")
 # Prefixes whose indices are kept as stored (a missing block is then reported by its own index).
 _KEEP_INDEX = ("encoderblock",)
 
@@ -82,7 +91,20 @@ def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
         raise CheckpointError(str(e)) from None
     try:
         with np.load(path, allow_pickle=False) as z:
-            return {k: _decode(z[k]) for k in z.files}
+            out = {}
+            for k in z.files:
+                try:
+                    out[k] = _decode(z[k])
+                except ValueError as e:
+                    if "allow_pickle" not in str(e):
+                        raise
+                    raise CheckpointError(
+                        f"checkpoint {path}: array {k!r} holds pickled Python objects, which are refused for "
+                        "safety (loading them can run arbitrary code). Save plain numeric arrays "
+                        "(numpy.savez of float arrays, or jax_peft.save_checkpoint)") from None
+            return out
+    except CheckpointError:
+        raise
     except (ValueError, zipfile.BadZipFile, EOFError, OSError) as e:
         raise CheckpointError(
             f"cannot read checkpoint {path}: {e}. The file is probably truncated or not a numpy .npz "
@@ -144,6 +166,12 @@ def normalize(flat: Mapping[str, Any], *, dtype: Any = np.float32) -> dict:
     """
     prefix = split_prefix(flat)
     inner = {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}
+    if prefix == "params/img/":
+        dropped = sorted({k.split("/")[1] for k in flat if not k.startswith(prefix)})
+        if dropped:
+            warnings.warn(f"two-tower checkpoint (SigLIP/LiT): loaded the image tower params/img/ and dropped "
+                          f"{len(flat) - len(inner)} arrays under params/{{{', '.join(dropped)}}} (text tower, "
+                          "logit temperature and bias)", stacklevel=3)
     if "embedding/kernel" not in inner:
         sample = ", ".join(list(flat)[:6])
         raise CheckpointError(
@@ -182,11 +210,9 @@ def normalize(flat: Mapping[str, Any], *, dtype: Any = np.float32) -> dict:
         if "cls" in out:  # zero CLS row: the CLS token sees only its own row, so logits are unchanged
             pe = np.concatenate([np.zeros(pe.shape[:1] + (1,) + pe.shape[2:], pe.dtype), pe], axis=1)
         out["Transformer/posembed_input/pos_embedding"] = pe
-    tree = _renumber(paths.unflatten(out))
-    if "MAPHead_0" in tree:
-        warnings.warn("the checkpoint has a MAP head (MAPHead_0, big_vision pool_type='map'); jax_peft's ViT "
-                      "pools with the CLS token or the mean ('gap') and ignores it", stacklevel=3)
-    return tree
+    if "probe" in out:  # early big_vision MAP heads stored the head's parameters at the top level
+        out = {(f"MAPHead_0/{k}" if k.split("/")[0] in _INLINED_MAP else k): v for k, v in out.items()}
+    return _renumber(paths.unflatten(out))
 
 
 # ------------------------------------------------------------------------------------ adapt/validate
@@ -403,11 +429,48 @@ def is_torch_file(path: str | os.PathLike) -> bool:
         return False
 
 
+def check_blocks(params: Tree, source: str = "the checkpoint") -> None:
+    """Raises CheckpointError unless the encoder blocks are `encoderblock_0 .. encoderblock_{L-1}`
+    with no gap (a missing block would otherwise fail later inside flax, or be skipped)."""
+    tr = params.get("Transformer", {}) if isinstance(params, Mapping) else {}
+    idx = sorted(int(m.group(1)) for k in tr if (m := re.fullmatch(r"encoderblock_(\d+)", k)))
+    missing = sorted(set(range(idx[-1] + 1)) - set(idx)) if idx else []
+    if missing:
+        raise CheckpointError(
+            f"{source} has encoder blocks {idx[:3] + ['...'] + idx[-2:] if len(idx) > 6 else idx} but lacks "
+            f"Transformer/encoderblock_{{{', '.join(map(str, missing))}}}: the file is incomplete (truncated "
+            "export or a wrong key renaming). Re-export or download it again")
+
+
+def check_finite(params: Tree, source: str = "the checkpoint", on_nonfinite: str = "warn") -> None:
+    """Warns (`on_nonfinite="warn"`) or raises CheckpointError ("raise") when float leaves hold NaN or
+    Inf, naming them; "ignore" skips the check."""
+    if on_nonfinite not in ("warn", "raise", "ignore"):
+        raise ValueError(f"on_nonfinite must be 'warn', 'raise' or 'ignore', got {on_nonfinite!r}")
+    if on_nonfinite == "ignore":
+        return
+    bad = [k for k, v in paths.flatten(params).items()
+           if _is_float(np.asarray(v)) and not np.all(np.isfinite(np.asarray(v, np.float32)))]
+    if bad:
+        msg = (f"{source} holds NaN/Inf values in {len(bad)} array(s): {', '.join(bad[:5])}"
+               f"{' ...' if len(bad) > 5 else ''}; outputs computed from them are NaN. Use another file "
+               "(or pass on_nonfinite='ignore' if that is intended)")
+        if on_nonfinite == "raise":
+            raise CheckpointError(msg)
+        warnings.warn(msg, stacklevel=3)
+
+
+def _cast_integer_leaves(params: Tree, dtype: Any) -> dict:
+    """Integer arrays where the ViT has float parameters (every leaf) -> `dtype` (float32 by default)."""
+    return paths.map_with_path(lambda _, v: np.asarray(v).astype(dtype or np.float32)
+                               if np.asarray(v).dtype.kind in "iub" else v, params)
+
+
 def load_checkpoint(path_or_url: str | os.PathLike, *, config: ViTConfig | None = None,
                     cache_dir: str | os.PathLike | None = None, head: str = "auto",
                     dtype: Any = np.float32, progress: bool = True, force_download: bool = False,
-                    verify: bool = True) -> dict:
-    """Loads a Google ViT checkpoint as the canonical nested tree of numpy arrays.
+                    verify: bool = True, on_nonfinite: str = "warn", num_heads: int | None = None) -> dict:
+    """Loads a ViT checkpoint as the canonical nested tree of numpy arrays.
 
     PyTorch Swin Transformer files (Microsoft's `.pth`, timm's `.pth` / `.safetensors`, short names
     such as "swin_base_patch4_window7_224_22k") load as the canonical Swin tree instead (see
@@ -415,7 +478,10 @@ def load_checkpoint(path_or_url: str | os.PathLike, *, config: ViTConfig | None 
 
     Args:
       path_or_url: a local `.npz`, an `https://` or `gs://bucket/path` URL, or a short name such
-        as "ViT-B_16", "imagenet21k+imagenet2012/ViT-B_16", "augreg/B_16" (see jax_peft.download).
+        as "ViT-B_16", "imagenet21k+imagenet2012/ViT-B_16", "augreg/B_16", "SigLIP So400m/14 224"
+        (see jax_peft.download). timm weights (`.safetensors`, `.pth`, `hf-hub:timm/<name>`) are
+        converted by `jax_peft.timm_vit`; their head count is `num_heads`, else `config.num_heads`,
+        else the standard one for the width.
       config: if given, the tree is adapted to it as vit_jax does for fine-tuning (pre_logits
         dropped, position embedding resized, head reset; see `adapt_to_config`) and validated.
         Without it the stored tree is returned as is (pre_logits and the stored head kept).
@@ -424,16 +490,28 @@ def load_checkpoint(path_or_url: str | os.PathLike, *, config: ViTConfig | None 
       dtype: floating arrays are cast to this (float32; None keeps the stored dtypes).
       progress, force_download, verify: download progress bar, re-download even if cached, check
         the cached file's SHA-256 against the one recorded at download.
+      on_nonfinite: NaN/Inf values in the file: "warn" (default), "raise" or "ignore".
+
+    Encoder blocks must be numbered without gaps (CheckpointError otherwise). With `config`, integer
+    arrays (a file written with the wrong dtype) are cast to `dtype`.
     """
     path = fetch(path_or_url, cache_dir=cache_dir, progress=progress, force_download=force_download,
                  verify=verify)
-    if is_torch_file(path):  # PyTorch weights: Swin Transformer files (jax_peft.swin_checkpoint)
-        from jax_peft import swin_checkpoint
+    if path.suffix in (".safetensors", ".pth", ".pt", ".bin") or is_torch_file(path):
+        from jax_peft import swin_checkpoint, timm_vit
 
-        return swin_checkpoint.load(path, config=config, head=head, dtype=dtype)
-    params = normalize(read_npz(path), dtype=dtype)
+        state_dict = timm_vit.read(path)
+        if swin_checkpoint.is_swin_state_dict(state_dict):  # Swin Transformer weights
+            return swin_checkpoint.load_state_dict(state_dict, config=config, head=head, dtype=dtype,
+                                                   source=str(path))
+        heads = num_heads or (config.num_heads if config is not None else None)
+        params = timm_vit.from_timm(state_dict, num_heads=heads)
+    else:
+        params = normalize(read_npz(path), dtype=dtype)
+    check_blocks(params, f"checkpoint {path}")
+    check_finite(params, f"checkpoint {path}", on_nonfinite)
     if config is not None:
-        params = adapt_to_config(params, config, head=head)  # type: ignore[arg-type]
+        params = adapt_to_config(_cast_integer_leaves(params, dtype), config, head=head)  # type: ignore[arg-type]
     return params
 
 
@@ -466,23 +544,47 @@ def to_pre_linen(params: Tree) -> dict[str, np.ndarray]:
     return out
 
 
-def save_checkpoint(path: str | os.PathLike, params: Tree) -> Path:
-    """Writes `params` as an original Google `.npz` (pre-Linen names, float32), atomically.
+def to_big_vision(params: Tree) -> dict[str, np.ndarray]:
+    """Canonical tree -> flat {big_vision key: float32 array}: a `params/` prefix, Linen names and a
+    top-level `pos_embedding` without the CLS slot (the CLS row is folded into `cls`, which keeps the
+    function: the CLS token only ever sees its own row)."""
+    flat = {k: np.asarray(v) for k, v in to_pre_linen(params).items()}  # validates, casts to float32
+    flat = paths.flatten(_renumber(paths.unflatten(flat)))  # back to the Linen names
+    pe = flat.pop("Transformer/posembed_input/pos_embedding")
+    if "cls" in flat:
+        flat["cls"] = flat["cls"] + pe[:, :1]
+        pe = pe[:, 1:]
+    flat["pos_embedding"] = pe
+    return {f"params/{k}": v for k, v in flat.items()}
 
-    A Swin tree is written as PyTorch weights instead (path ending in .safetensors or .pth, timm's
-    layout; see `jax_peft.swin_checkpoint.save`).
 
-    The file loads with vit_jax, with timm's npz loader (`model.load_pretrained(path)`; timm loads
-    the head only when its class count matches) and with `load_checkpoint`. Returns the path.
+def save_checkpoint(path: str | os.PathLike, params: Tree, *,
+                    layout: Literal["vit_jax", "big_vision"] = "vit_jax") -> Path:
+    """Writes `params` as a Google `.npz` (float32), atomically. Returns the path.
+
+    layout="vit_jax" (default): the original pre-Linen layout, which loads with vit_jax, with timm's
+    npz loader (`model.load_pretrained(path)`; timm loads the head only when its class count
+    matches) and with `load_checkpoint`. layout="big_vision": `to_big_vision`'s layout, which
+    big_vision's `vit.load` reads (e.g. a MAP-head model, `pool_type="map"`).
+    A path ending in `.safetensors` writes a timm state dict instead (`jax_peft.timm_vit.save`).
+    A Swin tree is written as PyTorch weights (path ending in .safetensors or .pth, timm's layout;
+    see `jax_peft.swin_checkpoint.save`).
     """
     if isinstance(params, Mapping) and "patch_embed" in params and "layers_0" in params:  # a Swin tree
         from jax_peft import swin_checkpoint
 
         return Path(swin_checkpoint.save(path, params))
     path = Path(os.path.expanduser(os.fspath(path)))
+    if path.suffix == ".safetensors":
+        from jax_peft import timm_vit
+
+        return timm_vit.save(path, params)
     if path.suffix != ".npz":
-        raise ValueError(f"checkpoint path must end in .npz (numpy.savez would add it), got {path}")
-    arrays = to_pre_linen(params)
+        raise ValueError(f"checkpoint path must end in .npz (numpy.savez would add it) or .safetensors "
+                         f"(a timm state dict), got {path}")
+    if layout not in ("vit_jax", "big_vision"):
+        raise ValueError(f"layout must be 'vit_jax' or 'big_vision', got {layout!r}")
+    arrays = to_pre_linen(params) if layout == "vit_jax" else to_big_vision(params)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp.npz")
     public_mode(fd)

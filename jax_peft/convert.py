@@ -4,7 +4,8 @@ the repository's tests/data/README.md). Each method class with an official layou
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -51,3 +52,18 @@ def _is_swin(params: Mapping[str, Any]) -> bool:
 def _swin_variant(name: str, swin: bool) -> str:
     """"rlrr" / "efft" on a Swin tree mean their official Swin variants ("rlrr_swin", "efft_swin")."""
     return f"{name}_swin" if swin and f"{name}_swin" in method_names() else name
+
+
+def from_hf_peft(dir_or_files: Any, params: Mapping[str, Any] | None = None) -> Any:
+    """An HF PEFT LoRA adapter of a timm ViT (`adapter_config.json` + `adapter_model.safetensors`)
+    as `(method, adapter, head)`; see `jax_peft.hf_peft`."""
+    from jax_peft import hf_peft
+
+    return hf_peft.from_hf_peft(dir_or_files, params)
+
+
+def to_hf_peft(method: Any, adapter: Mapping[str, Any], out_dir: Any, **kw: Any) -> Any:
+    """Writes a LoRA adapter as an HF PEFT adapter directory for a timm ViT; see `jax_peft.hf_peft`."""
+    from jax_peft import hf_peft
+
+    return hf_peft.to_hf_peft(method, adapter, out_dir, **kw)

@@ -2,7 +2,8 @@
 
 1. Pretrains a small ViT (patch 8, width 96, 3 blocks, 32x32 images) on `synthetic/upstream`
    (colour x texture of one object) with the real training loop, exports it as a Google-layout
-   `.npz` (`save_checkpoint`) and caches it as `DIR/upstream_vit.npz` (reused by later runs).
+   `.npz` (`save_checkpoint`) and caches it as `DIR/upstream_vit_seed<N>_<config hash>.npz` (reused
+   by later runs with the same seed and pretraining config).
 2. Adapts the reloaded checkpoint (`load_checkpoint`, via the config's `model.checkpoint`) to
    `synthetic/downstream` (colour of the LEFT of two objects) with each method, through
    `jax_peft.train.loop.train_and_evaluate`, and measures held-out test accuracy.
@@ -10,7 +11,7 @@
 4. Merges the best PEFT adapter (`jax_peft.merge`), exports it as `.npz` and checks that the merged
    model's logits equal the adapted model's.
 
-Runs are configured by `configs/demo.py` (one config per run; `--quick` = a tiny version for tests).
+Runs are configured by `jax_peft.configs.demo` (one config per run; `--quick` = a tiny version for tests).
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ import os
 import shutil
 import sys
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -42,27 +44,15 @@ to the left object and beat it clearly (the best PEFT method by more than 5 poin
 fine-tuning nearly solves this easy, tiny-model task. What it does not show: the papers' numbers or
 rankings. Model, data and budget are tiny (a few hundred steps, PEFT methods not converged, lightly
 tuned learning rates), so the order of the methods here says nothing about VTAB-1k or FGVC with
-ViT-B/16 (use configs/vtab1k.py and configs/fgvc.py), and timings are for this toy size."""
+ViT-B/16 (use jax_peft.configs.vtab1k and jax_peft.configs.fgvc), and timings are for this toy size."""
 
 
-def _load_demo_config_module():
-    """configs/demo.py from the repository (not an installed package), as the CLI loads config files."""
-    import importlib.util
+def _config(which: str, quick: bool, seed: int, checkpoint: str | None = None, progress: bool = True) -> Any:
+    from jax_peft.configs import demo as demo_config
 
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.py")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} not found: run the demo from a checkout of jax_peft (it reads "
-                                "configs/demo.py).")
-    spec = importlib.util.spec_from_file_location("jax_peft_demo_config", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def _config(which: str, quick: bool, seed: int, checkpoint: str | None = None) -> Any:
-    cfg = _load_demo_config_module().get_config(f"{which},quick" if quick else which)
+    cfg = demo_config.get_config(f"{which},quick" if quick else which)
     cfg.seed = seed
-    cfg.progress = False
+    cfg.progress = progress  # the training CLI's progress line (stderr): step, loss, images/s, ETA
     if checkpoint is not None:
         cfg.model.checkpoint = checkpoint
     return cfg
@@ -72,12 +62,28 @@ def _say(msg: str) -> None:
     print(msg, flush=True)
 
 
-def pretrain(workdir: str, *, quick: bool = False, seed: int = 0, force: bool = False) -> tuple[str, dict]:
-    """The cached upstream backbone `workdir/upstream_vit[_quick].npz` (trained if missing) and info."""
+def backbone_path(workdir: str, cfg: Any) -> str:
+    """`workdir/upstream_vit_seed<N>_<hash>.npz`: the cache file of the backbone that pretraining
+    config `cfg` produces (the hash covers every field but `progress`, the seed included)."""
+    import hashlib
+
+    from jax_peft.train import checkpointing
+
+    fields = checkpointing.config_to_json(cfg)
+    fields.pop("progress", None)
+    digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:8]
+    return os.path.join(workdir, f"upstream_vit_seed{int(cfg.seed)}_{digest}.npz")
+
+
+def pretrain(workdir: str, *, quick: bool = False, seed: int = 0, force: bool = False,
+             progress: bool = True) -> tuple[str, dict]:
+    """The cached upstream backbone for this seed and config (trained if missing; `backbone_path`)
+    and its info (upstream test accuracy, steps, time)."""
     from jax_peft import checkpoint as ck
     from jax_peft.train import loop
 
-    path = os.path.join(workdir, "upstream_vit_quick.npz" if quick else "upstream_vit.npz")
+    cfg = _config("pretrain", quick, seed, progress=progress)
+    path = backbone_path(workdir, cfg)
     info_path = path[:-4] + ".json"
     if os.path.exists(path) and os.path.exists(info_path) and not force:
         with open(info_path) as f:
@@ -86,7 +92,6 @@ def pretrain(workdir: str, *, quick: bool = False, seed: int = 0, force: bool = 
         return path, info
     run_dir = os.path.join(workdir, "pretrain_quick" if quick else "pretrain")
     shutil.rmtree(run_dir, ignore_errors=True)
-    cfg = _config("pretrain", quick, seed)
     _say(f"[1/3] pretraining a ViT (patch {cfg.model.patch_size}, width {cfg.model.hidden_size}, "
          f"{cfg.model.num_layers} blocks) on synthetic/upstream for {cfg.total_steps} steps ...")
     t0 = time.perf_counter()
@@ -111,13 +116,14 @@ def _leaves(tree: Any) -> list:
     return jax.tree_util.tree_leaves(tree)
 
 
-def adapt(method: str, backbone: str, workdir: str, *, quick: bool = False, seed: int = 0) -> dict:
+def adapt(method: str, backbone: str, workdir: str, *, quick: bool = False, seed: int = 0,
+          progress: bool = True) -> dict:
     """Trains `method` on synthetic/downstream from `backbone` in `workdir/adapt/<method>` (fresh)."""
     from jax_peft.train import loop
 
     run_dir = os.path.join(workdir, "adapt", method)
     shutil.rmtree(run_dir, ignore_errors=True)
-    cfg = _config(method, quick, seed, checkpoint=backbone)
+    cfg = _config(method, quick, seed, checkpoint=backbone, progress=progress)
     t0 = time.perf_counter()
     summary = loop.train_and_evaluate(cfg, run_dir)
     test = loop.evaluate(cfg, run_dir, split="test")
@@ -141,10 +147,11 @@ def merge_and_check(method: str, backbone: str, run_dir: str, out_path: str, *, 
     import jax
 
     from jax_peft import checkpoint as ck
-    from jax_peft.data import synthetic
+    from jax_peft import data
     from jax_peft.merge import merge
     from jax_peft.methods import activation
-    from jax_peft.train import checkpointing, loop, step as step_lib
+    from jax_peft.train import checkpointing, loop
+    from jax_peft.train import step as step_lib
 
     cfg = _config(method, quick, seed, checkpoint=backbone)
     s = loop.setup(cfg)
@@ -160,9 +167,9 @@ def merge_and_check(method: str, backbone: str, run_dir: str, out_path: str, *, 
     ck.save_checkpoint(out_path, jax.device_get(merged))
     reloaded = ck.load_checkpoint(out_path)
 
-    batch = next(synthetic.make_dataset("synthetic/downstream", "test", batch_size=num_images,
-                                        image_size=int(cfg.data.image_size), train=False,
-                                        process_index=0, process_count=1))
+    batch = next(data.make_dataset("synthetic/downstream", "test", batch_size=num_images,
+                                   image_size=int(cfg.data.image_size), train=False,
+                                   process_index=0, process_count=1, prefetch=0))
     x = batch["image"]
     # Adapted logits in the form training used (activation form, side paths beside the frozen kernels,
     # for FacT/EFFT/LoRA; weight form otherwise) vs the merged plain model reloaded from the .npz.
@@ -186,18 +193,18 @@ def format_table(results: Sequence[dict]) -> str:
 
 
 def run(workdir: str, *, methods: Sequence[str] = DEFAULT_METHODS, quick: bool = False, seed: int = 0,
-        force_pretrain: bool = False) -> dict:
+        force_pretrain: bool = False, progress: bool = True) -> dict:
     """The whole demo; returns (and writes to `workdir/demo_summary.json`) the summary."""
     if "linear" not in methods:
         raise ValueError("the demo compares against the linear probe; keep 'linear' in --methods")
     t_start = time.perf_counter()
     os.makedirs(workdir, exist_ok=True)
-    backbone, pre = pretrain(workdir, quick=quick, seed=seed, force=force_pretrain)
+    backbone, pre = pretrain(workdir, quick=quick, seed=seed, force=force_pretrain, progress=progress)
 
     results = []
     for i, m in enumerate(methods):
         _say(f"[2/3] adapting to synthetic/downstream: {m} ({i + 1}/{len(methods)}) ...")
-        r = adapt(m, backbone, workdir, quick=quick, seed=seed)
+        r = adapt(m, backbone, workdir, quick=quick, seed=seed, progress=progress)
         _say(f"      {m}: test accuracy {r['test_accuracy']:.3f}, {r['trainable_params']:,} trainable "
              f"parameters (+ head: {r['trainable_params_with_head']:,}), {r['time_s']:.1f} s")
         results.append(r)
@@ -248,12 +255,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--workdir", required=True, help="output directory (also caches the pretrained backbone)")
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
                    help=f"comma-separated methods to adapt with (default {','.join(DEFAULT_METHODS)})")
-    p.add_argument("--seed", type=int, default=0, help="training seed (data content is fixed)")
+    p.add_argument("--seed", type=int, default=0, help="seed of pretraining and adaptation (the generated data are fixed); each seed "
+                   "pretrains and caches its own backbone")
     p.add_argument("--quick", action="store_true", help="tiny model and a few steps (for tests)")
     p.add_argument("--force_pretrain", action="store_true", help="retrain the upstream backbone")
+    p.add_argument("--quiet", action="store_true", help="no per-step progress line (stderr)")
     a = p.parse_args(argv)
     methods = [m.strip() for m in a.methods.split(",") if m.strip()]
-    run(a.workdir, methods=methods, quick=a.quick, seed=a.seed, force_pretrain=a.force_pretrain)
+    run(a.workdir, methods=methods, quick=a.quick, seed=a.seed, force_pretrain=a.force_pretrain,
+        progress=not a.quiet)
     return 0
 
 

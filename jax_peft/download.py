@@ -16,6 +16,9 @@ Short names (case-insensitive; `/` inside the model name may be written `_`)::
     "sam/ViT-B_16"                         -> gs://vit_models/sam/ViT-B_16.npz
     "augreg/ViT-B_16", "augreg/B_16"       -> the recommended AugReg i21k upstream file (vit_jax README)
     "augreg/<file>.npz"                    -> gs://vit_models/augreg/<file>.npz
+    "SigLIP So400m/14 224", "siglip/B_16-256" -> a SigLIP two-tower file in gs://big_vision/siglip/
+                                              (load_checkpoint keeps its image tower)
+    "hf-hub:timm/<name>"                   -> https://huggingface.co/timm/<name>/resolve/main/model.safetensors
 
 Swin Transformer files (see `SWIN`): Microsoft's releases by file name, with or without `.pth`
 ("swin_base_patch4_window7_224_22k.pth", a local file of that name wins), and timm's Hugging Face
@@ -37,8 +40,8 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 GCS_HTTPS = "https://storage.googleapis.com/"
 ENV_CACHE = "JAX_PEFT_CACHE"
@@ -82,9 +85,32 @@ SWIN: tuple[str, ...] = (
 )
 _TIMM_HUB = re.compile(r"timm/(swin_[a-z0-9_]+\.[a-z0-9_]+)", re.IGNORECASE)
 
+# Public SigLIP checkpoints (big_vision's SigLIP demo colab and its vit.py VANITY_NAMES):
+# (image tower, resolution) -> file in gs://big_vision/siglip/. Image towers use pool_type="map".
+SIGLIP: dict[tuple[str, int], str] = {
+    ("B/16", 224): "webli_en_b16_224_63724782.npz",
+    ("B/16", 256): "webli_en_b16_256_60500360.npz",
+    ("B/16", 384): "webli_en_b16_384_68578854.npz",
+    ("B/16", 512): "webli_en_b16_512_68580893.npz",
+    ("L/16", 256): "webli_en_l16_256_60552751.npz",
+    ("L/16", 384): "webli_en_l16_384_63634585.npz",
+    ("So400m/14", 224): "webli_en_so400m_224_57633886.npz",
+    ("So400m/14", 384): "webli_en_so400m_384_58765454.npz",
+    ("B/16-i18n", 256): "webli_i18n_b16_256_66117334.npz",
+}
+HF_HUB = "https://huggingface.co/"
+
 
 class DownloadError(OSError):
-    """A checkpoint could not be fetched (network, HTTP status, truncated transfer)."""
+    """A checkpoint could not be fetched (network, HTTP status, truncated transfer).
+
+    `url`, `dest` (the cache file it was going to) and `reason` (one line) let a caller word its own
+    fix, as the training CLI does (`--config.model.checkpoint=PATH`)."""
+
+    def __init__(self, message: str, *, url: str | None = None, dest: str | os.PathLike | None = None,
+                 reason: str | None = None):
+        super().__init__(message)
+        self.url, self.dest, self.reason = url, None if dest is None else Path(dest), reason
 
 
 def _manual_hint(url: str) -> str:
@@ -108,7 +134,36 @@ def known_names() -> list[str]:
     names += [f"{d}/{m}" for d, models in VIT_MODELS.items() for m in models]
     names += [f"augreg/{m}" for m in AUGREG]
     names += [f"{m}.pth" for m in SWIN] + ["timm/swin_base_patch4_window7_224.ms_in22k"]
+    names += siglip_names()
     return names
+
+
+def siglip_names() -> list[str]:
+    return [f"SigLIP {v} {r}" for v, r in SIGLIP]
+
+
+def _resolve_siglip(name: str) -> str | None:
+    """URL of a SigLIP short name in any spelling ('SigLIP So400m/14 224', 'siglip/so400m_14-224')."""
+    key = re.sub(r"[^a-z0-9]", "", name.lower())
+    if not key.startswith("siglip") or name.lower().endswith((".npz", ".safetensors", ".pth", ".bin")):
+        return None
+    for (variant, res), file in SIGLIP.items():
+        if key == re.sub(r"[^a-z0-9]", "", f"siglip{variant}{res}".lower()):
+            return f"{GCS_HTTPS}big_vision/siglip/{file}"
+    raise ValueError(f"unknown SigLIP checkpoint {name!r}; known: {', '.join(siglip_names())} "
+                     "(image tower and resolution in pixels)")
+
+
+def hf_hub_url(name: str) -> str | None:
+    """`hf-hub:<org>/<repo>` -> the Hub's download URL of the repository's `model.safetensors`
+    (as timm's `hf-hub:` names); None for other strings."""
+    if not name.startswith("hf-hub:"):
+        return None
+    repo = name[len("hf-hub:"):].strip("/")
+    if repo.count("/") != 1 or not all(repo.split("/")):
+        raise ValueError(f"{name!r} is not a Hub model name; write hf-hub:<org>/<repo>, e.g. "
+                         "hf-hub:timm/vit_base_patch16_224.augreg2_in21k_ft_in1k")
+    return f"{HF_HUB}{repo}/resolve/main/model.safetensors"
 
 
 def _fold(name: str) -> str:
@@ -124,6 +179,9 @@ def resolve_name(name: str) -> str | None:
         return f"{SWIN_RELEASE}{swin.lower()}.pth"
     if _TIMM_HUB.fullmatch(s):
         return f"https://huggingface.co/{s}/resolve/main/model.safetensors"
+    url = hf_hub_url(s) or _resolve_siglip(s)
+    if url is not None:
+        return url
     is_file = s.lower().endswith(".npz")
     base = s[:-4] if is_file else s
     directory, _, model = base.partition("/")
@@ -161,7 +219,7 @@ def resolve(path_or_url: str | os.PathLike) -> tuple[str, str]:
     if url is not None:
         return "url", url
     examples = "'ViT-B_16', 'imagenet21k/ViT-L_16', 'imagenet21k+imagenet2012/ViT-B_16', 'augreg/B_16'"
-    if s.lower().endswith((".npz", ".pth", ".safetensors")) or os.sep in s or s.startswith((".", "~")):
+    if s.lower().endswith((".npz", ".safetensors", ".pth", ".bin")) or os.sep in s or s.startswith((".", "~")):
         raise FileNotFoundError(
             f"checkpoint file {s!r} does not exist. Pass an existing .npz path, an https:// or gs:// URL, "
             f"or a known name such as {examples}."
@@ -223,19 +281,36 @@ def check_zip(path: str | os.PathLike, what: str | None = None) -> None:
         ) from None
 
 
-def check_download(path: str | os.PathLike, name: str, what: str) -> None:
-    """`check_zip` for .npz/.pth files; for `name` ending in .safetensors, a complete header
-    (8-byte little-endian length, then that many bytes of JSON) instead."""
-    if not name.endswith(".safetensors"):
-        check_zip(path, what)
-        return
+def check_safetensors(path: str | os.PathLike, what: str | None = None) -> None:
+    """Raises ValueError unless `path` is a complete `.safetensors` file (a little-endian u64 header
+    length, a JSON header, then data reaching every tensor's end offset)."""
+    what = what or str(path)
     size = os.path.getsize(path)
+    fix = "Delete it and download it again."
     with open(path, "rb") as f:
-        head = f.read(9)
-    n = int.from_bytes(head[:8], "little") if len(head) == 9 else -1
-    if n < 2 or head[8:9] != b"{" or 8 + n > size:
-        raise ValueError(f"{what} is not a complete .safetensors file (bad or truncated header). Delete "
-                         "it and download it again.")
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n <= 0 or 8 + n > size:
+            kind = "an HTML page" if head.lstrip()[:1] == b"<" else "truncated or not a .safetensors file"
+            raise ValueError(f"{what} is {kind}. {fix}")
+        try:
+            header = json.loads(f.read(n))
+            end = max([int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"], default=0)
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ValueError(f"{what} has an unreadable .safetensors header ({e}). {fix}") from None
+    if 8 + n + end > size:
+        raise ValueError(f"{what} is a truncated .safetensors file ({size} bytes, its header needs "
+                         f"{8 + n + end}). {fix}")
+
+
+def check_file(path: str | os.PathLike, what: str | None = None, *, name: str | None = None) -> None:
+    """The completeness check for a checkpoint file, by the suffix of `name` (default: the path):
+    `.safetensors` headers and data, zip archives otherwise (`.npz`, and `.pth` written by torch.save)."""
+    suffix = Path(name or os.fspath(path)).suffix
+    if suffix == ".safetensors":
+        check_safetensors(path, what)
+    elif suffix != ".json":
+        check_zip(path, what)
 
 
 def public_mode(fd: int) -> None:
@@ -268,7 +343,7 @@ def verify_cached(path: str | os.PathLike, *, full: bool = True, url: str | None
     fix = (f"Delete {path} (and {side.name}) or pass force_download=True to load_checkpoint to fetch "
            "it again.")
     if not side.exists():
-        check_download(path, path.name, f"cached file {path}")
+        check_file(path, f"cached file {path}")
         _write_sidecar(path, url, path.stat().st_size, sha256_file(path))
         return
     try:
@@ -310,12 +385,12 @@ def download(url: str, dest: str | os.PathLike, *, progress: bool = True, timeou
     except urllib.error.HTTPError as e:
         extra = " (bucket paths are case-sensitive, e.g. 'imagenet21k', not 'imagenet21K')" \
             if e.code == 404 else ""
-        raise DownloadError(f"cannot download {url}: HTTP {e.code} {e.reason}{extra}. {_manual_hint(url)}") \
-            from None
+        raise DownloadError(f"cannot download {url}: HTTP {e.code} {e.reason}{extra}. {_manual_hint(url)}",
+                            url=url, dest=dest, reason=f"HTTP {e.code} {e.reason}{extra}") from None
     except (urllib.error.URLError, OSError, http.client.HTTPException, ValueError) as e:
         reason = getattr(e, "reason", e)
         raise DownloadError(f"cannot download {url}: {reason}. Check the URL and the network. "
-                            f"{_manual_hint(url)}") from None
+                            f"{_manual_hint(url)}", url=url, dest=dest, reason=str(reason)) from None
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
     except OSError:
@@ -341,14 +416,17 @@ def download(url: str, dest: str | os.PathLike, *, progress: bool = True, timeou
                         bar.update(len(chunk))
                 except (OSError, http.client.HTTPException) as e:
                     raise DownloadError(f"download of {url} was interrupted after {received} bytes ({e}). "
-                                        f"Try again. {_manual_hint(url)}") from None
+                                        f"Try again. {_manual_hint(url)}", url=url, dest=dest,
+                                        reason=f"interrupted after {received} bytes") from None
         if total is not None and received != total:
             raise DownloadError(f"download of {url} is truncated: received {received} of {total} bytes. "
-                                f"Try again. {_manual_hint(url)}")
+                                f"Try again. {_manual_hint(url)}", url=url, dest=dest,
+                                reason=f"truncated: {received} of {total} bytes")
         try:
-            check_download(tmp, dest.name, f"the file downloaded from {url}")
+            check_file(tmp, f"the file downloaded from {url}", name=dest.name)
         except ValueError as e:
-            raise DownloadError(f"{e} {_manual_hint(url)}") from None
+            raise DownloadError(f"{e} {_manual_hint(url)}", url=url, dest=dest,
+                                reason="the server did not send a .npz file") from None
         os.replace(tmp, dest)
     except BaseException:
         with contextlib.suppress(OSError):

@@ -1,9 +1,15 @@
-"""Command line: `python -m jax_peft.main --config configs/<file>.py[:arg] --workdir DIR`.
+"""Command line: `python -m jax_peft.main --config jax_peft.configs.<name>[:arg] --workdir DIR`.
+
+`--config` takes a module (`jax_peft.configs.vtab1k:cifar100,rlrr`, or any importable module with a
+`get_config`) or a config file path (`my_config.py[:arg]`).
 
 Config fields are overridden with flags such as `--config.method.rank=16` or
 `--config.total_steps=300` (unknown keys fail with the list of valid ones). `--config.mode` picks
 `train` (default; resumes from DIR's newest checkpoint), `eval` (evaluates the latest or best
 checkpoint, `--config.restore_from`) or `export` (writes DIR/merged.npz, or `--export_path`).
+
+SIGTERM or Ctrl-C saves a checkpoint after the current step and exits with status 0 (a second
+Ctrl-C aborts at once, status 130); the same command resumes.
 """
 
 from __future__ import annotations
@@ -11,11 +17,12 @@ from __future__ import annotations
 import json
 import signal
 import sys
+from typing import Any
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file (configs/*.py[:arg]).",
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config: a module (jax_peft.configs.<name>[:arg]) or a file (path.py[:arg]).",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics.jsonl and summary.json.")
 _EXPORT_PATH = flags.DEFINE_string("export_path", None, "mode=export: output .npz (default DIR/merged.npz).")
@@ -46,16 +53,33 @@ def main(argv: list[str]) -> int:
     early = signal.getsignal(signal.SIGTERM)
     if config.mode != "train" and getattr(early, "requested", False):
         return 0  # terminated before starting: nothing to save
-    if config.mode == "train":
-        out = loop.train_and_evaluate(config, workdir)
-    elif config.mode == "eval":
-        out = loop.evaluate(config, workdir)
-    elif config.mode == "export":
-        out = {"merged_checkpoint": loop.export(config, workdir, _EXPORT_PATH.value)}
-    else:
-        raise app.UsageError(f"unknown --config.mode={config.mode!r}; use train, eval or export")
+    from jax_peft.download import DownloadError
+
+    try:
+        if config.mode == "train":
+            out = loop.train_and_evaluate(config, workdir)
+        elif config.mode == "eval":
+            out = loop.evaluate(config, workdir)
+        elif config.mode == "export":
+            out = {"merged_checkpoint": loop.export(config, workdir, _EXPORT_PATH.value)}
+        else:
+            raise app.UsageError(f"unknown --config.mode={config.mode!r}; use train, eval or export")
+    except DownloadError as e:  # one line with the CLI's fix instead of a traceback
+        sys.stderr.write(download_failure_message(e, config.model.checkpoint) + "\n")
+        return 1
     print(json.dumps(out, indent=2))
     return 0
+
+
+def download_failure_message(error: Any, checkpoint: str) -> str:
+    """The CLI's one-line message for a failed checkpoint download (a `DownloadError`)."""
+    url = error.url or checkpoint
+    name = url.rstrip("/").rsplit("/", 1)[-1] or "checkpoint.npz"
+    where = f", or put the file at {error.dest}" if error.dest is not None else ""
+    what = url if checkpoint == url else f"checkpoint {checkpoint!r} from {url}"
+    return (f"error: cannot download {what} ({error.reason or error}). "
+            f"Download it elsewhere (e.g. curl -L -o {name} {url}) and pass "
+            f"--config.model.checkpoint=/path/to/{name}{where}.")
 
 
 class _EarlySigterm:
@@ -107,14 +131,42 @@ def _unknown_override(argv: list[str]) -> str | None:
     return None
 
 
+def _resolve_config_argv(argv: list[str]) -> list[str]:
+    """argv with a module `--config` value replaced by its file (ml_collections loads files)."""
+    from jax_peft.train.config import resolve_config
+
+    out = list(argv)
+    for i, a in enumerate(out):
+        if a.startswith("--config="):
+            out[i] = "--config=" + resolve_config(a.split("=", 1)[1])
+        elif a == "--config" and i + 1 < len(out):
+            out[i + 1] = resolve_config(out[i + 1])
+    return out
+
+
 def run() -> None:
     early = _EarlySigterm()
     signal.signal(signal.SIGTERM, early)
+    try:
+        sys.argv = _resolve_config_argv(sys.argv)
+    except ValueError as e:
+        sys.stderr.write(f"{e}\n")
+        sys.exit(2)
     message = _unknown_override(sys.argv[1:])
     if message:
         sys.stderr.write(message + "\n")
         sys.exit(2)
-    app.run(main)
+    from jax_peft.train.safety import RunRefusedError
+
+    try:
+        app.run(main)
+    except RunRefusedError as e:  # the workdir or its checkpoints refuse this run: the message is the fix
+        sys.stderr.write(f"error: {e}\n")
+        sys.exit(1)
+    except KeyboardInterrupt:  # Ctrl-C before training started, or a second Ctrl-C during it
+        sys.stderr.write("\naborted by Ctrl-C; checkpoints saved before are kept: rerun the same command "
+                         "to resume from the newest\n")
+        sys.exit(130)
 
 
 if __name__ == "__main__":

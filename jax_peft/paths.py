@@ -3,12 +3,18 @@
 Paths look like `Transformer/encoderblock_3/MlpBlock_0/Dense_1/kernel`. Selections use
 `re.search` semantics on the full path; a pattern that selects nothing raises, naming a few
 paths that do exist so the typo is easy to spot.
+
+Block children are named as in the in-memory (Linen) tree: `LayerNorm_0`,
+`MultiHeadDotProductAttention_0`, `LayerNorm_1`, `MlpBlock_0`. The original `.npz` files number
+them with one counter (`LayerNorm_0`, `MultiHeadDotProductAttention_1`, `LayerNorm_2`,
+`MlpBlock_3`); `select` accepts either spelling in a pattern (`FILE_TO_TREE_NAMES`).
 """
 
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import jax
 import numpy as np
@@ -65,16 +71,33 @@ def _patterns(patterns: str | Iterable[str]) -> list[str]:
     return [patterns] if isinstance(patterns, str) else list(patterns)
 
 
+# Encoder-block children: the name in Google's .npz files -> the name in the in-memory tree
+# (jax_peft.checkpoint renames them on load and back on save).
+FILE_TO_TREE_NAMES = {"MultiHeadDotProductAttention_1": "MultiHeadDotProductAttention_0",
+                      "LayerNorm_2": "LayerNorm_1", "MlpBlock_3": "MlpBlock_0"}
+_FILE_NAME = re.compile("|".join(rf"{k}(?!\d)" for k in FILE_TO_TREE_NAMES))
+
+
+def tree_spelling(pattern: str) -> str:
+    """`pattern` with the file spellings of block children replaced by the in-memory ones
+    (`MlpBlock_3/Dense_0` -> `MlpBlock_0/Dense_0`); other text unchanged."""
+    return _FILE_NAME.sub(lambda m: FILE_TO_TREE_NAMES[m.group(0)], pattern)
+
+
 def select(tree: Tree | Iterable[str], patterns: str | Iterable[str], *, what: str = "pattern") -> list[str]:
-    """Paths matching any of `patterns` (re.search). Each pattern must match at least one path."""
+    """Paths matching any of `patterns` (re.search). Each pattern must match at least one path.
+
+    A pattern may name block children as the `.npz` files do (`LayerNorm_2`, `MlpBlock_3`,
+    `MultiHeadDotProductAttention_1`) or as the in-memory tree does (`LayerNorm_1`, `MlpBlock_0`,
+    `MultiHeadDotProductAttention_0`): a path matches the pattern or its in-memory spelling."""
     paths = leaf_paths(tree) if isinstance(tree, Mapping) else list(tree)
     chosen: list[str] = []
     for pat in _patterns(patterns):
         try:
-            rx = re.compile(pat)
+            rxs = [re.compile(p) for p in dict.fromkeys((pat, tree_spelling(pat)))]
         except re.error as e:
             raise ValueError(f"invalid regex {pat!r} for {what}: {e}") from None
-        hits = [p for p in paths if rx.search(p)]
+        hits = [p for p in paths if any(rx.search(p) for rx in rxs)]
         if not hits:
             sample = ", ".join(paths[:6]) + (", ..." if len(paths) > 6 else "")
             raise ValueError(

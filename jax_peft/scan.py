@@ -15,7 +15,8 @@ Everything outside the blocks is left as is. The conversion only stacks / indexe
 from __future__ import annotations
 
 import re
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp

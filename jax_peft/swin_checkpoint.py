@@ -284,10 +284,16 @@ def load(path: str | os.PathLike, *, config: SwinConfig | None = None, head: str
     adapted to `config` when given (see `adapt_to_config`)."""
     from jax_peft.torch_io import read_state_dict
 
+    return load_state_dict(read_state_dict(path), config=config, head=head, dtype=dtype, source=os.fspath(path))
+
+
+def load_state_dict(state_dict: Mapping[str, Any], *, config: SwinConfig | None = None, head: str = "auto",
+                    dtype: Any = np.float32, source: str = "the state dict") -> dict:
+    """`load` for weights already read (a flat {torch name: array} of a Swin Transformer)."""
     if config is not None and not isinstance(config, SwinConfig):
-        raise TypeError(f"{os.fspath(path)} holds PyTorch weights, read as a Swin Transformer: pass a "
-                        f"SwinConfig (jax_peft.swin_config(...)), not a {type(config).__name__}")
-    params = from_state_dict(read_state_dict(path), dtype=dtype)
+        raise TypeError(f"{source} holds Swin Transformer weights: pass a SwinConfig "
+                        f"(jax_peft.swin_config(...)), not a {type(config).__name__}")
+    params = from_state_dict(state_dict, dtype=dtype)
     if config is not None:
         params = adapt_to_config(params, config, head=head)  # type: ignore[arg-type]
     return params

@@ -21,7 +21,8 @@ import pickle
 import struct
 import tempfile
 import zipfile
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import ml_dtypes
 import numpy as np

@@ -6,7 +6,7 @@ C classes and N patch tokens::
 
     cls                                                     (1, 1, D)     classifier="token" only
     embedding/{kernel (P, P, 3, D), bias (D,)}
-    Transformer/posembed_input/pos_embedding                (1, N + 1, D) (N rows for "gap")
+    Transformer/posembed_input/pos_embedding                (1, N + 1, D) (N rows for "gap", "map")
     Transformer/encoderblock_{i}/LayerNorm_0/{scale, bias}                (D,)
     Transformer/encoderblock_{i}/MultiHeadDotProductAttention_0/{query,key,value}/kernel (D, H, hd)
     Transformer/encoderblock_{i}/MultiHeadDotProductAttention_0/{query,key,value}/bias   (H, hd)
@@ -15,6 +15,9 @@ C classes and N patch tokens::
     Transformer/encoderblock_{i}/MlpBlock_0/Dense_0/{kernel (D, M), bias (M,)}
     Transformer/encoderblock_{i}/MlpBlock_0/Dense_1/{kernel (M, D), bias (D,)}
     Transformer/encoder_norm/{scale, bias}                                (D,)
+    MAPHead_0/probe                                         (1, 1, D)     classifier="map" only
+    MAPHead_0/MultiHeadDotProductAttention_0/...            as in a block (probe queries the tokens)
+    MAPHead_0/LayerNorm_0/{scale, bias}, MAPHead_0/MlpBlock_0/Dense_{0,1}/...   as in a block
     pre_logits/{kernel (D, D), bias (D,)}                   only with representation_size
     head/{kernel (D, C), bias (C,)}
 
@@ -27,7 +30,8 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from typing import Any, Literal, Mapping
+from collections.abc import Mapping
+from typing import Any, Literal
 
 import flax.linen as nn
 import flax.struct
@@ -50,6 +54,18 @@ NAMED_CONFIGS: dict[str, tuple[int, int, int, int, int]] = {
     "ViT-L/16": (16, 1024, 24, 16, 4096),
     "ViT-L/32": (32, 1024, 24, 16, 4096),
     "ViT-H/14": (14, 1280, 32, 16, 5120),
+    # Scaling-ViT shapes (Zhai et al. 2022, Table 2; big_vision's variant table "g" and "G"):
+    "ViT-g/14": (14, 1408, 40, 16, 6144),
+    "ViT-G/14": (14, 1664, 48, 16, 8192),
+    # SigLIP image towers (big_vision variants "So400m" and "g-opt", the SigLIP 2 g/16 tower):
+    "ViT-So400m/14": (14, 1152, 27, 16, 4304),  # SigLIP's shape-optimized tower (big_vision)
+    "ViT-g-opt/16": (16, 1536, 40, 16, 6144),
+}
+# Named models whose released weights differ from the ViT defaults: the SigLIP towers pool with a
+# MAP head (no class token) and use tanh GELU, as big_vision trains them.
+NAMED_DEFAULTS: dict[str, dict[str, Any]] = {
+    "ViT-So400m/14": {"classifier": "map", "gelu": "tanh"},
+    "ViT-g-opt/16": {"classifier": "map", "gelu": "tanh"},
 }
 
 
@@ -64,7 +80,9 @@ class ViTConfig:
     mlp_dim: int = 3072
     num_classes: int = 1000
     image_size: int = 224
-    classifier: Literal["token", "gap"] = "token"
+    # "token": CLS token after the final LN; "gap": mean of the tokens; "map": big_vision's MAP head
+    # (a learned probe attends over the tokens, then LN + MLP with a residual; no CLS token).
+    classifier: Literal["token", "gap", "map"] = "token"
     representation_size: int | None = None
     gelu: Literal["exact", "tanh"] = "exact"
     dropout_rate: float = 0.0
@@ -85,14 +103,14 @@ class ViTConfig:
                 f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}; "
                 "choose heads that divide the width (e.g. width 768 with 12 heads)."
             )
-        if self.classifier not in ("token", "gap"):
-            raise ValueError(f"classifier must be 'token' or 'gap', got {self.classifier!r}")
+        if self.classifier not in ("token", "gap", "map"):
+            raise ValueError(f"classifier must be 'token', 'gap' or 'map', got {self.classifier!r}")
         if self.gelu not in ("exact", "tanh"):
             raise ValueError(f"gelu must be 'exact' or 'tanh', got {self.gelu!r}")
         if self.drop_path_mode not in ("sample", "element"):
             raise ValueError(f"drop_path_mode must be 'sample' or 'element', got {self.drop_path_mode!r}")
-        if self.image_size % self.patch_size and self.image_size < self.patch_size:
-            raise ValueError(f"image_size {self.image_size} is smaller than patch_size {self.patch_size}")
+        _check_image_size(self.image_size, self.patch_size)
+        _check_dtype(self.dtype)
 
     @property
     def head_dim(self) -> int:
@@ -102,20 +120,71 @@ class ViTConfig:
     def grid_size(self) -> int:
         return self.image_size // self.patch_size
 
-    @property
-    def num_tokens(self) -> int:
-        return self.grid_size**2 + (1 if self.classifier == "token" else 0)
-
-    def replace(self, **changes: Any) -> "ViTConfig":
+    def replace(self, **changes: Any) -> ViTConfig:
         return dataclasses.replace(self, **changes)
 
 
+_DTYPE_ALIASES = {"bf16": "bfloat16", "fp32": "float32", "f32": "float32", "fp16": "float16", "f16": "float16"}
+
+
+def _check_image_size(image_size: int, patch_size: int) -> None:
+    """Refuses an input size the patches do not tile (its last rows and columns would be dropped)."""
+    if patch_size < 1 or image_size < 1:
+        raise ValueError(f"image_size ({image_size}) and patch_size ({patch_size}) must be positive")
+    if image_size % patch_size:
+        lo = max(image_size // patch_size, 1) * patch_size
+        hi = (image_size // patch_size + 1) * patch_size
+        near = f"{lo} or {hi}" if lo < image_size else f"{hi}"
+        raise ValueError(
+            f"image_size {image_size} is not divisible by patch_size {patch_size}: the last "
+            f"{image_size % patch_size} rows and columns would never reach the model. Use image_size "
+            f"{near} (and resize the images to it, e.g. config.data.image_size in training)")
+
+
+def _check_dtype(dtype: Any) -> None:
+    """The compute dtype must be a floating dtype name that `jnp.dtype` understands."""
+    try:
+        ok = jnp.issubdtype(jnp.dtype(dtype), jnp.floating)
+    except TypeError:
+        ok = False
+    if not ok:
+        hint = _DTYPE_ALIASES.get(str(dtype).lower())
+        fix = f"use dtype={hint!r}" if hint else "use 'float32' or 'bfloat16'"
+        raise ValueError(f"dtype {dtype!r} is not a floating dtype jax understands; {fix}")
+
+
+def check_images(config: ViTConfig, images: Any) -> None:
+    """Refuses model input that is not (B, image_size, image_size, 3) channels-last, naming the
+    expected shape (wrong channel count, NCHW layout, other size, missing batch axis)."""
+    shape = tuple(jnp.shape(images))
+    s = config.image_size
+    if len(shape) == 4 and shape[1:] == (s, s, 3):
+        return
+    want = f"(B, {s}, {s}, 3) (batch, height, width, RGB channels last; config image_size {s})"
+    if len(shape) == 3 and shape == (s, s, 3):
+        fix = "add the batch axis: images[None]"
+    elif len(shape) == 4 and shape[1] == 3 and shape[2:] == (s, s):
+        fix = "the input is channels-first (NCHW): transpose it with images.transpose(0, 2, 3, 1)"
+    elif len(shape) == 4 and shape[1:3] == (s, s):
+        fix = f"the images have {shape[3]} channels: convert them to RGB (3 channels)"
+    elif len(shape) == 4 and shape[-1] == 3:
+        fix = (f"resize the images to {s}x{s}, or build the model for {shape[1]}x{shape[2]} with "
+               f"vit_config(..., image_size=...) (square images whose size the patch size {config.patch_size} divides)")
+    else:
+        fix = "pass a batch of RGB images channels-last"
+    raise ValueError(f"ViT input has shape {shape}, expected {want}; {fix}")
+
+
 def _canonical_name(name: str) -> str:
-    """'ViT-B_16', 'vit-b/16', 'B/16', 'B_16' -> 'ViT-B/16'."""
-    m = re.fullmatch(r"(?i)(?:vit[-_]?)?(ti|s|b|l|h)[-_/]?(\d+)", name.strip())
+    """'ViT-B_16', 'vit-b/16', 'B/16', 'B_16' -> 'ViT-B/16'; 'So400m/14' -> 'ViT-So400m/14'. The case
+    of g and G is kept: ViT-g/14 and ViT-G/14 are different models ('g-opt/16': SigLIP 2's g tower)."""
+    m = re.fullmatch(r"(?:[vV][iI][tT][-_]?)?([tT][iI]|[sS][oO]400[mM]|g-opt|[sSbBlLhH]|g|G)[-_/]?(\d+)",
+                     name.strip())
     if not m:
         return name
-    return f"ViT-{m.group(1).capitalize() if m.group(1).lower() != 'ti' else 'Ti'}/{m.group(2)}"
+    size = m.group(1)
+    size = {"ti": "Ti", "so400m": "So400m"}.get(size.lower(), size if size in ("g", "G", "g-opt") else size.upper())
+    return f"ViT-{size}/{m.group(2)}"
 
 
 def vit_config(
@@ -149,7 +218,8 @@ def vit_config(
                 "For a custom size pass None and set patch_size, hidden_size, num_layers, num_heads, mlp_dim."
             )
         p, d, l, h, m = NAMED_CONFIGS[canon]
-        base = ViTConfig(patch_size=p, hidden_size=d, num_layers=l, num_heads=h, mlp_dim=m, name=canon)
+        base = ViTConfig(patch_size=p, hidden_size=d, num_layers=l, num_heads=h, mlp_dim=m, name=canon,
+                         **NAMED_DEFAULTS.get(canon, {}))
     else:
         base = infer_config(name_or_params)
     changes = dict(overrides)
@@ -187,7 +257,10 @@ def infer_config(params: Mapping[str, Any]) -> ViTConfig:
         ) from None
     patch, width = int(emb.shape[0]), int(emb.shape[-1])
     heads = int(q.shape[1])
-    classifier = "token" if "cls" in params else "gap"
+    classifier = "map" if "MAPHead_0" in params else "token" if "cls" in params else "gap"
+    if classifier == "map" and "cls" in params:
+        raise ValueError("the tree has both a class token ('cls') and a MAP head ('MAPHead_0'); big_vision "
+                         "never combines them. Drop one of the two subtrees.")
     n_patches = int(pe.shape[1]) - (1 if classifier == "token" else 0)
     grid = int(round(n_patches**0.5))
     if grid * grid != n_patches:
@@ -246,7 +319,7 @@ class ScaleShift:
     shift: Array
 
 
-def _scale_shift(y: Array, ss: "ScaleShift | None", start: int = 0) -> Array:
+def _scale_shift(y: Array, ss: ScaleShift | None, start: int = 0) -> Array:
     """y (B, T, *out) ⊙ γ + β with γ, β[start:start + prod(out)] laid out over `out`."""
     if ss is None:
         return y
@@ -267,7 +340,7 @@ def _chunked_matmul(h: Array, f: Array) -> Array:
     return (h.reshape(-1, a) @ f).reshape(h.shape[0], (w // a) * f.shape[1])
 
 
-def _side(module: nn.Module, path: "SidePath | None", x: Array, deterministic: bool,
+def _side(module: nn.Module, path: SidePath | None, x: Array, deterministic: bool,
           split: int = 1) -> Array | tuple[Array, ...] | None:
     """Evaluates a SidePath on x (..., d_in) -> (..., d_out), or None when there is no path.
 
@@ -364,21 +437,29 @@ class Attention(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: Array, deterministic: bool, side: Mapping[str, SidePath] | None = None) -> Array:
+    def __call__(self, x: Array, deterministic: bool, side: Mapping[str, SidePath] | None = None,
+                 kv: Array | None = None) -> Array:
+        """x (B, T, D) -> (B, T, D). `kv` (B, S, D): keys and values come from it instead of x
+        (cross-attention: the MAP head's probe queries the tokens)."""
         d = x.shape[-1]
         hd = d // self.num_heads
         side = side or {}
+        src = x if kv is None else kv
+        if kv is not None and "qkv" in side:
+            raise ValueError("a fused 'qkv' side path needs one input for q, k and v; cross-attention "
+                             "(kv=...) takes separate 'q', 'k', 'v' paths")
         # "qkv": one path for the fused projection (..., 3D), columns q | k | v: one input dropout
         # mask shared by q, k and v, as NOAH's LoRA on timm's fused qkv.
         fused = _side(self, side.get("qkv"), x, deterministic, split=3) or (None,) * 3
 
-        def proj(name: str, short: str, j: int) -> Array:
-            y = nn.DenseGeneral((self.num_heads, hd), dtype=self.dtype, name=name)(x)  # (B, T, H, hd)
-            for extra in (_side(self, side.get(short), x, deterministic), fused[j]):
+        def proj(name: str, short: str, j: int, inp: Array) -> Array:
+            y = nn.DenseGeneral((self.num_heads, hd), dtype=self.dtype, name=name)(inp)  # (B, T, H, hd)
+            for extra in (_side(self, side.get(short), inp, deterministic), fused[j]):
                 y = y if extra is None else y + extra.reshape(y.shape)
+            y = _scale_shift(y, side.get(f"{short}_ssf"))  # output scale/shift of this projection
             return _scale_shift(y, side.get("qkv_ssf"), j * d)  # SSF on the fused qkv output
 
-        q, k, v = proj("query", "q", 0), proj("key", "k", 1), proj("value", "v", 2)
+        q, k, v = proj("query", "q", 0, x), proj("key", "k", 1, src), proj("value", "v", 2, src)
         q = q / jnp.sqrt(hd).astype(q.dtype)
         logits = jnp.einsum("bqhd,bkhd->bhqk", q, k)
         soft = jnp.promote_types(logits.dtype, jnp.float32)  # float32 (float64 in x64 parity checks)
@@ -433,6 +514,32 @@ class Encoder1DBlock(nn.Module):
         y = nn.LayerNorm(epsilon=LN_EPS, dtype=dt, name="LayerNorm_1")(x)
         y = MlpBlock(c.mlp_dim, c.gelu, c.dropout_rate, dt, name="MlpBlock_0")(y, deterministic, side)
         return x + DropPath(self.drop_path, c.drop_path_mode)(y, deterministic, drop_rate)
+
+
+class MAPHead(nn.Module):
+    """Multihead attention pooling as big_vision's `MAPHead` (pool_type="map"): a learned probe
+    (1, 1, D) attends over the tokens (probe as query, tokens as keys and values), then
+    `y + MLP(LN(y))`; returns the probe's row (B, D). The MLP width is the encoder's (`mlp_dim`)
+    and it uses the config's GELU (big_vision: tanh). Parameters: `probe`,
+    `MultiHeadDotProductAttention_0`, `LayerNorm_0`, `MlpBlock_0`, laid out as in an encoder block.
+
+    Adapter sites (off by default; methods address the encoder blocks): the head's query/key/value/out
+    and Dense_0/Dense_1 are linears with a block's layouts, so a site table can expose them under
+    `MAPHead_0/...` with the block's short names (q, k, v, o, fc1, fc2); activation-form paths would
+    use separate q/k/v paths (the probe and the tokens are different inputs, so no fused qkv)."""
+
+    config: ViTConfig
+
+    @nn.compact
+    def __call__(self, x: Array, deterministic: bool) -> Array:
+        c = self.config
+        dt = jnp.dtype(c.dtype)
+        probe = self.param("probe", nn.initializers.xavier_uniform(), (1, 1, x.shape[-1]))
+        y = jnp.tile(probe.astype(dt), (x.shape[0], 1, 1))
+        y = Attention(c.num_heads, 0.0, dt, name="MultiHeadDotProductAttention_0")(y, deterministic, kv=x)
+        h = nn.LayerNorm(epsilon=LN_EPS, dtype=dt, name="LayerNorm_0")(y)
+        y = y + MlpBlock(c.mlp_dim, c.gelu, 0.0, dt, name="MlpBlock_0")(h, deterministic)
+        return y[:, 0]
 
 
 class AddPositionEmbs(nn.Module):
@@ -503,7 +610,7 @@ class ViT(nn.Module):
     `side` (optional) adds activation-form low-rank branches: `{block_index: {"q"|"k"|"v"|"o"|
     "fc1"|"fc2"|"qkv": SidePath}}`, evaluated beside the frozen kernels (see `SidePath`); "qkv" is
     one path of width 3D for the fused projection (columns q | k | v, one dropout mask). Entries
-    "qkv_ssf"|"o_ssf"|"fc1_ssf"|"fc2_ssf": `ScaleShift` scale and shift a linear's output (SSF).
+    "<key>_ssf" for any of those keys: `ScaleShift` scale and shift a linear's output (SSF).
     """
 
     config: ViTConfig
@@ -512,6 +619,7 @@ class ViT(nn.Module):
     def __call__(self, images: Array, train: bool = False, return_features: bool = False,
                  side: Mapping[int, Mapping[str, SidePath]] | None = None):
         c = self.config
+        check_images(c, images)
         dt = jnp.dtype(c.dtype)
         x = images.astype(dt)
         x = nn.Conv(
@@ -524,7 +632,10 @@ class ViT(nn.Module):
             cls = self.param("cls", nn.initializers.zeros, (1, 1, d))
             x = jnp.concatenate([jnp.tile(cls.astype(dt), (b, 1, 1)), x], axis=1)
         x = Encoder(c, name="Transformer")(x, not train, side)
-        x = x[:, 0] if c.classifier == "token" else x.mean(axis=1)
+        if c.classifier == "map":
+            x = MAPHead(c, name="MAPHead_0")(x, not train)
+        else:
+            x = x[:, 0] if c.classifier == "token" else x.mean(axis=1)
         if c.representation_size is not None:
             x = jnp.tanh(nn.Dense(c.representation_size, dtype=dt, name="pre_logits")(x))
         logits = nn.Dense(

@@ -57,11 +57,11 @@ def pretrained_backbone(steps: int = 150) -> str:
     if os.path.exists(path):
         print("cached backbone:", path)
         return path
-    c = jax_peft.default_config()
+    c = jax_peft.train.default_config()
     c.model.name, c.model.checkpoint = "", "random"    # random init with the architecture below
     c.model.update(dict(patch_size=4, hidden_size=64, num_layers=2, num_heads=2, mlp_dim=128,
                         image_size=IMAGE_SIZE))
-    c.method = jax_peft.method_config("full")
+    c.method = jax_peft.train.method_config("full")
     c.data.update(dict(name="synthetic/upstream", train_split="train", eval_split="val",
                        image_size=IMAGE_SIZE))
     c.optimizer.update(dict(name="adamw", lr=2e-3, weight_decay=0.05, grad_clip_norm=1.0))
@@ -69,7 +69,7 @@ def pretrained_backbone(steps: int = 150) -> str:
     c.update(dict(batch_size=64, total_steps=steps, eval_every=0, log_every=50, seed=0,
                   checkpoint_every=steps, keep_checkpoints=1, keep_best=False,
                   export_merged=True, progress=False))
-    summary = jax_peft.train_and_evaluate(c, os.path.join(CACHE, "pretrain_run"))
+    summary = jax_peft.train.train_and_evaluate(c, os.path.join(CACHE, "pretrain_run"))
     print(f"pretrained {summary['steps']} steps: upstream val accuracy "
           f"{summary['final_eval_accuracy']:.3f} (chance 1/24 = 0.042)")
     shutil.copy(summary["merged_checkpoint"], path + ".tmp")
@@ -80,9 +80,9 @@ def pretrained_backbone(steps: int = 150) -> str:
 def adapt_config(method: str, backbone: str, *, steps: int, lr: float, seed: int = 0, **hparams):
     """The training config adapting `backbone` to `synthetic/downstream` (colour of the LEFT of
     two objects, 8 classes) with `method`."""
-    c = jax_peft.default_config()
+    c = jax_peft.train.default_config()
     c.model.update(dict(name="", checkpoint=backbone, image_size=IMAGE_SIZE))
-    c.method = jax_peft.method_config(method, **hparams)
+    c.method = jax_peft.train.method_config(method, **hparams)
     c.data.update(dict(name="synthetic/downstream", train_split="train", eval_split="val",
                        image_size=IMAGE_SIZE))
     c.optimizer.update(dict(name="adamw", lr=lr, weight_decay=1e-4, grad_clip_norm=1.0))
@@ -108,7 +108,7 @@ def quickstart() -> nbformat.NotebookNode:
            original ViT checkpoints (`jax_peft.load_checkpoint("ViT-B_16")` reads those the same way);
         2. **adapt** it with RLRR (residual low-rank rescaling), a pure function of `(params, adapter)`;
         3. **train** the adapter and a new head on the demo's `synthetic/downstream` task with the real
-           training loop (`jax_peft.train_and_evaluate`: jit steps, optax, orbax checkpoints);
+           training loop (`jax_peft.train.train_and_evaluate`: jit steps, optax, orbax checkpoints);
         4. **merge** the adapter into plain ViT weights, **export** them as `.npz`, reload the export and
            check that its logits equal the adapted model's.
 
@@ -171,10 +171,10 @@ def quickstart() -> nbformat.NotebookNode:
         code("""
         config = adapt_config("rlrr", BACKBONE_PATH, steps=100, lr=1e-2)
         run_dir = os.path.join(RUNS, "rlrr")
-        summary = jax_peft.train_and_evaluate(config, run_dir)
+        summary = jax_peft.train.train_and_evaluate(config, run_dir)
         print(json.dumps({k: summary[k] for k in ("method", "trainable_params", "trainable_params_with_head",
                                                   "steps", "final_eval_accuracy")}, indent=1))
-        # jax_peft.evaluate(config, run_dir, split="test") evaluates the checkpoint on the 2000 held-out
+        # jax_peft.train.evaluate(config, run_dir, split="test") evaluates the checkpoint on the 2000 held-out
         # test images; section 4 measures the exported model on 512 of them instead (faster).
         """),
         code("""
@@ -223,7 +223,7 @@ def quickstart() -> nbformat.NotebookNode:
         Next: `02_pytree_surgery.ipynb` (selecting, replacing and converting parameters) and
         `03_spectral_lens.ipynb` (what RLRR, FacT-TT and LoRA do to the weights' singular values).
         For the real thing, swap the backbone for `jax_peft.load_checkpoint("ViT-B_16")` and use
-        `configs/vtab1k.py` or `configs/fgvc.py`.
+        `jax_peft.configs.vtab1k` or `jax_peft.configs.fgvc`.
         """),
     ]
     return new_notebook(cells=cells, metadata=_metadata())
@@ -389,7 +389,7 @@ def spectral_lens() -> nbformat.NotebookNode:
         md("""
         ## Train three adapters (same backbone, data, steps and seed)
 
-        The learning rates are the demo's (`configs/demo.py`); FacT-TT and LoRA use rank 8, LoRA on
+        The learning rates are the demo's (`jax_peft.configs.demo`); FacT-TT and LoRA use rank 8, LoRA on
         q, k, v as in its paper. `analysis.load_run` restores each trained adapter and the frozen base.
         """),
         code("""
@@ -400,7 +400,7 @@ def spectral_lens() -> nbformat.NotebookNode:
         }
         runs = {}
         for name, (lr, hp) in RECIPES.items():
-            summary = jax_peft.train_and_evaluate(adapt_config(name, BACKBONE_PATH, steps=100, lr=lr, **hp),
+            summary = jax_peft.train.train_and_evaluate(adapt_config(name, BACKBONE_PATH, steps=100, lr=lr, **hp),
                                                   os.path.join(RUNS, name))
             base, method, adapter, _ = jax_peft.analysis.load_run(os.path.join(RUNS, name))
             runs[name] = (method, adapter)
@@ -551,7 +551,7 @@ def spectral_lens() -> nbformat.NotebookNode:
         *What it does not show:* anything about ViT-B/16 on real data. The width (64), depth (2),
         training length (100 steps) and the single seed are far from the papers' settings; φ between two
         seeds of one method (LoRA's analysis) and between methods on VTAB-1k would need real runs (train
-        with `configs/vtab1k.py`, then `python -m jax_peft.analysis RUN_DIR` writes this report, PNG and
+        with `jax_peft.configs.vtab1k`, then `python -m jax_peft.analysis RUN_DIR` writes this report, PNG and
         markdown, for a real run).
         """),
     ]

@@ -3,6 +3,7 @@
 
     python scripts/benchmark.py --model ViT-B_16 --batch 8 [--dtype bf16] --json OUT
     python scripts/benchmark.py --quick --json OUT          # tiny model, smoke test (seconds)
+    python scripts/benchmark.py --cost-only --json OUT      # XLA cost analysis only: compile, no timing
 
 Measured (random weights with the model's shapes; no download):
 
@@ -26,6 +27,12 @@ reported, with ratios to the floor, full fine-tuning and the forward pass, and t
 of handing them back to the kernel and faulting them in again (~0.4-0.7 million faults, ~1-3 s of
 kernel CPU time per ViT-B/16 step here); `--system-malloc` measures with glibc's defaults instead.
 
+Cost figures (deterministic for a given jax/XLA version, unlike the timings on a shared machine):
+XLA's cost analysis of every compiled function, FLOPs and bytes accessed (`cost_analysis()["flops"]`,
+`["bytes accessed"]`), with each method's ratios to the floor, full fine-tuning (full_grads and the
+full AdamW train step) and the forward pass, checked against COST_TARGETS. `--cost-only` compiles and
+reports these without running anything timed (a few minutes for ViT-B/16 on 2 cores).
+
 If `torch` and `timm` are importable, the official PyTorch formulation of the methods it covers is
 timed too on the same CPU (`--no-torch` skips it); otherwise that part is reported as skipped.
 """
@@ -34,13 +41,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.util
 import json
 import os
 import platform
 import statistics
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 if "--quick" in sys.argv:  # the smoke test is all compile time: skip LLVM's optimization passes
@@ -54,7 +63,6 @@ MALLOC_TUNED = "--system-malloc" not in sys.argv and host.keep_freed_memory()
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import jax_peft  # noqa: E402
@@ -80,6 +88,9 @@ RESCALE = ("rlrr", "ssf", "bitfit")
 # (methods, yardstick, max ratio) from issue 6
 TARGETS = [(LOW_RANK, "floor", 1.10), (RESCALE, "full", 1.05), (("linear",), "forward", 1.05)]
 TORCH_SPEEDUP = 2.0
+# (methods, yardstick, cost figure, max ratio) from issue 17: XLA's cost analysis, deterministic
+COST_TARGETS = [(LOW_RANK, "floor", "flops", 1.05), (LOW_RANK, "floor", "bytes", 1.15),
+                (RESCALE, "full", "bytes", 1.0)]
 
 
 @dataclasses.dataclass
@@ -94,6 +105,7 @@ class Timed:
     peak_bytes: int
     carry: bool = False  # the first output replaces the first argument (donated train state)
     xla_peak_bytes: int = 0
+    bytes_accessed: float = 0.0  # XLA cost analysis "bytes accessed"
     times: list = dataclasses.field(default_factory=list)
     cpu_times: list = dataclasses.field(default_factory=list)  # process CPU time (all threads)
     faults: list = dataclasses.field(default_factory=list)  # minor page faults per call
@@ -135,6 +147,7 @@ def compile_fn(name: str, fn: Callable, args: tuple, donate: tuple = (), carry: 
     if isinstance(cost, (list, tuple)):  # older jax: one dict per computation
         cost = cost[0] if cost else {}
     flops = float((cost or {}).get("flops", 0.0))
+    bytes_accessed = float((cost or {}).get("bytes accessed", 0.0))
     mem = compiled.memory_analysis()
     # Footprint while the program runs: arguments + outputs + XLA's temp arena, less donated (aliased)
     # buffers. (`peak_memory_in_bytes`, XLA's live-buffer simulation, is smaller and kept for reference.)
@@ -142,6 +155,7 @@ def compile_fn(name: str, fn: Callable, args: tuple, donate: tuple = (), carry: 
                - mem.alias_size_in_bytes)
     t = Timed(name, compiled, args, compile_s, flops / 1e9, peak, carry)
     t.xla_peak_bytes = int(getattr(mem, "peak_memory_in_bytes", 0) or 0)
+    t.bytes_accessed = bytes_accessed
     return t
 
 
@@ -209,7 +223,7 @@ def build(args: argparse.Namespace, methods: list[str]) -> tuple[list[Timed], di
     fns = [compile_fn("forward", fwd, (params, images)),
            compile_fn("floor", floor, (params, images, labels)),
            compile_fn("full_grads", full, (params, images, labels))]
-    print(f"compiled baselines: " + ", ".join(f"{t.name} {t.compile_s:.1f}s" for t in fns), flush=True)
+    print("compiled baselines: " + ", ".join(f"{t.name} {t.compile_s:.1f}s" for t in fns), flush=True)
 
     frozen = {k: v for k, v in params.items() if k != "head"}
     forms = {}
@@ -261,14 +275,67 @@ def run_rounds(fns: list[Timed], warmup: int, runs: int, repeat: int = 1) -> Non
 def torch_benchmark(args: argparse.Namespace, methods: list[str]) -> dict:
     """Times the official PyTorch formulations (timm ViT) when torch and timm are installed."""
     try:
-        import torch  # noqa: F401
         import timm  # noqa: F401
+        import torch  # noqa: F401
     except ImportError as e:
         return {"skipped": f"torch/timm not importable ({e.name}); install both to time the official code"}
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     import benchmark_torch  # the PyTorch formulations live in their own module
 
     return benchmark_torch.run(args, methods)
+
+
+# --- cost figures (deterministic) ---------------------------------------------------------------
+def cost_figures(fns: list[Timed]) -> dict:
+    """XLA cost analysis per function (GFLOP, GB accessed) and its ratios to the yardsticks: forward,
+    floor, full (forward + every weight gradient) and full_step (the full fine-tuning train step with
+    AdamW, when benchmarked); COST_TARGETS checked."""
+    by = {t.name: t for t in fns}
+    yard = {"forward": by["forward"], "floor": by["floor"], "full": by["full_grads"]}
+    if "full" in by:
+        yard["full_step"] = by["full"]
+
+    def ratio(a: float, b: float) -> float | None:
+        return a / b if b else None
+
+    rows = {}
+    for t in fns:
+        row = {"gflops": t.gflops, "gbytes_accessed": t.bytes_accessed / 1e9}
+        for y, base in yard.items():
+            row[f"flops_over_{y}"] = ratio(t.gflops, base.gflops)
+            row[f"bytes_over_{y}"] = ratio(t.bytes_accessed, base.bytes_accessed)
+        rows[t.name] = row
+    targets = []
+    for names, base, figure, limit in COST_TARGETS:
+        for n in names:
+            if n in rows and n in by and rows[n][f"{figure}_over_{base}"] is not None:
+                r = rows[n][f"{figure}_over_{base}"]
+                targets.append({"method": n, "figure": figure, "vs": base, "ratio": r, "max": limit,
+                                "pass": r <= limit})
+    return {"functions": rows, "targets": targets, "all_targets_pass": all(t["pass"] for t in targets),
+            "yardsticks": {"forward": "forward", "floor": "floor", "full": "full_grads",
+                           "full_step": "full (train step, AdamW)"}}
+
+
+def print_costs(cost: dict) -> None:
+    goal = {}
+    for names, base, figure, limit in COST_TARGETS:
+        for n in names:
+            goal.setdefault(n, []).append((figure, base, limit))
+    print("\nXLA cost analysis of the compiled functions (deterministic)")
+    head = (f"{'function':<10} {'GFLOP':>8} {'GB acc':>7} {'F/floor':>7} {'B/floor':>7} {'F/full':>6} "
+            f"{'B/full':>6} {'B/fstep':>7} {'F/fwd':>6} {'B/fwd':>6}  targets")
+    print(head)
+    print("-" * len(head))
+    for name, r in cost["functions"].items():
+        def f(key: str, width: int) -> str:
+            v = r.get(key)
+            return f"{v:{width}.3f}" if v is not None else " " * (width - 1) + "-"
+        tg = "; ".join(f"{fig} <= {lim:.2f}x {base}: {'PASS' if r[f'{fig}_over_{base}'] <= lim else 'FAIL'}"
+                       for fig, base, lim in goal.get(name, []))
+        print(f"{name:<10} {r['gflops']:8.1f} {r['gbytes_accessed']:7.2f} {f('flops_over_floor', 7)} "
+              f"{f('bytes_over_floor', 7)} {f('flops_over_full', 6)} {f('bytes_over_full', 6)} "
+              f"{f('bytes_over_full_step', 7)} {f('flops_over_forward', 6)} {f('bytes_over_forward', 6)}  {tg}")
 
 
 # --- report -----------------------------------------------------------------------------------
@@ -384,6 +451,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--scan", action="store_true",
                    help="one lax.scan over the blocks (ViTConfig.scan; stacked frozen parameters): compile time")
     p.add_argument("--no-torch", action="store_true", help="do not time the PyTorch formulations")
+    p.add_argument("--cost-only", action="store_true",
+                   help="compile every function and report XLA's cost analysis (FLOPs, bytes accessed, "
+                        "ratios, COST_TARGETS); no timing, no PyTorch")
     p.add_argument("--system-malloc", action="store_true",
                    help="do not call jax_peft.host.keep_freed_memory() (glibc's defaults: XLA's temporaries "
                         "are unmapped after each call and page-faulted in again by the next)")
@@ -406,10 +476,24 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     load0 = os.getloadavg()[0]
     fns, info = build(args, args.method_list)
-    run_rounds(fns, args.warmup, args.runs, args.repeat)
-    info["loadavg"] = [load0, os.getloadavg()[0]]
-    torch_res = {"skipped": "--no-torch"} if args.no_torch or args.quick else torch_benchmark(args, args.method_list)
-    res = report(fns, info, args, torch_res)
+    if args.cost_only:
+        res = {**info, "dtype": args.dtype, "mode": "cost-only", "jax": jax.__version__,
+               "backend": jax.default_backend(), "platform": platform.platform(),
+               "compile_s": {t.name: t.compile_s for t in fns},
+               "peak_bytes": {t.name: t.peak_bytes for t in fns}}
+    else:
+        run_rounds(fns, args.warmup, args.runs, args.repeat)
+        info["loadavg"] = [load0, os.getloadavg()[0]]
+        if args.no_torch:
+            torch_res = {"skipped": "--no-torch"}
+        elif args.quick:  # the tiny model is not compared; still say so when torch is not there at all
+            absent = importlib.util.find_spec("torch") is None or importlib.util.find_spec("timm") is None
+            torch_res = {"skipped": "torch/timm not installed" if absent else "--quick (compared at full size only)"}
+        else:
+            torch_res = torch_benchmark(args, args.method_list)
+        res = report(fns, info, args, torch_res)
+    res["cost"] = cost_figures(fns)
+    print_costs(res["cost"])
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=1, default=str)

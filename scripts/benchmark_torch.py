@@ -160,7 +160,7 @@ def _efft(model: nn.Module, cfg: Any, r: int, s: float, p: float) -> list:
     model.efft = e
     drop = nn.Dropout(p)
     for blk in model.blocks:
-        def qkv_delta(w, cache={}):
+        def qkv_delta(w, cache):
             u1, c1, v1 = drop(e["u1"]), drop(e["c1"]), drop(e["v1"])
             cache["o"] = s * (u1 @ c1[:, :, 3] @ v1)  # proj uses the same masks in this block call
             return w + s * torch.cat([(u1 @ c1[:, :, j] @ v1).t() for j in range(3)], 0)
@@ -273,7 +273,7 @@ def run(args: Any, methods: list[str], cfg: Any = None, hparams: dict | None = N
     model = _vit(cfg).eval()
     with torch.no_grad():
         res["forward_s"] = statistics.median(_time(lambda: model(x), args.warmup, args.runs))
-    del model
+    model = None  # free the forward-only model before building the next
     for name in methods:
         model, trainable = build(cfg, name, hparams.get(name, {}))
         model.train()
@@ -288,5 +288,5 @@ def run(args: Any, methods: list[str], cfg: Any = None, hparams: dict | None = N
         res["methods"][name] = {"step_s": statistics.median(times), "times_s": times,
                                 "trainable_params": sum(p.numel() for p in trainable)}
         print(f"torch {name}: {res['methods'][name]['step_s']:.3f}s", flush=True)
-        del model, opt
+        model = opt = None
     return res

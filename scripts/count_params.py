@@ -21,11 +21,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import jax  # noqa: E402
 
 import jax_peft  # noqa: E402
+from jax_peft.data import fgvc, vtab  # noqa: E402
 
 # VTAB-1k classes per task, by group (natural, specialized, structured): 940 in total.
-VTAB_GROUPS = {"natural": [100, 102, 47, 102, 37, 10, 397], "specialized": [2, 10, 45, 5],
-               "structured": [8, 6, 6, 4, 16, 16, 18, 9]}
-FGVC_MEAN_CLASSES = 234.6  # mean over CUB, NABirds, Flowers, Dogs, Cars
+VTAB_GROUPS = {group: [vtab.num_classes(t) for t in tasks] for group, tasks in vtab.GROUPS.items()}
+FGVC_MEAN_CLASSES = sum(d.num_classes for d in fgvc.DATASETS.values()) / len(fgvc.DATASETS)  # 234.6
 
 # (label, method, hparams, formula text, formula(D, M, L) or None, paper number as printed, convention)
 ROWS = [

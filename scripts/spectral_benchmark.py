@@ -28,8 +28,8 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from jax_peft import paths, vit  # noqa: E402
-from jax_peft.analysis import spectral  # noqa: E402
 from jax_peft import sites as layers  # noqa: E402
+from jax_peft.analysis import spectral  # noqa: E402
 
 
 def random_tree(cfg: vit.ViTConfig, seed: int) -> dict:

@@ -1,8 +1,9 @@
 #!/usr/bin/env python
-"""End-to-end checks of the training CLI on configs/smoke.py (CPU, about a minute each).
+"""End-to-end checks of the training CLI on jax_peft.configs.smoke (CPU, about a minute each).
 
     python scripts/train_checks.py resume  --workdir /tmp/checks [--steps 200] [--method rlrr]
     python scripts/train_checks.py devices --workdir /tmp/checks [--devices 8] [--parallel jit|pmap]
+    python scripts/train_checks.py cache   --workdir /tmp/checks [--steps 20] [--model ViT-S/16]
 
 resume:  an uninterrupted run, then a run stopped by a real SIGTERM (sent once `--kill_after` steps
          are logged) and rerun with the same command; the losses at every step and the final
@@ -11,6 +12,10 @@ devices: the same run on 1 and on N simulated CPU devices
          (XLA_FLAGS=--xla_force_host_platform_device_count=N); reports the largest relative loss
          difference (summation order differs, so it is small but not zero) and compares the eval
          accuracies, which must be identical.
+cache:   a VTAB-style run through the CLI (vtab/cifar100 under tfds.testing.mock_data, a random
+         `--model` at 224 px, batch 16) without the decoded cache, with it (built on first use) and
+         again (read back): the losses must be bit-identical; reports each run's input wait
+         (summary.json `input_wait_fraction`; the issue's goal is < 2 % of the step time with the cache).
 
 Prints a JSON report and exits with status 1 when a check fails.
 """
@@ -33,7 +38,7 @@ def _cli(workdir: str, args: argparse.Namespace, devices: int = 1, parallel: str
     env = dict(os.environ, JAX_PLATFORMS="cpu",
                XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
                PYTHONPATH=os.pathsep.join([REPO] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
-    cmd = [sys.executable, "-m", "jax_peft.main", f"--config={REPO}/configs/smoke.py:{args.method}",
+    cmd = [sys.executable, "-m", "jax_peft.main", f"--config=jax_peft.configs.smoke:{args.method}",
            f"--workdir={workdir}", f"--config.total_steps={args.steps}", "--config.progress=False",
            f"--config.parallel={parallel}"]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -62,6 +67,57 @@ def _final_state(workdir: str):
     state, meta = ck.restore()
     ck.close()
     return meta["step"], jax.tree_util.tree_leaves(state), jax.tree_util.tree_structure(state)
+
+
+_MOCK_CLI = """
+import sys
+import tensorflow_datasets as tfds
+from jax_peft import main
+sys.argv = ["jax_peft.main"] + sys.argv[1:]
+with tfds.testing.mock_data(num_examples={n}):
+    main.run()
+"""
+
+
+def check_cache(args: argparse.Namespace) -> dict:
+    data_dir = os.path.join(args.workdir, "cache_data")
+    shutil.rmtree(data_dir, ignore_errors=True)
+    os.makedirs(data_dir)
+    env = dict(os.environ, JAX_PLATFORMS="cpu",
+               PYTHONPATH=os.pathsep.join([REPO] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
+    t0 = time.time()
+    out = {}
+    for run, cache in (("uncached", False), ("cache_built", True), ("cache_read", True)):
+        workdir = os.path.join(args.workdir, f"cache_{run}")
+        shutil.rmtree(workdir, ignore_errors=True)
+        cmd = [sys.executable, "-c", _MOCK_CLI.format(n=args.mock_examples),
+               f"--config=jax_peft.configs.smoke:{args.method}", f"--workdir={workdir}",
+               "--config.model.checkpoint=random", f"--config.model.name={args.model}",
+               "--config.model.patch_size=-1", "--config.model.hidden_size=-1", "--config.model.num_layers=-1",
+               "--config.model.num_heads=-1", "--config.model.mlp_dim=-1",
+               "--config.model.image_size=224", "--config.data.image_size=224",
+               "--config.data.name=vtab/cifar100", "--config.data.train_split=train800val200",
+               "--config.data.eval_split=test", f"--config.data.data_dir={data_dir}",
+               f"--config.data.cache={cache}", "--config.batch_size=16", f"--config.total_steps={args.steps}",
+               "--config.eval_every=0", "--config.checkpoint_every=0", "--config.log_every=1",
+               "--config.schedule.warmup_steps=0"]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if proc.returncode != 0:
+            sys.stderr.write(proc.stderr[-3000:])
+            return {"check": "cache", "ok": False, "failed_run": run, "exit_code": proc.returncode}
+        with open(os.path.join(workdir, "summary.json")) as f:
+            summary = json.load(f)
+        notes = [line for line in proc.stderr.splitlines() if "decoded cache" in line]
+        out[run] = {"exit_code": proc.returncode, "losses": [r[1] for r in _losses(workdir)],
+                    "input_wait_s": summary.get("input_wait_s"),
+                    "input_wait_fraction": summary.get("input_wait_fraction"),
+                    "wall_time_s": summary.get("wall_time_s"), "cache_notes": notes}
+    identical = out["uncached"]["losses"] == out["cache_built"]["losses"] == out["cache_read"]["losses"]
+    ok = all(r["exit_code"] == 0 for r in out.values()) and identical and len(out["uncached"]["losses"]) == args.steps
+    for r in out.values():
+        r["losses"] = r["losses"][:3] + ["..."]
+    return {"check": "cache", "ok": ok, "model": args.model, "steps": args.steps, "losses_bit_identical": identical,
+            "runs": out, "loadavg_1m": os.getloadavg()[0], "seconds": round(time.time() - t0, 1)}
 
 
 def check_resume(args: argparse.Namespace) -> dict:
@@ -111,17 +167,19 @@ def check_devices(args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("check", choices=["resume", "devices"])
+    p.add_argument("check", choices=["resume", "devices", "cache"])
     p.add_argument("--workdir", required=True)
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--method", default="rlrr")
     p.add_argument("--kill_after", type=int, default=60, help="resume: SIGTERM once this many steps are logged")
     p.add_argument("--devices", type=int, default=8)
     p.add_argument("--parallel", default="jit", choices=["jit", "pmap"])
+    p.add_argument("--model", default="ViT-S/16", help="cache: the (randomly initialized) model")
+    p.add_argument("--mock_examples", type=int, default=200, help="cache: records per mocked split")
     p.add_argument("--rtol", type=float, default=1e-4, help="devices: largest relative loss difference allowed")
     args = p.parse_args(argv)
     os.makedirs(args.workdir, exist_ok=True)
-    report = check_resume(args) if args.check == "resume" else check_devices(args)
+    report = {"resume": check_resume, "devices": check_devices, "cache": check_cache}[args.check](args)
     print(json.dumps(report, indent=2))
     return 0 if report["ok"] else 1
 

@@ -1,7 +1,7 @@
 """Run one method over the 19 VTAB-1k tasks and print the paper-style table beside the paper's numbers.
 
     # run every task in sequence (tasks with DIR/<task>/summary.json are skipped: rerun to resume)
-    python scripts/vtab_sweep.py --method rlrr --workdir runs/rlrr -- --config.data.data_dir=/data/vtab-1k
+    python scripts/vtab_sweep.py --method rlrr --workdir runs/rlrr -- --config.data.data_dir=$HOME/tensorflow_datasets
 
     # print one command per task (for a cluster), then build the table once they finished
     python scripts/vtab_sweep.py --method fact_tt --workdir runs/fact_tt --emit
@@ -13,7 +13,7 @@ the best test accuracy over the periodic evaluations (what the papers report; `-
 last one), the Natural / Specialized / Structured means, the plain 19-task mean and the mean of the
 three group means (RLRR prints plain means, FacT group means, EFFT both), and the trainable
 parameters (without head, and with the mean head over the tasks), next to the published numbers
-(`configs/recipes.py`, docs/methods.md section 9).
+(`jax_peft.configs.recipes`, docs/methods.md section 9).
 """
 
 from __future__ import annotations
@@ -27,18 +27,15 @@ import shlex
 import subprocess
 import sys
 
-from jax_peft.train.config import load_config_module
+from jax_peft.configs import recipes as R
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-R = load_config_module(os.path.join(ROOT, "configs", "recipes.py"), "jax_peft_configs_recipes")
 TASKS = R.VTAB_TASKS
 GROUPS = R.VTAB_GROUPS
 
 
 # --- running ------------------------------------------------------------------------------------------
-def task_command(method: str, task: str, workdir: str, *, config: str = "configs/vtab1k.py",
+def task_command(method: str, task: str, workdir: str, *, config: str = "jax_peft.configs.vtab1k",
                  extra: list[str] = (), python: str = sys.executable) -> list[str]:
     return [python, "-m", "jax_peft.main", f"--config={config}:{task},{method}",
             f"--workdir={os.path.join(workdir, task)}", *extra]
@@ -53,12 +50,12 @@ def pending_tasks(workdir: str, tasks=TASKS) -> list[str]:
     return [t for t in tasks if not os.path.isfile(summary_path(workdir, t))]
 
 
-def run_sweep(method: str, workdir: str, *, tasks=TASKS, config: str = "configs/vtab1k.py",
+def run_sweep(method: str, workdir: str, *, tasks=TASKS, config: str = "jax_peft.configs.vtab1k",
               extra: list[str] = (), keep_going: bool = False) -> list[str]:
     """Runs the pending tasks in sequence; returns the tasks that failed."""
     failed = []
     workdir = os.path.abspath(workdir)  # the runs start in the repository root (python -m jax_peft.main)
-    config = os.path.abspath(config) if os.path.isfile(config) else os.path.join(ROOT, config)
+    config = os.path.abspath(config) if os.path.isfile(config) else config  # a file, or a module path
     for task in pending_tasks(workdir, tasks):
         cmd = task_command(method, task, workdir, config=config, extra=list(extra))
         print("+", shlex.join(cmd), flush=True)
@@ -165,7 +162,7 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--method", required=True, choices=R.METHODS)
     p.add_argument("--workdir", required=True, help="sweep directory; task runs go to WORKDIR/<task>")
-    p.add_argument("--config", default="configs/vtab1k.py")
+    p.add_argument("--config", default="jax_peft.configs.vtab1k")
     p.add_argument("--tasks", default="", help="comma-separated subset (default: all 19)")
     p.add_argument("--emit", action="store_true", help="print one command per pending task and exit")
     p.add_argument("--table-only", action="store_true", help="only build the table from summaries")
@@ -178,13 +175,19 @@ def main(argv=None) -> int:
 
     if args.emit:
         for t in pending_tasks(args.workdir, tasks):
-            print(shlex.join(task_command(args.method, t, args.workdir, config=args.config,
-                                          extra=extra, python="python")))
+            # this interpreter (e.g. .venv/bin/python), so the commands run without activating the venv
+            print(shlex.join(task_command(args.method, t, args.workdir, config=args.config, extra=extra)))
         return 0
     failed = [] if args.table_only else run_sweep(args.method, args.workdir, tasks=tasks,
                                                    config=args.config, extra=extra,
                                                    keep_going=args.keep_going)
-    rows = build_table(load_summaries(args.workdir), args.method, metric=args.metric)
+    summaries = load_summaries(args.workdir)
+    if not summaries:  # e.g. the first task failed: no table of 19 empty rows
+        print(f"no task has finished yet (no {args.workdir}/<task>/summary.json): no table. "
+              + ("Fix the failure above and rerun the same command (finished tasks are skipped)."
+                 if failed else "Run the sweep first (without --table-only)."), file=sys.stderr)
+        return 1
+    rows = build_table(summaries, args.method, metric=args.metric)
     md, table_csv = to_markdown(rows, args.method), to_csv(rows)
     print(md)
     print(table_csv)

@@ -4,7 +4,6 @@ rules, swapping without recompilation, plots and the report CLI (tiny models onl
 from __future__ import annotations
 
 import math
-import os
 
 import jax
 import jax.numpy as jnp
@@ -12,11 +11,11 @@ import numpy as np
 import pytest
 
 from jax_peft import paths, vit
+from jax_peft import sites as layers
 from jax_peft.analysis import arithmetic as ar
 from jax_peft.analysis import similarity as si
 from jax_peft.analysis import spectral as sp
 from jax_peft.analysis.swap import SwappableForward
-from jax_peft import sites as layers
 from jax_peft.methods.base import get_method
 
 RNG = np.random.default_rng(0)
@@ -415,19 +414,16 @@ def test_plots_without_matplotlib_say_how_to_install(monkeypatch, params, tmp_pa
         plots.heatmap(_spectra(params), tmp_path / "h.png")
 
 
-def test_report_cli_on_a_training_checkpoint_and_on_npz(tmp_path):
+def test_report_cli_on_a_training_checkpoint_and_on_npz(tmp_path, caplog):
     """A checkpoint laid out as training writes it; the loader must rebuild the exact base that
     `loop.setup` trains on (random init from the run's seed) and restore adapter and head."""
-    import importlib.util
 
     from jax_peft.analysis import __main__ as cli
     from jax_peft.train import checkpointing, loop
 
     lora = method_or_skip("lora", rank=2)
-    spec = importlib.util.spec_from_file_location(
-        "smoke_cfg", os.path.join(os.path.dirname(__file__), "..", "configs", "smoke.py"))
-    smoke = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(smoke)
+    from jax_peft.configs import smoke
+
     c = smoke.get_config("lora")
     c.method.rank = 2
     s = loop.setup(c)
@@ -440,7 +436,11 @@ def test_report_cli_on_a_training_checkpoint_and_on_npz(tmp_path):
     ck.save(state, data_position=7)
     ck.close()
 
-    params, method, restored, info = cli.load_run(str(tmp_path / "run"))
+    import logging
+
+    with caplog.at_level(logging.WARNING):
+        params, method, restored, info = cli.load_run(str(tmp_path / "run"))
+    assert "read only" not in caplog.text  # orbax's warning about the manager we opened read-only
     assert method == lora and info["step"] == 7
     assert tree_max_diff(restored, adapter) == 0.0
     assert tree_max_diff(params, {**base, "head": head}) == 0.0

@@ -1,24 +1,10 @@
-"""configs/*.py build for every cell and carry the published per-dataset settings."""
-
-import importlib.util
-import os
+"""The modules of jax_peft.configs build for every cell and carry the published per-dataset settings."""
 
 import pytest
 
+from jax_peft.configs import demo, fewshot, fgvc, smoke, vtab1k
+from jax_peft.configs import recipes as R
 from jax_peft.methods import base
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _load(name):
-    spec = importlib.util.spec_from_file_location(f"cfg_{name}", os.path.join(ROOT, "configs", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-vtab1k = _load("vtab1k")
-R = vtab1k.R
 
 
 def _method_available(name):
@@ -106,8 +92,6 @@ def test_bad_arguments():
         vtab1k.get_config("cifar100,adapter")
 
 
-fgvc = _load("fgvc")
-fewshot = _load("fewshot")
 
 
 def test_fgvc_configs():
@@ -149,3 +133,22 @@ def test_fewshot_configs():
     assert fewshot.get_config("oxford_iiit_pet,1,0,lora").batch_size == 37
     with pytest.raises(ValueError, match="shots must be one of"):
         fewshot.get_config("food101,3,0,lora")
+
+
+def test_config_flag_takes_a_module_or_a_file(tmp_path):
+    import os
+
+    from jax_peft.main import _resolve_config_argv
+    from jax_peft.train.config import resolve_config
+
+    smoke_file = os.path.abspath(smoke.__file__)
+    assert resolve_config("jax_peft.configs.smoke:lora") == smoke_file + ":lora"
+    assert resolve_config("jax_peft.configs.vtab1k:dtd,rlrr") == os.path.abspath(vtab1k.__file__) + ":dtd,rlrr"
+    assert resolve_config(smoke_file) == smoke_file
+    assert _resolve_config_argv(["m", "--config", "jax_peft.configs.smoke", "--config=jax_peft.configs.demo:rlrr",
+                                 "--workdir=jax_peft.configs.smoke"]) == [
+        "m", "--config", smoke_file, f"--config={os.path.abspath(demo.__file__)}:rlrr", "--workdir=jax_peft.configs.smoke"]
+    with pytest.raises(ValueError, match="use --config jax_peft.configs.vtab1k:cifar100,rlrr"):
+        resolve_config("configs/vtab1k.py:cifar100,rlrr")  # the old location names the new one
+    with pytest.raises(ValueError, match="jax_peft.configs.fewshot"):
+        resolve_config("jax_peft.configs.vtab1kk:cifar100,rlrr")  # lists the package's configs

@@ -36,6 +36,11 @@ def test_demo_quick_end_to_end(tmp_path, capsys):
     path, info = demo.pretrain(wd, quick=True)
     assert path == backbone and os.path.getmtime(backbone) == mtime
     assert info["test_accuracy"] == summary["pretrain"]["test_accuracy"]
+    # The cache is keyed by seed and config: another seed (or the full-size config) gets its own file.
+    assert os.path.basename(backbone).startswith("upstream_vit_seed0_")
+    others = {demo.backbone_path(wd, demo._config("pretrain", quick, seed)) for quick, seed in
+              ((True, 1), (False, 0), (False, 1))}
+    assert backbone not in others and len(others) == 3
 
     # The merged export of the best PEFT method reloads and reproduces the adapted logits.
     check = summary["merge_check"]

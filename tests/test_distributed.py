@@ -1,7 +1,7 @@
 """Multi-process training: two local processes (2 x 4 CPU devices, gloo collectives) through the CLI
 reproduce a single process with 8 devices, and checkpoints move between the two set-ups.
 
-The end-to-end test runs four short `configs/smoke.py` trainings in two concurrent phases:
+The end-to-end test runs four short `jax_peft.configs.smoke` trainings in two concurrent phases:
 
     phase 1   pair (2 processes) -> A          single (1 process, 8 devices) -> B
     phase 2   single resumes A's step-3 ckpt   pair resumes B's step-3 ckpt
@@ -28,7 +28,7 @@ from jax_peft.train import distributed
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS, CKPT_EVERY = 6, 3
-SMOKE = ["--config", "configs/smoke.py", f"--config.total_steps={STEPS}",
+SMOKE = ["--config", "jax_peft.configs.smoke", f"--config.total_steps={STEPS}",
          f"--config.checkpoint_every={CKPT_EVERY}", "--config.eval_every=0",
          "--config.schedule.warmup_steps=2"]
 PHASE_TIMEOUT_S = 240
@@ -79,7 +79,8 @@ def test_per_process_batch_size():
 
 def test_global_batch_and_replicate_on_one_process():
     import jax
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     mesh = distributed.global_mesh()
     rows = {"image": np.arange(2 * jax.device_count() * 3, dtype=np.float32).reshape(-1, 3)}
@@ -118,8 +119,8 @@ class _Children:
     def __init__(self, logs: Path, cache: Path):
         self.logs, self.cache, self.procs = logs, cache, []
 
-    def train(self, name: str, workdir: Path, num_processes: int) -> None:
-        cmd = [sys.executable, "-m", "jax_peft.main", *SMOKE, "--workdir", str(workdir)]
+    def train(self, name: str, workdir: Path, num_processes: int, *flags: str) -> None:
+        cmd = [sys.executable, "-m", "jax_peft.main", *SMOKE, "--workdir", str(workdir), *flags]
         if num_processes == 1:
             self._start(f"{name}", cmd, _child_env(8, self.cache))
             return
@@ -192,14 +193,16 @@ def test_two_processes_match_one_and_exchange_checkpoints(tmp_path):
     a, b, c, d = (tmp_path / n for n in ("pair", "single", "single_from_pair", "pair_from_single"))
     children = _Children(logs, tmp_path / "jax_cache")
     try:
-        children.train("pair", a, 2)
+        # The pair shards the frozen backbone over all 8 devices of both processes (fsdp=8); the
+        # single process is plain data parallel; the pair's checkpoint then resumes on the single one.
+        children.train("pair", a, 2, "--config.mesh.fsdp=8", "--config.mesh.min_bytes=0")
         children.train("single", b, 1)
         children.wait(PHASE_TIMEOUT_S)
 
         la, lb = _losses(a), _losses(b)
         assert sorted(la) == sorted(lb) == list(range(1, STEPS + 1))
         assert la[STEPS] < la[1]  # it trains
-        _assert_losses_equal(la, lb, range(1, STEPS + 1), "2 processes x 4 devices vs 1 x 8")
+        _assert_losses_equal(la, lb, range(1, STEPS + 1), "2 processes x 4 devices (fsdp=8) vs 1 x 8")
         sa, sb = (json.loads((w / "summary.json").read_text()) for w in (a, b))
         assert sa["num_devices"] == sb["num_devices"] == 8
         assert sa["final_eval_accuracy"] == pytest.approx(sb["final_eval_accuracy"], abs=1 / 256)

@@ -24,13 +24,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import DATA, random_params, tiny_vit_config
+from formula import formula_input, formula_params
 
 import jax_peft
 from jax_peft import paths
 from jax_peft import sites as layers
 from jax_peft.methods import lowrank as lr
-from conftest import DATA, random_params, tiny_vit_config
-from formula import formula_input, formula_params
 
 GOLDEN = ["fact_tt_r8_s10_d2", "fact_tk_r8_s10_d2", "efft_r16_s1_d3"]
 KEY = jax.random.PRNGKey(0)
@@ -96,7 +96,7 @@ def test_golden_float64_exact(name):
 
 
 # --- official import / export --------------------------------------------------------------------
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _formula_shapes(depth: int) -> dict:
     """The formula checkpoint's canonical tree (numpy; cached, never modified)."""
     return formula_params(depth)

@@ -10,11 +10,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import random_params, tiny_vit_config
 
 import jax_peft
 from jax_peft import paths
 from jax_peft.methods.base import _REGISTRY
-from conftest import random_params, tiny_vit_config
 
 KEY = jax.random.PRNGKey(0)
 

@@ -6,9 +6,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import random_params, tiny_vit_config
 
 import jax_peft
-from conftest import random_params, tiny_vit_config
 from jax_peft.methods.base import get_method
 from jax_peft.train import step as step_lib
 

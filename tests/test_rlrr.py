@@ -9,11 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from conftest import random_params, tiny_vit_config
+from formula import formula_input, formula_params
 
 import jax_peft
 from jax_peft import paths
-from conftest import random_params, tiny_vit_config
-from formula import formula_input, formula_params
 
 GOLDEN = "tests/data/rlrr_d2.npz"
 

@@ -3,8 +3,8 @@
 import jax
 import numpy as np
 import pytest
-
 from conftest import random_params, tiny_vit_config
+
 from jax_peft import paths
 from jax_peft.scan import stack_blocks, unstack_blocks
 

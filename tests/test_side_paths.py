@@ -1,7 +1,6 @@
 """Activation-form side paths (vit.SidePath) equal the weight form and train with dropout."""
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 import jax_peft

@@ -5,6 +5,8 @@ import importlib.util
 import io
 import json
 import os
+import shlex
+import sys
 
 import pytest
 
@@ -76,7 +78,8 @@ def test_partial_sweep_resumes_and_leaves_incomplete_means_empty(tmp_path, capsy
                        "--config.data.data_dir=/d"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 17
-    assert out[0] == (f"python -m jax_peft.main --config=configs/vtab1k.py:cifar100,fact_tt "
+    # the interpreter running the sweep (a venv's python works without activating the venv)
+    assert out[0] == (f"{shlex.quote(sys.executable)} -m jax_peft.main --config=jax_peft.configs.vtab1k:cifar100,fact_tt "
                       f"--workdir={os.path.join(wd, 'cifar100')} --config.data.data_dir=/d")
     md_path, csv_path = tmp_path / "t.md", tmp_path / "t.csv"
     assert sweep.main(["--method", "fact_tt", "--workdir", wd, "--table-only",
@@ -103,9 +106,17 @@ def test_run_sweep_runs_pending_tasks_in_order_and_stops_on_failure(tmp_path, mo
     assert failed == ["dtd"] and len(calls) == 2  # cifar100 ran, dtd failed, the rest not started
     cmd, cwd = calls[0]
     assert cwd == sweep.ROOT and cmd[1:3] == ["-m", "jax_peft.main"]
-    assert cmd[3] == f"--config={os.path.join(sweep.ROOT, 'configs', 'vtab1k.py')}:cifar100,lora"
+    assert cmd[3] == "--config=jax_peft.configs.vtab1k:cifar100,lora"
     assert cmd[-1] == "--config.total_steps=1"
     calls.clear()
     assert sweep.run_sweep("lora", wd, keep_going=True) == ["dtd"]
     assert len(calls) == 17  # resumed: caltech101 and cifar100 skipped, every other task ran
     assert sweep.pending_tasks(wd) == ["dtd"]
+
+
+def test_a_first_failure_prints_no_empty_table(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sweep.subprocess, "run", lambda cmd, cwd=None: type("P", (), {"returncode": 1})())
+    assert sweep.main(["--method", "lora", "--workdir", str(tmp_path)]) == 1
+    out, err = capsys.readouterr()
+    assert "| task |" not in out and "row,group" not in out  # no markdown or CSV table
+    assert "task caltech101 failed" in err and "no table" in err and "rerun the same command" in err

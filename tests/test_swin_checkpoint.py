@@ -91,8 +91,8 @@ def test_swin_short_names_and_safetensors_download_check(tmp_path):
         download.resolve(str(tmp_path / "missing.pth"))
     good = tmp_path / "model.safetensors"
     torch_io.save_safetensors(good, {"a": np.zeros(3, np.float32)})
-    download.check_download(good, good.name, "test file")
+    download.check_file(good, "test file")
     cut = tmp_path / "cut.safetensors"
     cut.write_bytes(good.read_bytes()[:20])
     with pytest.raises(ValueError, match="truncated"):
-        download.check_download(cut, cut.name, "test file")
+        download.check_file(cut, "test file")

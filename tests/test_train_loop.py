@@ -1,7 +1,6 @@
-"""The training loop on configs/smoke.py (tiny model, generated data): outputs, exact resume after a
+"""The training loop on jax_peft.configs.smoke (tiny model, generated data): outputs, exact resume after a
 real SIGTERM, checkpoint contents, corrupted-checkpoint fallback, eval mode and config validation."""
 
-import importlib.util
 import json
 import os
 import signal
@@ -14,6 +13,7 @@ import pytest
 
 import jax_peft
 from jax_peft import paths
+from jax_peft.configs import smoke
 from jax_peft.train import checkpointing, loop, model_setup
 from jax_peft.train.config import default_config, method_config
 
@@ -21,10 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def smoke_config(**overrides):
-    spec = importlib.util.spec_from_file_location("smoke_cfg", ROOT / "configs" / "smoke.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    c = mod.get_config("bitfit")
+    c = smoke.get_config("bitfit")
     c.model.num_layers = 1
     c.total_steps, c.eval_every, c.checkpoint_every, c.log_every = 16, 8, 100, 1
     c.progress = False
@@ -82,6 +79,7 @@ def test_outputs_of_an_uninterrupted_run(straight):
     for key in ("method", "trainable_params", "best_eval_accuracy", "final_eval_accuracy", "steps", "wall_time_s"):
         assert key in summary
     assert summary["method"] == "bitfit" and summary["steps"] == 16
+    assert 0 < summary["input_wait_s"] and 0 < summary["input_wait_fraction"] < 1  # time in next(data)
     assert summary["final_eval_accuracy"] == recs[-1]["eval_accuracy"]
     assert summary["best_eval_accuracy"] == max(r["eval_accuracy"] for r in recs if "eval_accuracy" in r)
     assert json.load(open(os.path.join(workdir, "config.json")))["method"]["name"] == "bitfit"
@@ -154,6 +152,37 @@ def test_eval_mode_reproduces_the_final_accuracy(straight):
     assert out["step"] == 16 and out["eval_accuracy"] == summary["final_eval_accuracy"]
 
 
+def test_eval_merges_the_adapter_once_per_pass():
+    """An evaluation pass merges the adapter (`method.apply`) once, then runs plain forwards of the
+    merged tree per batch; its accuracy and loss are the weight-form logits' over the split."""
+    import dataclasses
+
+    from jax_peft.methods import activation
+
+    s = loop.setup(smoke_config(**{"method": method_config("rlrr"), "batch_size": 64}))
+    calls = {"merge": 0, "eval": 0}
+
+    def counted(name):
+        fn = getattr(s.runner, name)
+        return lambda *a: (calls.__setitem__(name, calls[name] + 1), fn(*a))[1]
+
+    s = dataclasses.replace(s, runner=dataclasses.replace(s.runner, merge=counted("merge"), eval=counted("eval")))
+    trainable = jax.tree_util.tree_map(lambda x: x + 0.1, s.trainable)  # a non-identity adapter
+    state = s.runner.put_state({**s.init_state(), "trainable": trainable})
+    ev = loop.run_eval(s, state, s.device_frozen())
+    assert calls == {"merge": 1, "eval": 4}, calls  # 256 val examples in batches of 64
+
+    params = loop.step_lib.join_params(s.frozen, trainable)
+    correct = loss = 0.0
+    weight_form = jax.jit(lambda p, a, x: activation.forward(s.model, s.method, p, a, x, form="weight"))
+    for batch in model_setup.make_dataset(s.config, "val", train=False):
+        logits = weight_form(params, trainable["adapter"], batch["image"])
+        correct += float(np.sum(np.argmax(logits, -1) == batch["label"]))
+        loss += float(np.sum(loop.step_lib.cross_entropy(logits, batch["label"])))
+    assert ev["eval_examples"] == 256 and ev["eval_accuracy"] == correct / 256
+    np.testing.assert_allclose(ev["eval_loss"], loss / 256, rtol=1e-5)
+
+
 def test_corrupted_latest_checkpoint_falls_back_with_a_warning(tmp_path):
     state = {"step": np.int32(1), "trainable": {"adapter": {"w": np.arange(6, dtype=np.float32)}}}
     ck = checkpointing.Checkpointer(str(tmp_path / "ck"), keep=3)
@@ -170,7 +199,7 @@ def test_corrupted_latest_checkpoint_falls_back_with_a_warning(tmp_path):
             f.write_bytes(b"garbage")
     abstract = jax.eval_shape(lambda: jax.tree_util.tree_map(np.asarray, state))
     ck = checkpointing.Checkpointer(str(tmp_path / "ck"), keep=3)
-    assert ck.latest_step() == 2
+    assert ck.all_steps()[-1] == 2
     with pytest.warns(checkpointing.CheckpointCorruptedWarning, match="step 2.*falling back to step 1"):
         restored, meta = ck.restore(abstract)
     assert meta["step"] == 1
@@ -211,11 +240,11 @@ def test_config_typos_and_bad_values_are_rejected():
     # Command line: the first unknown override is reported with the valid keys at its level.
     from jax_peft.main import _unknown_override
 
-    smoke = str(ROOT / "configs" / "smoke.py")
-    msg = _unknown_override([f"--config={smoke}:lora", "--config.method.rank=4", "--config.optimizer.lr_rate=1"])
+    smoke_file = str(ROOT / "jax_peft" / "configs" / "smoke.py")
+    msg = _unknown_override([f"--config={smoke_file}:lora", "--config.method.rank=4", "--config.optimizer.lr_rate=1"])
     assert "config.optimizer has no 'lr_rate'" in msg and "grad_clip_norm, lr, momentum" in msg
-    assert "rank" in _unknown_override(["--config", f"{smoke}:lora", "--config.method.rnak=4"])
-    assert _unknown_override([f"--config={smoke}:lora", "--config.method.rank=4", "--config.total_steps=9"]) is None
+    assert "rank" in _unknown_override(["--config", f"{smoke_file}:lora", "--config.method.rnak=4"])
+    assert _unknown_override([f"--config={smoke_file}:lora", "--config.method.rank=4", "--config.total_steps=9"]) is None
 
 
 def test_export_writes_a_merged_google_npz(straight, tmp_path):
@@ -225,7 +254,7 @@ def test_export_writes_a_merged_google_npz(straight, tmp_path):
     merged = jax_peft.load_checkpoint(path)
     s = loop.setup(config)
     _, state = _final_trainable(workdir)
-    eff = loop.step_lib.effective_params(s.method, s.frozen, state["trainable"])
+    eff = s.method.apply(loop.step_lib.join_params(s.frozen, state["trainable"]), state["trainable"]["adapter"])
     x = np.random.default_rng(0).uniform(-1, 1, (4, 32, 32, 3)).astype(np.float32)
     model = jax_peft.ViT(s.vit_config)
     want = model.apply({"params": eff}, x)
@@ -272,14 +301,27 @@ def test_fine_tunes_from_a_google_npz(straight, tmp_path):
     assert summary["steps"] == 4 and summary["final_eval_accuracy"] is not None
 
 
+@pytest.fixture(scope="module")
+def two_block_npz(tmp_path_factory):
+    """A random 2-block smoke-sized ViT for 16x16 images as a Google .npz (written from numpy, so the
+    runs below load it instead of compiling a random initialization)."""
+    from conftest import random_params, tiny_vit_config
+
+    path = tmp_path_factory.mktemp("two_block") / "vit.npz"
+    return str(jax_peft.save_checkpoint(path, random_params(tiny_vit_config(num_layers=2, image_size=16), 0)))
+
+
 @pytest.mark.parametrize("method", ["fact_tt", "rlrr"])  # activation form / weight form
-def test_scanned_model_trains_like_the_unrolled_one(method, tmp_path):
+def test_scanned_model_trains_like_the_unrolled_one(method, two_block_npz, tmp_path):
     """model.scan=True (one lax.scan over the blocks, frozen tree stacked once on the device) gives
     the unrolled run's losses and exports a canonical merged checkpoint."""
     runs = {}
     for scanned in (False, True):
-        config = smoke_config(**{"model.scan": scanned, "model.num_layers": 2, "total_steps": 4,
-                                 "eval_every": 0, "schedule.warmup_steps": 1})
+        # 2 blocks (a scan needs more than one), 16x16 images (5 tokens), batch 8, 3 steps
+        config = smoke_config(**{"model.scan": scanned, "model.checkpoint": two_block_npz, "model.hidden_size": -1,
+                                 "model.num_layers": -1, "model.image_size": 16, "data.image_size": 16,
+                                 "batch_size": 8, "total_steps": 3, "eval_every": 0,
+                                 "schedule.warmup_steps": 1})
         config.method = method_config(method)
         if method == "fact_tt":
             config.method.dropout = 0.0  # the scanned model draws other dropout keys per block
@@ -289,7 +331,7 @@ def test_scanned_model_trains_like_the_unrolled_one(method, tmp_path):
         merged = jax_peft.load_checkpoint(loop.export(config, workdir, str(tmp_path / f"{scanned}.npz")))
         runs[scanned] = losses, merged
     (l0, m0), (l1, m1) = runs[False], runs[True]
-    assert len(l0) == 4
+    assert len(l0) == 3
     # the same losses at every step (adapter values are not compared: Adam turns float-noise-level
     # differences in near-zero gradients into full-size steps)
     np.testing.assert_allclose(l1, l0, rtol=2e-5)

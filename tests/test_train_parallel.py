@@ -18,10 +18,11 @@ TESTS = Path(__file__).resolve().parent
 def run_losses(parallel: str, dropout: float = 0.0, steps: int = 3) -> dict:
     """Losses of `steps` bitfit steps (1-block tiny ViT, batch 16) and the final eval counts."""
     import jax
+    from conftest import tiny_vit_config
 
     import jax_peft
-    from conftest import tiny_vit_config
-    from jax_peft.train import optimizer, step as step_lib
+    from jax_peft.train import optimizer
+    from jax_peft.train import step as step_lib
     from jax_peft.train.config import default_config
 
     cfg = tiny_vit_config(num_layers=1, dropout_rate=dropout)
@@ -38,7 +39,7 @@ def run_losses(parallel: str, dropout: float = 0.0, steps: int = 3) -> dict:
                  "label": rng.integers(0, 5, (16,)).astype(np.int32)}
         state, m = runner.train(state, frozen, runner.put_batch(batch))
         losses.append(float(runner.get(m)["loss"]))
-    ev = runner.get(runner.eval(state, frozen, runner.put_batch(dict(batch, mask=np.ones(16, np.float32)))))
+    ev = runner.get(runner.eval(runner.merge(state, frozen), runner.put_batch(dict(batch, mask=np.ones(16, np.float32)))))
     return {"devices": runner.num_devices, "losses": losses, "correct": float(ev["correct"]),
             "loss_sum": float(ev["loss_sum"])}
 

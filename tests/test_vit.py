@@ -17,6 +17,12 @@ PARAM_COUNTS = {
     "ViT-L/32": (305_510_400, 306_535_400),
     "ViT-L/16": (303_301_632, 304_326_632),
     "ViT-H/14": (630_764_800, 632_045_800),
+    # Zhai et al. 2022 ("Scaling Vision Transformers"), Table 2: 1011M and 1843M parameters.
+    "ViT-g/14": (1_011_202_432, 1_012_611_432),
+    "ViT-G/14": (1_842_775_680, 1_844_440_680),
+    # SigLIP image towers with their MAP head (big_vision So400m and g-opt), 224 px: ~0.4B and ~1.1B
+    "ViT-So400m/14": (427_680_704, 428_833_704),
+    "ViT-g-opt/16": (1_163_076_096, 1_164_613_096),
 }
 
 

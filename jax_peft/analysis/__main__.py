@@ -17,9 +17,11 @@ jax-peft[plot]`), PNG heatmaps and spectra. The core is `report(params, method, 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -133,6 +135,23 @@ def _markdown(title: str, notes: Sequence[str], spectra: Mapping[str, Any], rows
 
 
 # --- loaders ------------------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def _quiet_read_only():
+    """Drops orbax's "... is read only" warnings (absl logger) for the duration."""
+    import logging
+
+    class _Drop(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return "read only" not in record.getMessage()
+
+    absl_logger, drop = logging.getLogger("absl"), _Drop()
+    absl_logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        absl_logger.removeFilter(drop)
+
 def load_run(run_dir: str, step: int | None = None) -> tuple[dict, Any, dict, dict]:
     """(params with the trained head, method, adapter, info) from a training workdir.
 
@@ -150,7 +169,8 @@ def load_run(run_dir: str, step: int | None = None) -> tuple[dict, Any, dict, di
     if not os.path.isdir(ckdir):
         ckdir = run_dir
     ckdir = os.path.abspath(ckdir)
-    mgr = ocp.CheckpointManager(ckdir, options=ocp.CheckpointManagerOptions(read_only=True))
+    with _quiet_read_only():  # orbax warns that a read-only manager is read only (asked for here)
+        mgr = ocp.CheckpointManager(ckdir, options=ocp.CheckpointManagerOptions(read_only=True))
     steps = sorted(mgr.all_steps())
     if not steps:
         raise FileNotFoundError(f"no orbax checkpoint under {ckdir}; pass a training workdir "

@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import dataclasses
 import types
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -180,7 +181,7 @@ class AdapterBank:
             raise KeyError(f"no adapter named {name!r}; the bank holds {list(self.entries) or 'nothing'}")
         return self.entries[name]
 
-    def add(self, name: str, method: Method, adapter: Tree, *, head: Tree | None = None) -> "AdapterBank":
+    def add(self, name: str, method: Method, adapter: Tree, *, head: Tree | None = None) -> AdapterBank:
         """A new bank with `name` added (the name must be new). The adapter is checked by applying
         it to the base (shape-only, no compute)."""
         if name in self.entries:
@@ -194,7 +195,7 @@ class AdapterBank:
                              f"{getattr(method, 'name', method)!r}: {e}") from e
         return AdapterBank(self.base, {**self.entries, name: Entry(method, adapter, head)})
 
-    def remove(self, name: str) -> "AdapterBank":
+    def remove(self, name: str) -> AdapterBank:
         self[name]
         return AdapterBank(self.base, {k: v for k, v in self.entries.items() if k != name})
 

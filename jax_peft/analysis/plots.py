@@ -10,7 +10,8 @@ Every function writes one PNG (Agg backend, no display needed) and returns its p
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 

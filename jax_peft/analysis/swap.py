@@ -14,7 +14,8 @@ compilation, while a different structure (another rank, another method) compiles
 
 from __future__ import annotations
 
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp

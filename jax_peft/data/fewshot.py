@@ -16,8 +16,8 @@ Two sources:
     The label array used for sampling is cached in `<data_dir>/jax_peft_labels/`.
 
 Preprocessing: random-resized crop + flip for training and Resize(256) -> CenterCrop(224) for
-evaluation (`CROP_FRACTION`), ImageNet normalization (configs/fewshot.py). NOAH's RandAugment,
-random erasing, mixup/cutmix and label smoothing are not reproduced (vtab_fgvc.md 9.2).
+evaluation (`CROP_FRACTION`), ImageNet normalization (jax_peft.configs.fewshot). NOAH's RandAugment,
+random erasing, mixup/cutmix and label smoothing are not reproduced.
 """
 
 from __future__ import annotations

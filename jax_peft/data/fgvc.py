@@ -110,21 +110,37 @@ def read_split_json(directory: str, split: str) -> dict[str, int]:
     raise FileNotFoundError(f"VPT split file {path!r} not found")
 
 
+def class_index(directory: str) -> dict[Any, int]:
+    """{class id: contiguous label} from the sorted class ids of ALL split files in `directory`, so
+    a class missing from one split (e.g. train.json) gets the same label in every split. (VPT's
+    JSONDataset sorts each split's ids separately; identical when every split holds every class.)"""
+    ids: set = set()
+    for part in ("train", "val", "trainval", "test"):
+        path = os.path.join(directory, f"{part}.json")
+        if os.path.isfile(path):
+            with open(path) as f:
+                ids.update(json.load(f).values())
+    return {c: i for i, c in enumerate(sorted(ids))}
+
+
 class JSONSource:
-    """VPT JSONDataset semantics: contiguous labels from the sorted class ids of the split file."""
+    """VPT JSONDataset semantics: contiguous labels from the sorted class ids (of all split files,
+    `class_index`)."""
 
     def __init__(self, directory: str, image_dir: str, split: str):
         anno = read_split_json(directory, split)
         if not anno:
             raise ValueError(f"{split} split file in {directory!r} is empty")
-        class_ids = sorted(set(anno.values()))
-        cont = {c: i for i, c in enumerate(class_ids)}
+        cont = class_index(directory)
         self.paths = list(anno)
         self.labels = np.asarray([cont[anno[p]] for p in self.paths], np.int64)
         self.image_dir = image_dir
 
     def __len__(self) -> int:
         return len(self.paths)
+
+    def describe(self, index: int) -> str:
+        return os.path.join(self.image_dir, self.paths[index])
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         path = os.path.join(self.image_dir, self.paths[index])

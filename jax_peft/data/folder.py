@@ -40,9 +40,16 @@ def read_list(list_file: str) -> tuple[list[str], np.ndarray]:
 
 
 def load_image(path: str) -> np.ndarray:
-    """uint8 (H, W, 3) from any PIL-readable file."""
-    with Image.open(path) as im:
-        return np.asarray(im.convert("RGB"))
+    """uint8 (H, W, 3) from any PIL-readable file; a file that cannot be decoded raises ValueError
+    naming it (a missing one FileNotFoundError)."""
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, ...
+        raise ValueError(f"cannot decode image {path}: {type(e).__name__}: {e}. The file is truncated or not "
+                         "an image: replace it (download or export it again) or remove it from the split") from e
 
 
 class ListSource:
@@ -60,6 +67,10 @@ class ListSource:
 
     def __len__(self) -> int:
         return len(self.paths)
+
+    def describe(self, index: int) -> str:
+        """Where example `index` comes from (for error messages)."""
+        return f"{os.path.join(self.image_root, self.paths[index])}, entry {index + 1} of {self.list_file}"
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         path = os.path.join(self.image_root, self.paths[index])
@@ -80,11 +91,19 @@ class ConcatSource:
     def __len__(self) -> int:
         return int(self._offsets[-1])
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def _locate(self, index: int) -> tuple[Any, int]:
         if not 0 <= index < len(self):
             raise IndexError(index)
         k = int(np.searchsorted(self._offsets, index, side="right")) - 1
-        return self.sources[k][index - int(self._offsets[k])]
+        return self.sources[k], index - int(self._offsets[k])
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        source, i = self._locate(index)
+        return source[i]
+
+    def describe(self, index: int) -> str:
+        source, i = self._locate(index)
+        return getattr(source, "describe", lambda j: "")(i)
 
 
 def count_lines(list_file: str) -> int:
@@ -128,13 +147,26 @@ def get_source(name: str, split: str, *, data_dir: str | None = None) -> ListSou
 
 
 def num_classes(name: str, *, data_dir: str | None = None) -> int:
-    """1 + the largest label over every `<split>.txt` of the dataset."""
+    """1 + the largest label over every `<split>.txt` of the dataset. Label ids that no split uses
+    are reported with a warning (a typo such as 100 for 10 would
+    otherwise add classes silently)."""
+    import warnings
+
     root, dataset = _dataset_dir(name, data_dir)
     d = os.path.join(root, dataset)
     files = sorted(f for f in os.listdir(d) if f.endswith(".txt")) if os.path.isdir(d) else []
     if not files:
         raise FileNotFoundError(f"no <split>.txt list files in {d!r}")
-    return 1 + max(int(read_list(os.path.join(d, f))[1].max()) for f in files)
+    labels = np.unique(np.concatenate([read_list(os.path.join(d, f))[1] for f in files]))
+    used = labels[labels >= 0]  # negative labels are refused per example by the batch iterator
+    count = int(labels[-1]) + 1
+    if len(used) < count:
+        unused = sorted(set(range(count)) - set(used.tolist()))
+        warnings.warn(f"{name}: labels run to {count - 1}, but no list file in {d} uses "
+                      f"{unused[:10]}{' ...' if len(unused) > 10 else ''} ({count - len(used)} of {count} "
+                      "classes): check the labels (the model gets a class per id up to the largest)",
+                      stacklevel=2)
+    return count
 
 
 def dataset_info(name: str, split: str, *, data_dir: str | None = None) -> dict:

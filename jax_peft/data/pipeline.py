@@ -18,28 +18,29 @@ which is what bit-exact resume needs.
 Evaluation: one pass in stored order; global batch j holds records [j*G, (j+1)*G), host p its slots
 [p*B, (p+1)*B); slots past the end are zero images with `mask` 0, so every batch has the static
 shape (B, H, W, 3) and accuracy = sum(correct * mask) / sum(mask) is exact.
+
+Work: with a staged transform (`Preprocess`), each example goes through `geometry` (decode, resize,
+crop, flip: uint8) and whole batches through `normalize`; a source with `load_examples` (the decoded
+cache, `jax_peft.data.cache`) does the per-example stage for a batch at once. Batch k is a pure
+function of k, so worker processes (`worker_processes`) can each compute whole batches and the
+result is bit-identical to a single thread's.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import itertools
 import math
 import os
 import queue
 import threading
 import time
-from typing import Any, Callable, Iterator, Protocol, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
 Batch = dict[str, np.ndarray]
 Transform = Callable[[np.ndarray, "np.random.Generator | None"], np.ndarray]
-
-
-class Source(Protocol):
-    def __len__(self) -> int: ...
-
-    def __getitem__(self, index: int) -> dict[str, Any]: ...
 
 
 def epoch_permutation(num_examples: int, seed: int, epoch: int) -> np.ndarray:
@@ -116,21 +117,32 @@ class BatchPlan:
         return np.where(valid, pos, 0), valid.astype(np.float32)
 
 
+def _worker_iterator(source: Sequence, transform: Transform, plan: BatchPlan, image_size: int,
+                     num_classes: int | None, name: str) -> BatchIterator:
+    """A worker process's synchronous copy of an iterator (see `worker_processes`)."""
+    return BatchIterator(source, transform, plan, image_size=image_size, prefetch=0, num_workers=1,
+                         num_classes=num_classes, name=name)
+
+
 class BatchIterator:
     """Iterator of batches {"image": float32 (B, H, W, 3), "label": int32 (B,)[, "mask": float32 (B,)]}.
 
     Batches are produced by a background thread (`prefetch` batches ahead; 0 = synchronous) whose
-    examples are decoded and transformed by a small thread pool. `stats` holds running totals:
+    examples are decoded and transformed by a small thread pool, or, with `worker_processes` > 0,
+    by that many spawned processes each computing whole batches (source and transform must then be
+    picklable; prefetch must be > 0). `stats` holds running totals:
     `batches` yielded, `wait_s` spent blocked in `next()` (input-bound time as seen by the step
     loop), `load_s` spent producing batches. `steps_per_epoch` and `num_batches` describe the plan.
     """
 
     def __init__(self, source: Sequence, transform: Transform, plan: BatchPlan, *,
                  image_size: int, start_batch: int = 0, prefetch: int = 2,
-                 num_workers: int | None = None):
+                 num_workers: int | None = None, num_classes: int | None = None, name: str = "dataset",
+                 worker_processes: int = 0):
         if start_batch < 0:
             raise ValueError(f"start_batch must be >= 0, got {start_batch}")
         self.source, self.transform, self.plan = source, transform, plan
+        self.num_classes, self.name = num_classes, name  # labels are checked against num_classes
         self.image_size = image_size
         self.steps_per_epoch = plan.batches_per_epoch
         self.num_batches = plan.num_batches
@@ -140,6 +152,14 @@ class BatchIterator:
         self._pool = (concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="jax_peft_data")
                       if workers > 1 else None)
         self._stop = threading.Event()
+        self._procs = None
+        if worker_processes > 0:
+            if prefetch <= 0:
+                raise ValueError("worker_processes needs prefetch > 0 (the batches come from a background thread)")
+            from jax_peft.data.workers import ProcessMap
+
+            self._procs = ProcessMap(_worker_iterator, (source, transform, plan, image_size, num_classes, name),
+                                     "batch_examples", worker_processes)
         self._queue: queue.Queue | None = None
         self._thread: threading.Thread | None = None
         if prefetch > 0:
@@ -149,50 +169,98 @@ class BatchIterator:
             self._thread.start()
 
     # --- producing ------------------------------------------------------------------------------
-    def _load_one(self, index: int, rng: np.random.Generator | None) -> tuple[np.ndarray, int]:
-        ex = self.source[int(index)]
-        return self.transform(ex["image"], rng), int(ex["label"])
+    def _load_one(self, index: int, rng: np.random.Generator | None, stage: Transform) -> tuple[np.ndarray, int]:
+        try:
+            ex = self.source[int(index)]
+            image = stage(ex["image"], rng)
+        except Exception as e:  # noqa: BLE001 - name the dataset and the example of any read/decode error
+            raise ExampleError(f"{self.name}, example {int(index)}: {type(e).__name__}: {e}") from e
+        label = int(ex["label"])
+        self._check_label(int(index), label)
+        return image, label
+
+    def _check_label(self, index: int, label: int) -> None:
+        if self.num_classes is not None and not 0 <= label < self.num_classes:
+            where = getattr(self.source, "describe", lambda i: "")(int(index))
+            raise ExampleError(
+                f"{self.name}, example {int(index)}{f' ({where})' if where else ''}: label {label} is outside "
+                f"[0, {self.num_classes}) for a dataset of {self.num_classes} classes; training on it would "
+                "give a wrong loss silently. Fix the label (or the dataset's class count)")
 
     def _map(self, fn, *iterables):
         return list(self._pool.map(fn, *iterables)) if self._pool else list(map(fn, *iterables))
 
-    def load_batch(self, k: int) -> Batch:
-        """Batch k of the plan (pure function of k; used by the producer thread)."""
-        t0 = time.perf_counter()
+    def _examples(self, indices: np.ndarray, rngs: list) -> tuple[np.ndarray, np.ndarray]:
+        """(images (n, H, W, 3), int32 labels (n,)) of records `indices` after the per-example stage:
+        uint8 for a staged transform (`geometry`), the transform's output for any other callable."""
+        load_examples = getattr(self.source, "load_examples", None)
+        if load_examples is not None and hasattr(self.transform, "augment"):
+            images, labels = load_examples(indices, rngs, self.transform)
+            for i, label in zip(indices, labels):  # the cache stores the source's labels unchecked
+                self._check_label(int(i), int(label))
+            return images, np.asarray(labels, np.int32)
+        stage = getattr(self.transform, "geometry", self.transform)
+        out = self._map(lambda i, g: self._load_one(i, g, stage), indices, rngs)
+        if not out:
+            s = self.image_size
+            return np.zeros((0, s, s, 3), np.uint8), np.zeros((0,), np.int32)
+        return np.stack([o[0] for o in out]), np.asarray([o[1] for o in out], np.int32)
+
+    def batch_examples(self, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The real examples of batch k before normalization (what worker processes compute)."""
         plan, seed = self.plan, self.plan.seed
         if plan.train:
             idx, epoch = plan.train_batch(k)
-            out = self._map(lambda i: self._load_one(i, example_rng(seed, epoch, i)), idx)
-            batch = {"image": np.stack([o[0] for o in out]).astype(np.float32, copy=False),
-                     "label": np.asarray([o[1] for o in out], np.int32)}
+            return self._examples(idx, [example_rng(seed, epoch, i) for i in idx])
+        idx, mask = plan.eval_batch(k)
+        real = idx[mask > 0]  # real slots come first
+        return self._examples(real, [None] * len(real))
+
+    def load_batch(self, k: int, examples: tuple[np.ndarray, np.ndarray] | None = None) -> Batch:
+        """Batch k of the plan (pure function of k; `examples` = `batch_examples(k)` if computed elsewhere)."""
+        t0 = time.perf_counter()
+        plan = self.plan
+        images, labels = self.batch_examples(k) if examples is None else examples
+        norm = getattr(self.transform, "normalize", None)
+        images = norm(images) if norm is not None else images
+        images = np.asarray(images).astype(np.float32, copy=False)
+        n, pad = len(labels), plan.batch_size - len(labels)
+        if plan.train:
+            batch = {"image": images, "label": labels}
             if not plan.drop_remainder:  # static shapes: pad the epoch's last batch and mask it
-                pad = plan.batch_size - len(out)
-                batch = {"image": np.concatenate([batch["image"], np.zeros((pad,) + batch["image"].shape[1:],
-                                                                          np.float32)]),
-                         "label": np.concatenate([batch["label"], np.zeros((pad,), np.int32)]),
-                         "mask": np.concatenate([np.ones((len(out),), np.float32),
-                                                 np.zeros((pad,), np.float32)])}
+                batch = {"image": np.concatenate([images, np.zeros((pad,) + images.shape[1:], np.float32)]),
+                         "label": np.concatenate([labels, np.zeros((pad,), np.int32)]),
+                         "mask": np.concatenate([np.ones((n,), np.float32), np.zeros((pad,), np.float32)])}
         else:
-            idx, mask = plan.eval_batch(k)
-            real = [int(i) for i, m in zip(idx, mask) if m]
-            out = self._map(lambda i: self._load_one(i, None), real)
             s = self.image_size
             image = np.zeros((plan.batch_size, s, s, 3), np.float32)
             label = np.zeros((plan.batch_size,), np.int32)
-            for slot, (img, lab) in enumerate(out):  # real slots come first
-                image[slot], label[slot] = img, lab
-            batch = {"image": image, "label": label, "mask": mask}
+            image[:n], label[:n] = images, labels
+            batch = {"image": image, "label": label, "mask": plan.eval_batch(k)[1]}
         self.stats["load_s"] += time.perf_counter() - t0
         return batch
+
+    def _batches(self, k: int) -> Iterator[Batch]:
+        """Batches k, k+1, ... (to the end of an eval pass) in order, from this thread or the workers."""
+        ks = itertools.count(k) if self.num_batches is None else range(k, self.num_batches)
+        if self._procs is None:
+            yield from map(self.load_batch, ks)
+            return
+        window = (self._queue.maxsize if self._queue is not None else 0) + self._procs.workers
+        t0 = time.perf_counter()
+        for j, examples in enumerate(self._procs.imap(ks, window, self._stop)):
+            self.stats["load_s"] += time.perf_counter() - t0  # waiting for the workers
+            yield self.load_batch(k + j, examples)
+            t0 = time.perf_counter()
 
     def _done(self, k: int) -> bool:
         return self.num_batches is not None and k >= self.num_batches
 
     def _produce(self, k: int) -> None:
         try:
-            while not self._stop.is_set() and not self._done(k):
-                item = self.load_batch(k)
-                k += 1
+            for item in self._batches(k):
+                if self._stop.is_set():
+                    break
                 while not self._stop.is_set():
                     try:
                         self._queue.put(item, timeout=0.1)
@@ -202,6 +270,9 @@ class BatchIterator:
             self._put_final(StopIteration())
         except BaseException as e:  # re-raised in the consumer
             self._put_final(e)
+        finally:
+            if self._procs is not None:  # done or stopped: release the worker processes
+                self._procs.close()
 
     def _put_final(self, item: BaseException) -> None:
         while not self._stop.is_set():
@@ -248,8 +319,10 @@ class BatchIterator:
             self._thread.join(timeout=5)
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._procs is not None:
+            self._procs.close()
 
-    def __enter__(self) -> "BatchIterator":
+    def __enter__(self) -> BatchIterator:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -260,6 +333,10 @@ class BatchIterator:
             self._stop.set()
         except Exception:
             pass
+
+
+class ExampleError(ValueError):
+    """An example could not be read, decoded or has an invalid label; names the dataset and index."""
 
 
 class DatasetUnavailableError(RuntimeError):

@@ -51,11 +51,54 @@ def tfds_targets(name: str) -> list[tuple[str, str, str]]:
                      f"or one of all, vtab, fgvc, fewshot. VTAB tasks: {', '.join(vtab.vtab_tasks())}")
 
 
-def prepare(spec: str, data_dir: str | None, manual_dir: str | None = None) -> None:
-    """download_and_prepare one TFDS builder in array_record format."""
+# Modules TFDS's builders import while preparing that a plain install may lack (declared in
+# pyproject.toml; checked up front so a fresh install fails in one clear line, not mid-way).
+PREPARE_MODULES = ("importlib_resources",)
+NETWORK_PROBE = ("storage.googleapis.com", 443)  # TFDS's GCS mirror and metadata
+DOWNLOAD_RETRIES = 2  # TFDS retries 10 times with exponential backoff (minutes without network)
+
+
+def missing_requirements() -> str | None:
+    """A one-line fix when a module preparation needs is not installed, else None."""
+    import importlib.util
+
+    missing = [m for m in PREPARE_MODULES if importlib.util.find_spec(m) is None]
+    if not missing:
+        return None
+    return (f"preparing TFDS datasets needs {', '.join(missing)}, which is not installed: "
+            f"pip install {' '.join(missing)}")
+
+
+def network_error(timeout: float = 5.0) -> str | None:
+    """None when the download mirror answers within `timeout` seconds (or a proxy is configured),
+    else the network error in one line."""
+    import socket
+
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return None
+    try:
+        socket.create_connection(NETWORK_PROBE, timeout=timeout).close()
+    except OSError as e:
+        return (f"no network: cannot reach {NETWORK_PROBE[0]}:{NETWORK_PROBE[1]} ({type(e).__name__}: {e}). "
+                "Preparing downloads the datasets: run it on a machine with network access and copy the "
+                "data_dir, or pass --skip_network_check if downloads go another way")
+    return None
+
+
+def prepare(spec: str, data_dir: str | None, manual_dir: str | None = None, *,
+            check_network: bool = True) -> None:
+    """download_and_prepare one TFDS builder in array_record format. When it is not prepared yet
+    and `check_network`, the download mirror is probed first (ConnectionError in seconds)."""
     import tensorflow_datasets as tfds
+    from tensorflow_datasets.core.download import downloader
+
+    downloader.MAX_RETRIES = min(downloader.MAX_RETRIES, DOWNLOAD_RETRIES)  # fail in seconds, not minutes
 
     builder = tfds.builder(spec, data_dir=data_dir, file_format="array_record")
+    if check_network and not builder.is_prepared():
+        problem = network_error()
+        if problem:
+            raise ConnectionError(problem)
     config = tfds.download.DownloadConfig(manual_dir=manual_dir) if manual_dir else None
     builder.download_and_prepare(download_config=config, file_format="array_record")
 
@@ -102,6 +145,8 @@ def main(argv=None) -> int:
     p.add_argument("--export", default=None, metavar="DIR",
                    help="also write the NOAH-style JPEG export of the VTAB tasks to DIR")
     p.add_argument("--list", action="store_true", help="print what each name needs and exit")
+    p.add_argument("--skip_network_check", action="store_true",
+                   help=f"do not probe {NETWORK_PROBE[0]} before preparing")
     args = p.parse_args(argv)
     if not args.names and not args.list:
         p.error("give at least one dataset name (or --list)")
@@ -115,6 +160,10 @@ def main(argv=None) -> int:
         for name, spec, note in targets:
             print(f"{name:32s} {spec or '(not in TFDS)':55s} {note}")
         return 0
+    problem = missing_requirements() if any(spec for _, spec, _ in targets) else None
+    if problem:
+        print(f"[fail] {problem}", file=sys.stderr)
+        return 1
     failed, done_specs = [], set()
     for name, spec, note in targets:
         if not spec:
@@ -125,7 +174,7 @@ def main(argv=None) -> int:
         else:
             print(f"[..]   {name}: preparing {spec} ...", flush=True)
             try:
-                prepare(spec, args.data_dir, args.manual_dir)
+                prepare(spec, args.data_dir, args.manual_dir, check_network=not args.skip_network_check)
                 done_specs.add(spec)
                 print(f"[ok]   {name}: {spec}")
             except Exception as e:  # report and continue with the other datasets

@@ -62,14 +62,19 @@ def normalize(image: np.ndarray, kind: str = "minus_one_one") -> np.ndarray:
     minus_one_one: x/127.5 - 1 (= mean 0.5, std 0.5 on [0, 1]); imagenet: ([0, 1] - mean) / std;
     zero_one: x/255.
     """
-    x = np.asarray(image, np.float32)
+    if kind not in NORMALIZATIONS:
+        raise ValueError(f"unknown normalization {kind!r}; use one of {NORMALIZATIONS}")
+    x = np.array(image, np.float32)  # a new array, updated in place (no temporaries: whole batches)
     if kind == "minus_one_one":
-        return x / np.float32(127.5) - np.float32(1.0)
-    if kind == "imagenet":
-        return (x / np.float32(255.0) - IMAGENET_MEAN) / IMAGENET_STD
-    if kind == "zero_one":
-        return x / np.float32(255.0)
-    raise ValueError(f"unknown normalization {kind!r}; use one of {NORMALIZATIONS}")
+        x /= np.float32(127.5)
+        x -= np.float32(1.0)
+    elif kind == "imagenet":
+        x /= np.float32(255.0)
+        x -= IMAGENET_MEAN
+        x /= IMAGENET_STD
+    else:
+        x /= np.float32(255.0)
+    return x
 
 
 def hflip(image: np.ndarray) -> np.ndarray:
@@ -136,6 +141,10 @@ class Preprocess:
         resize and a random crop instead (RLRR FGVC), unless `random_resized_crop`.
       - `random_resized_crop` (train only): torchvision RandomResizedCrop to image_size.
     Then a random horizontal flip (train, `hflip`) and the normalization.
+
+    Stages: `prepare` (to RGB, resize to `stored_size`; deterministic, cacheable), `augment` (crop,
+    flip; per example from its rng), `normalize` (element-wise; applied to whole batches);
+    `geometry` = augment(prepare(.)) (or the random resized crop and flip), `__call__` = all three.
     """
 
     image_size: int
@@ -155,17 +164,53 @@ class Preprocess:
         if self.crop_fraction is not None and not 0 < self.crop_fraction <= 1:
             raise ValueError(f"crop_fraction must be in (0, 1], got {self.crop_fraction}")
 
-    def __call__(self, image: np.ndarray, rng: np.random.Generator | None) -> np.ndarray:
-        image = to_rgb(image)
-        size = self.image_size
+    @property
+    def stored_size(self) -> int | None:
+        """Side of `prepare`'s output (the deterministic, cacheable stage), or None when the geometry
+        is random from the original image on (random_resized_crop in training)."""
         if self.train and self.random_resized_crop:
-            image = random_resized_crop(image, size, rng, self.interpolation)
-        elif self.crop_fraction is None:
-            image = resize(image, size, self.interpolation)
-        else:
-            big = int(math.floor(size / self.crop_fraction))
-            image = resize(image, big, self.interpolation)
-            image = random_crop(image, size, rng) if self.train else center_crop(image, size)
-        if self.train and self.hflip and rng.random() < 0.5:
+            return None
+        if self.crop_fraction is None:
+            return self.image_size
+        return int(math.floor(self.image_size / self.crop_fraction))
+
+    def prepare(self, image: np.ndarray) -> np.ndarray:
+        """The deterministic stage: uint8 (H, W, C) -> uint8 (S, S, 3), S = `stored_size` (RGB, resized).
+        The same every epoch, so `jax_peft.data.cache` stores it once per split."""
+        return resize(to_rgb(image), self.stored_size, self.interpolation)
+
+    def augment_params(self, rng: np.random.Generator | None) -> tuple[int, int, bool]:
+        """(top, left, flip) of `augment` on a prepared (S, S, 3) image, drawn from `rng` in the order
+        of torchvision's RandomCrop (no padding) then RandomHorizontalFlip; CenterCrop's offsets in eval."""
+        s, size = self.stored_size, self.image_size
+        top = left = 0
+        if self.crop_fraction is not None:
+            if self.train:
+                top, left = int(rng.integers(0, s - size + 1)), int(rng.integers(0, s - size + 1))
+            else:
+                top = left = int(round((s - size) / 2.0))
+        flip = bool(self.train and self.hflip and rng.random() < 0.5)
+        return top, left, flip
+
+    def augment(self, image: np.ndarray, rng: np.random.Generator | None) -> np.ndarray:
+        """The per-example stage after `prepare`: uint8 (S, S, 3) -> uint8 (size, size, 3) (crop, flip)."""
+        top, left, flip = self.augment_params(rng)
+        image = image[top:top + self.image_size, left:left + self.image_size]
+        return hflip(image) if flip else image
+
+    def geometry(self, image: np.ndarray, rng: np.random.Generator | None) -> np.ndarray:
+        """Everything but the normalization: uint8 (H, W, C) -> uint8 (size, size, 3)."""
+        if self.stored_size is not None:
+            return self.augment(self.prepare(image), rng)
+        image = random_resized_crop(to_rgb(image), self.image_size, rng, self.interpolation)
+        if self.hflip and rng.random() < 0.5:
             image = hflip(image)
-        return normalize(image, self.normalization)
+        return image
+
+    def normalize(self, images: np.ndarray) -> np.ndarray:
+        """uint8 (..., 3) -> float32 with this recipe's normalization (element-wise: a batch at once
+        gives the same bits as one image at a time)."""
+        return normalize(images, self.normalization)
+
+    def __call__(self, image: np.ndarray, rng: np.random.Generator | None) -> np.ndarray:
+        return self.normalize(self.geometry(image, rng))

@@ -16,27 +16,22 @@ Tasks (names may carry the `synthetic/` prefix):
                 (CLS) representation mixes both objects, so a linear probe on frozen features
                 cannot tell which colour is on the left; adapting attention can.
     smoke       one object; label = its colour among 4 (4 classes), tiny splits. Learnable in a
-                few dozen steps; used by `configs/smoke.py` and tests.
+                few dozen steps; used by `jax_peft.configs.smoke` and tests.
 
 Each split (`train`, `val`, `test`) has a fixed size and is generated from its own seed stream
 (`numpy.random.SeedSequence((task_id, split_id))`), so the held-out test set is disjoint from the
 training stream. Dataset content depends only on (name, split, image_size); the `seed` argument of
 `make_dataset` controls shuffling and augmentation only.
 
-Batching contract (shared with `jax_peft.data`): `batch_size` is the PER-PROCESS batch B; with
-`process_count` P the global batch is B * P and process i yields its rows [i*B, (i+1)*B) of every
-global batch, so the union over processes depends only on the global batch. Train streams are
-infinite: example order is the concatenation of per-epoch permutations drawn from (seed, epoch),
-global batch b covers stream positions [b*B*P, (b+1)*B*P), and `start_batch=b` resumes exactly.
-Eval streams make one pass in global batches with the last one padded (with copies of example 0)
-and carry `mask` (1 for real rows, 0 for padding).
+A split is a record source (`get_source`) like a TFDS split: `jax_peft.data.make_dataset` batches,
+shuffles, shards over hosts and resumes it with the same code as every other dataset
+(`jax_peft.data.pipeline`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Iterator
 
 import numpy as np
 
@@ -54,9 +49,7 @@ PALETTE = np.array([
     [0.95, 0.95, 0.95],  # white
 ], dtype=np.float32)
 SPLITS = ("train", "val", "test")
-NORMALIZATIONS = ("minus_one_one", "imagenet", "zero_one")
-_IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
-_IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+CROP_FRACTION = None  # rendered at the requested size: no resize, no crop
 
 
 @dataclasses.dataclass(frozen=True)
@@ -232,103 +225,42 @@ def generate(name: str, split: str, image_size: int) -> tuple[np.ndarray, np.nda
     return images, labels
 
 
-# ----------------------------------------------------------------------------- batching
+# ----------------------------------------------------------------------------- source
 
 
-def _normalize(images: np.ndarray, normalization: str) -> np.ndarray:
-    x = images.astype(np.float32) / 255.0
-    if normalization == "minus_one_one":
-        return x * 2.0 - 1.0
-    if normalization == "zero_one":
-        return x
-    return (x - _IMAGENET_MEAN) / _IMAGENET_STD
+class SyntheticSource:
+    """A generated split as a record source for `jax_peft.data.pipeline` (the TFDS contract):
+    `len(src)`, `src[i] -> {"image": uint8 (S, S, 3), "label": int}`, rendered at `image_size` S."""
+
+    def __init__(self, name: str, split: str, image_size: int):
+        self.images, self.labels = generate(_full_name(name), split, image_size)
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def __getitem__(self, index: int) -> dict:
+        return {"image": self.images[index], "label": int(self.labels[index])}
 
 
-def _process_slice(batch_size: int, process_index: int | None, process_count: int | None) -> tuple[slice, int]:
-    """(this process's rows of a global batch, the global batch size) for a per-process `batch_size`."""
-    if process_count is None or process_index is None:
-        import jax  # only when the caller did not say which process this is
-
-        process_index = jax.process_index() if process_index is None else process_index
-        process_count = jax.process_count() if process_count is None else process_count
-    if process_count < 1 or not 0 <= process_index < process_count:
-        raise ValueError(f"Need 0 <= process_index < process_count, got {process_index}, {process_count}.")
-    return slice(process_index * batch_size, (process_index + 1) * batch_size), batch_size * process_count
+def _full_name(name: str) -> str:
+    return name if name.startswith("synthetic/") else f"synthetic/{name}"
 
 
-def _epoch_permutation(seed: int, epoch: int, n: int) -> np.ndarray:
-    return np.random.default_rng(np.random.SeedSequence((seed, epoch, 0x5EED))).permutation(n)
+def get_source(name: str, split: str, *, image_size: int, data_dir: str | None = None) -> SyntheticSource:
+    """The split rendered at `image_size` as a record source (`data_dir` is ignored: no files)."""
+    return SyntheticSource(name, split, image_size)
 
 
-def _train_batches(images, labels, batch_size, seed, start_batch, rows, hflip, normalization):
-    n = labels.shape[0]
-    perms: dict[int, np.ndarray] = {}
-    b = start_batch
-    while True:
-        pos = np.arange(b * batch_size, (b + 1) * batch_size, dtype=np.int64)
-        epochs = pos // n
-        for e in np.unique(epochs):
-            if e not in perms:
-                perms[int(e)] = _epoch_permutation(seed, int(e), n)
-        for e in [k for k in perms if k < epochs[0]]:
-            del perms[e]
-        idx = np.array([perms[int(e)][p] for e, p in zip(epochs, pos % n)])[rows]
-        x = images[idx]
-        if hflip:
-            flip = np.random.default_rng(np.random.SeedSequence((seed, b, 0xF11B))).random(batch_size) < 0.5
-            x = np.where(flip[rows][:, None, None, None], x[:, :, ::-1], x)
-        yield {"image": _normalize(x, normalization), "label": labels[idx]}
-        b += 1
+def num_classes(name: str) -> int:
+    return _spec(name).num_classes
 
 
-def _eval_batches(images, labels, batch_size, start_batch, rows, drop_remainder, normalization):
-    n = labels.shape[0]
-    num_batches = n // batch_size if drop_remainder else -(-n // batch_size)
-    for b in range(start_batch, num_batches):
-        idx = np.arange(b * batch_size, (b + 1) * batch_size)
-        mask = (idx < n).astype(np.float32)
-        idx = np.where(idx < n, idx, 0)
-        idx, mask = idx[rows], mask[rows]
-        yield {"image": _normalize(images[idx], normalization), "label": labels[idx], "mask": mask}
-
-
-def make_dataset(name: str, split: str, *, batch_size: int, image_size: int, train: bool, seed: int = 0,
-                 normalization: str = "minus_one_one", interpolation: str = "bicubic", hflip: bool = False,
-                 random_resized_crop: bool = False, data_dir: str | None = None,
-                 process_index: int | None = None, process_count: int | None = None, start_batch: int = 0,
-                 drop_remainder: bool | None = None, prefetch: int = 2) -> Iterator[dict[str, np.ndarray]]:
-    """Batches {"image": float32 (B, H, W, 3), "label": int32 (B,)} (+ "mask" float32 when eval), B =
-    `batch_size` per process.
-
-    See the module docstring for the sharding, shuffling, resume and padding contract.
-    `drop_remainder` (eval only; default False) drops the last partial batch instead of padding it;
-    train streams are infinite and never have a partial batch. `prefetch` and `data_dir` are accepted
-    for contract compatibility (batches are sliced from an in-memory array, so there is nothing to
-    prefetch or read).
-    """
+def check_augmentation(name: str, *, train: bool, hflip: bool, random_resized_crop: bool) -> None:
+    """Rejects augmentations that would change a synthetic task's labels (ValueError naming the fix)."""
     spec = _spec(name)
-    _split_index(split)
-    if normalization not in NORMALIZATIONS:
-        raise ValueError(f"Unknown normalization {normalization!r}; valid: {list(NORMALIZATIONS)}.")
-    if interpolation not in ("bilinear", "bicubic"):
-        raise ValueError(f"Unknown interpolation {interpolation!r}; valid: ['bilinear', 'bicubic'].")
-    if not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
-        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}.")
-    if start_batch < 0:
-        raise ValueError(f"start_batch must be >= 0, got {start_batch}.")
-    if prefetch < 0:
-        raise ValueError(f"prefetch must be >= 0, got {prefetch}.")
     if random_resized_crop:
         raise ValueError("random_resized_crop is not supported for synthetic tasks: crops can cut objects "
                          "out and change the label (shape, left/right). Set data.random_resized_crop=False.")
     if hflip and train and not spec.hflip_ok:
         raise ValueError(f"hflip would change the labels of synthetic/{spec.kind} ({spec.description}); "
                          "set data.hflip=False.")
-    rows, global_batch_size = _process_slice(batch_size, process_index, process_count)
-    images, labels = generate(name if name.startswith("synthetic/") else f"synthetic/{name}", split, int(image_size))
-    if train:
-        if drop_remainder is False:
-            raise ValueError("drop_remainder=False has no meaning for an infinite train stream; "
-                             "leave it None (train batches are always full).")
-        return _train_batches(images, labels, global_batch_size, seed, start_batch, rows, hflip, normalization)
-    return _eval_batches(images, labels, global_batch_size, start_batch, rows, bool(drop_remainder), normalization)

@@ -9,7 +9,7 @@ Two sources, chosen per call:
     `<export_dir>/<split>.txt` (e.g. `DATA/cifar/train800val200.txt`); labels in the lists are final
     and images already fixed (grayscale tiled, dSprites x255) but native-resolution JPEGs.
   - TFDS (`tfds.data_source`, array_record, no TensorFlow at training time) otherwise, with the
-    builder/version pins, split strings, label functions and image fixes below (`vtab_fgvc.md`).
+    builder/version pins, split strings, label functions and image fixes below.
     Split boundaries are hard-coded from the TFDS metadata (task_adaptation computes the same numbers
     from `builder.info.splits` at run time), so they also hold under `tfds.testing.mock_data`.
 
@@ -20,9 +20,11 @@ comparisons with the papers' tables use the export (`python -m jax_peft.data.pre
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import warnings
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -40,8 +42,12 @@ SPLITS = ("train800", "val200", "train800val200", "test", "train", "val", "train
 
 
 # --- label functions (numpy versions of task_adaptation's tf code) --------------------------------
+def _read_label(key: str, ex: dict) -> int:
+    return int(ex[key])
+
+
 def _label(key: str) -> Callable[[dict], int]:
-    return lambda ex: int(ex[key])
+    return functools.partial(_read_label, key)  # picklable (worker processes), unlike a lambda
 
 
 def _clevr_count(ex: dict) -> int:
@@ -70,8 +76,12 @@ def _kitti_dist(ex: dict) -> int:
     return int(np.max(np.nonzero(_KITTI_THRESHOLDS - np.min(z) < 0)[0]))
 
 
+def _read_binned(key: str, factor: float, ex: dict) -> int:
+    return int(np.floor(float(ex[key]) / factor))
+
+
 def _binned(key: str, factor: float) -> Callable[[dict], int]:
-    return lambda ex: int(np.floor(float(ex[key]) / factor))
+    return functools.partial(_read_binned, key, factor)
 
 
 # --- image fixes ------------------------------------------------------------------------------------
@@ -97,10 +107,6 @@ class Task:
     label_fn: Callable[[dict], int]
     image_fix: Callable[[np.ndarray], np.ndarray] | None = None
     manual: str = ""           # manual-download instructions, if any
-
-    @property
-    def tfds_name(self) -> str:
-        return self.builder.split(":")[0]
 
 
 def _native_val(train: int, val: int, test: int, *, val_name="validation") -> tuple[dict, dict]:
@@ -189,7 +195,9 @@ _TASKS: dict[str, Task] = {t.name: t for t in [
 ]}
 
 _ALIASES = {"cifar": "cifar100", "svhn_cropped": "svhn", "sun397/tfds": "sun397",
-            "diabetic_retinopathy_detection": "diabetic_retinopathy"}
+            "diabetic_retinopathy_detection": "diabetic_retinopathy", "caltech": "caltech101",
+            "flowers": "oxford_flowers102", "pets": "oxford_iiit_pet", "pet": "oxford_iiit_pet",
+            "camelyon": "patch_camelyon", "retinopathy": "diabetic_retinopathy", "sun": "sun397"}
 assert tuple(_TASKS) == TASKS
 
 
@@ -252,7 +260,7 @@ class TaskSource:
         if not 0 <= label < self.task.num_classes:
             if not self._warned:
                 warnings.warn(f"vtab/{self.task.name}: label {label} outside [0, "
-                              f"{self.task.num_classes}) clipped (expected only with mocked data)")
+                              f"{self.task.num_classes}) clipped (expected only with mocked data)", stacklevel=2)
                 self._warned = True
             label = int(np.clip(label, 0, self.task.num_classes - 1))
         return {"image": image, "label": label}

@@ -25,7 +25,8 @@ Eval logits equal the weight form's (and, with dropout off, so do the adapter gr
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 

@@ -26,11 +26,12 @@ import dataclasses
 import functools
 import importlib
 import math
-from typing import Any, ClassVar, Mapping
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
-
 import numpy as np
 
 from jax_peft import paths
@@ -116,16 +117,22 @@ class Method:
     def hparams(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
 
-    def spec(self) -> dict[str, Any]:
+    def spec(self, params: Tree | None = None) -> dict[str, Any]:
         """{"method": name, "hparams": {...}} with JSON types (tuples as lists): what an adapter was
-        built with. Store it beside an adapter; `check_spec` refuses a method that differs."""
+        built with; with `params`, also "model": the backbone's block count and site shapes (which
+        tell a patch-8 model from a patch-4 one even where the adapter's shapes agree). Store it
+        beside an adapter; `check_spec` (and `jax_peft.merge(..., spec=)`) refuses a mismatch."""
         def plain(v: Any) -> Any:
             return [plain(x) for x in v] if isinstance(v, (tuple, list)) else v
-        return {"method": self.name, "hparams": {k: plain(v) for k, v in self.hparams().items()}}
+        out = {"method": self.name, "hparams": {k: plain(v) for k, v in self.hparams().items()}}
+        if params is not None:
+            out["model"] = _model_signature(params)
+        return out
 
-    def check_spec(self, spec: Mapping[str, Any]) -> None:
-        """Raises when `spec` (from `Method.spec`) names another method or other hyper-parameters."""
-        mine = self.spec()
+    def check_spec(self, spec: Mapping[str, Any], params: Tree | None = None) -> None:
+        """Raises one error when `spec` (from `Method.spec`) names another method, other
+        hyper-parameters or (with `params` and a recorded "model") another model."""
+        mine = self.spec(params if "model" in spec else None)
         if spec.get("method") != mine["method"]:
             raise ValueError(f"the adapter was built for method {spec.get('method')!r}, not {self.name!r}; "
                              f"use get_method({spec.get('method')!r}, **hparams)")
@@ -133,9 +140,14 @@ class Method:
         diff = [f"{k}: adapter {theirs.get(k)!r} vs method {v!r}" for k, v in mine["hparams"].items()
                 if k in theirs and theirs[k] != v]
         diff += [f"{k}: adapter {theirs[k]!r} (unknown option)" for k in theirs if k not in mine["hparams"]]
+        if "model" in mine:
+            a, b = spec["model"], mine["model"]
+            diff += [f"model {k}: adapter {a.get(k)!r} vs params {b.get(k)!r}" for k in sorted(set(a) | set(b))
+                     if a.get(k) != b.get(k)]
         if diff:
-            raise ValueError(f"{self.name}: the adapter was built with other hyper-parameters ({'; '.join(diff)}); "
-                             f"build the method with the adapter's: get_method(spec['method'], **spec['hparams'])")
+            raise ValueError(f"{self.name}: the adapter was built with other settings ({'; '.join(diff)}); use the "
+                             "method options and model it was built for: "
+                             "get_method(spec['method'], **spec['hparams']) on that model")
 
     def num_params(self, adapter: Tree) -> int:
         """Trainable parameters of the adapter (the head is not counted)."""
@@ -157,6 +169,19 @@ class Method:
 
     def __str__(self) -> str:
         return self.summary()
+
+
+def _model_signature(params: Tree) -> dict[str, Any]:
+    """{"blocks": L, "<kind>": [[d_in, d_out], ...]}: the distinct site shapes per kind."""
+    from jax_peft import sites as sites_lib
+
+    all_sites = sites_lib.sites(params).values()
+    out: dict[str, Any] = {"blocks": len({s.block for s in all_sites if s.block is not None})}
+    for s in all_sites:
+        shapes = out.setdefault(s.kind, [])
+        if [s.d_in, s.d_out] not in shapes:
+            shapes.append([s.d_in, s.d_out])
+    return out
 
 
 def init_head(rng: jax.Array, width: int, num_classes: int, kind: str = "zeros") -> dict:
@@ -235,6 +260,34 @@ def check_rate(value: Any, option: str, method: str) -> None:
         raise ValueError(f"{method}: {option} must be a float in [0, 1), got {value!r}")
 
 
+def check_choice(value: Any, choices: Iterable[str], option: str, method: str) -> None:
+    choices = tuple(choices)
+    if value not in choices:
+        raise ValueError(f"{method}: unknown {option} {value!r}; choose one of {', '.join(map(repr, choices))}")
+
+
+def check_subset(values: Any, choices: tuple[str, ...], option: str, method: str) -> tuple[str, ...]:
+    """A str or sequence of names, each one of `choices` (returned as a tuple)."""
+    vals = (values,) if isinstance(values, str) else tuple(values)
+    bad = [v for v in vals if v not in choices]
+    if bad:
+        raise ValueError(f"{method}: unknown {option}(s) {bad}; choose from {choices}")
+    return vals
+
+
+def check_regexes(patterns: Any, option: str, method: str) -> tuple[str, ...]:
+    """A regex or a non-empty sequence of regexes that compile (returned as a tuple)."""
+    pats = (patterns,) if isinstance(patterns, str) else tuple(patterns)
+    if not pats:
+        raise ValueError(f"{method}: `{option}` is empty; give at least one regex")
+    for p in pats:
+        try:
+            re.compile(p)
+        except re.error as e:
+            raise ValueError(f"{method}: invalid regex {p!r} in `{option}`: {e}") from None
+    return pats
+
+
 def check_blocks(value: Any, method: str) -> tuple[int, ...] | None:
     """`layers` option: None, or non-empty block indices >= 0 (returned as a tuple)."""
     if value is None:
@@ -255,6 +308,16 @@ def select_blocks(all_sites: Mapping[str, Any], layers: tuple[int, ...] | None, 
         raise ValueError(f"{method}: `layers` {over} do not exist in a {len(have)}-block model; "
                          f"use block indices 0..{len(have) - 1}")
     return sorted(set(layers))
+
+
+def check_placements(method: Method, field: str, choices: tuple[str, ...], option: str) -> None:
+    """Validates and normalizes the options shared by RLRR and SSF: `init_scheme`, the placement
+    subset `field` (names from `choices`), `layers` and the `targets` regex."""
+    check_choice(method.init_scheme, ("official", "identity"), "init", method.name)
+    object.__setattr__(method, field, check_subset(getattr(method, field), choices, option, method.name))
+    object.__setattr__(method, "layers", check_blocks(method.layers, method.name))
+    if method.targets is not None:
+        check_regexes(method.targets, "targets", method.name)
 
 
 def register_method(name: str):

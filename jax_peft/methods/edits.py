@@ -25,7 +25,8 @@ parameter's own dtype.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar, Mapping, Union
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -81,7 +82,7 @@ class Replace:
     affine: ClassVar[str | None] = None
 
 
-Edit = Union[LowRank, OutputAffine, Rescale, Replace]
+Edit = LowRank | OutputAffine | Rescale | Replace
 KINDS: tuple[type, ...] = (LowRank, OutputAffine, Rescale, Replace)
 
 

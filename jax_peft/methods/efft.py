@@ -39,14 +39,15 @@ the first ones (the repository's SSF-combined file carries 48/24).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar, Mapping
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jax_peft.methods import lowrank as lr
-from jax_peft.methods.base import Method, check_number, check_positive_int, check_rate
+from jax_peft.methods.base import Method, check_choice, check_number, check_positive_int, check_rate
 from jax_peft.methods.edits import LowRank
 
 Tree = Mapping[str, Any]
@@ -79,7 +80,7 @@ class EFFT(Method):
     def __post_init__(self) -> None:
         check_positive_int(self.rank, "rank", self.name)
         check_rate(self.dropout, "dropout", self.name)
-        lr.check_choice(self.variant, _VARIANTS, "variant", self.name)
+        check_choice(self.variant, _VARIANTS, "variant", self.name)
         if not (isinstance(self.init_scheme, str) and len(self.init_scheme) == 2
                 and set(self.init_scheme) <= {"u", "v"}):
             raise ValueError(f"efft: init must be two characters from 'u'/'v' (first: attention pair, second: "
@@ -160,22 +161,12 @@ class EFFT(Method):
         return {blocks[i][m].name: LowRank(tuple(f), scale=float(self.scale))
                 for i in range(len(blocks)) for m, f in fac[i].items()}
 
-    def summary(self) -> str:
-        where = ("one increment shared by all blocks (released code)" if self.variant == "shared"
-                 else "per-block core slices, shared u/v")
-        return (f"efft: EFFT rank {self.rank}, ΔK = {self.scale}·u c_j v on q, k, v, o (u1, c1, v1) and fc1, fc2 "
-                f"(u2, c2, v2; fc2 transposed), {where}; init {self.init_scheme!r} (zero "
-                f"{self.init_scheme[0]}1, {self.init_scheme[1]}2 at init); "
-                f"training dropout {self.dropout} on the factor entries")
 
-    # --- official layout -------------------------------------------------------------------------
     def from_official(self, state_dict: Mapping[str, Any], params: Tree | None) -> dict:
-        if params is None:
-            raise ValueError("efft.from_official needs params= (the ViT tree) to know depth and widths")
-        d, m, depth = self._shapes(params)
+        d, m, depth = self._shapes(lr.need_params(params, self.name))
         r = self.rank
         n1, n2 = self._slices(depth)
-        sd = lr.OfficialDict(lr.strip_prefix(state_dict, "EFFT"), self.name)
+        sd = lr.official_dict(state_dict, "EFFT", self.name)
         out = {"u1": sd.take("EFFTu1", (d, r)), "v1": sd.take("EFFTv1", (r, d)),
                "u2": sd.take("EFFTu2", (d, r)), "v2": sd.take("EFFTv2", (r, m))}
         if self.variant == "shared":
@@ -198,3 +189,11 @@ class EFFT(Method):
             x = np.asarray(jax.device_get(tree[n]))
             out[_OFFICIAL[n]] = x if x.dtype == np.float64 else x.astype(np.float32)
         return out
+
+    def summary(self) -> str:
+        where = ("one increment shared by all blocks (released code)" if self.variant == "shared"
+                 else "per-block core slices, shared u/v")
+        return (f"efft: EFFT rank {self.rank}, ΔK = {self.scale}·u c_j v on q, k, v, o (u1, c1, v1) and fc1, fc2 "
+                f"(u2, c2, v2; fc2 transposed), {where}; init {self.init_scheme!r} (zero "
+                f"{self.init_scheme[0]}1, {self.init_scheme[1]}2 at init); "
+                f"training dropout {self.dropout} on the factor entries")

@@ -51,14 +51,15 @@ official layout exists for.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar, Mapping
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jax_peft.methods import lowrank as lr
-from jax_peft.methods.base import Method, check_number, check_positive_int, check_rate
+from jax_peft.methods.base import Method, check_choice, check_number, check_positive_int, check_rate
 from jax_peft.methods.edits import LowRank
 
 Tree = Mapping[str, Any]
@@ -93,7 +94,7 @@ class _FacT(Method):
     def __post_init__(self) -> None:
         check_positive_int(self.rank, "rank", self.name)
         check_rate(self.dropout, "dropout", self.name)
-        lr.check_choice(self.blocks, _BLOCKS, "blocks", self.name)
+        check_choice(self.blocks, _BLOCKS, "blocks", self.name)
         check_number(self.scale, "scale", self.name)
 
     @property
@@ -169,19 +170,11 @@ class FacTTT(_FacT):
         depth = adapter[self.modules[0]].shape[0]
         return {i: {m: adapter[m][i] for m in self.modules} for i in range(depth)}
 
-    def summary(self) -> str:
-        return (f"fact_tt: FacT-TT, ΔK = {self.scale}·U T V on {', '.join(self.modules)} of every block "
-                f"(U (D, {self.rank}) and V ({self.rank}, D) shared, one {self.rank}x{self.rank} core per "
-                f"matrix and MLP square block; V starts at 0); training dropout {self.dropout} on the "
-                f"rank-{self.rank} activation (activation form only)")
 
-    # --- official layout -----------------------------------------------------------------------
     def from_official(self, state_dict: Mapping[str, Any], params: Tree | None) -> dict:
-        if params is None:
-            raise ValueError("fact_tt.from_official needs params= (the ViT tree) to know depth and widths")
-        d, k, depth = self._shapes(params)
+        d, k, depth = self._shapes(lr.need_params(params, self.name))
         r = self.rank
-        sd = lr.OfficialDict(lr.strip_prefix(state_dict, "FacT"), self.name)
+        sd = lr.official_dict(state_dict, "FacT", self.name)
         u, v = sd.take("FacTu.weight", (r, d)), sd.take("FacTv.weight", (d, r))
         cores: dict[str, list] = {m: [] for m in self.modules}
         for i in range(depth):
@@ -194,8 +187,8 @@ class FacTTT(_FacT):
                     name, shape = f"blocks.{i}.mlp.fc2_FacTs.weight", (r, k * r)
                 cores[m].append(sd.take(name, shape))
         sd.finish(self._is_adapter_name,
-                  f"Pass the rank used in training (FacTu.weight is (rank, width)), a params tree of the same "
-                  f"depth, and blocks='all' for adapters trained with the official code.")
+                  "Pass the rank used in training (FacTu.weight is (rank, width)), a params tree of the same "
+                  "depth, and blocks='all' for adapters trained with the official code.")
         adapter = {"U": jnp.asarray(u.T), "V": jnp.asarray(v.T)}
         for m in self.modules:
             adapter[m] = jnp.asarray(np.stack([c.T for c in cores[m]]))
@@ -214,6 +207,13 @@ class FacTTT(_FacT):
                 out[name] = np.ascontiguousarray(stacked[i].T)
         return out
 
+    def summary(self) -> str:
+        return (f"fact_tt: FacT-TT, ΔK = {self.scale}·U T V on {', '.join(self.modules)} of every block "
+                f"(U (D, {self.rank}) and V ({self.rank}, D) shared, one {self.rank}x{self.rank} core per "
+                f"matrix and MLP square block; V starts at 0); training dropout {self.dropout} on the "
+                f"rank-{self.rank} activation (activation form only)")
+
+
 
 @dataclasses.dataclass(frozen=True)
 class FacTTK(_FacT):
@@ -225,7 +225,7 @@ class FacTTK(_FacT):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        lr.check_choice(self.mlp_layout, _LAYOUTS, "mlp_layout", self.name)
+        check_choice(self.mlp_layout, _LAYOUTS, "mlp_layout", self.name)
 
     def columns(self, k: int) -> int:
         """Columns of P per block for MLP ratio k."""
@@ -265,21 +265,13 @@ class FacTTK(_FacT):
             out[i] = cores
         return out
 
-    def summary(self) -> str:
-        return (f"fact_tk: FacT-TK, ΔK = {self.scale}·U (C ×₃ P_ℓ)[:, :, j] V on {', '.join(self.modules)} "
-                f"of every block (U, V rank {self.rank} shared, core C ({self.rank},{self.rank},{self.rank}), "
-                f"P with one column per adapted square matrix; MLP layout {self.mlp_layout!r}; V starts at 0); "
-                f"training dropout {self.dropout} on the rank-{self.rank} activation (activation form only)")
 
-    # --- official layout -----------------------------------------------------------------------
     def from_official(self, state_dict: Mapping[str, Any], params: Tree | None) -> dict:
-        if params is None:
-            raise ValueError("fact_tk.from_official needs params= (the ViT tree) to know depth and widths")
-        d, m, depth = lr.width_mlp_depth(params)
+        d, m, depth = lr.width_mlp_depth(lr.need_params(params, self.name))
         lr.check_rank_width(self.rank, d, self.name)
         k = lr.mlp_ratio(d, m, self.name)
         r, c_all = self.rank, 4 + 2 * k
-        sd = lr.OfficialDict(lr.strip_prefix(state_dict, "FacT"), self.name)
+        sd = lr.official_dict(state_dict, "FacT", self.name)
         u, v = sd.take("FacTu.weight", (r, d)), sd.take("FacTv.weight", (d, r))
         core = sd.take("FacTc", (r, r, r))
         p = sd.take("FacTp", min_shape=(r, c_all * depth))
@@ -313,3 +305,9 @@ class FacTTK(_FacT):
         full[:, :depth, keep] = p.reshape(r, depth, -1)
         return {"FacTu.weight": _dense(tree["U"]).T, "FacTv.weight": _dense(tree["V"]).T,
                 "FacTc": _dense(tree["C"]), "FacTp": full.reshape(r, -1)}
+
+    def summary(self) -> str:
+        return (f"fact_tk: FacT-TK, ΔK = {self.scale}·U (C ×₃ P_ℓ)[:, :, j] V on {', '.join(self.modules)} "
+                f"of every block (U, V rank {self.rank} shared, core C ({self.rank},{self.rank},{self.rank}), "
+                f"P with one column per adapted square matrix; MLP layout {self.mlp_layout!r}; V starts at 0); "
+                f"training dropout {self.dropout} on the rank-{self.rank} activation (activation form only)")

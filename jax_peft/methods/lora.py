@@ -22,7 +22,6 @@ Adapter paths::
 from __future__ import annotations
 
 import dataclasses
-import re
 from typing import Any, ClassVar
 
 import jax
@@ -32,8 +31,16 @@ import numpy as np
 from jax_peft import paths
 from jax_peft import sites as sites_lib
 from jax_peft.methods import rescale
-from jax_peft.methods.base import Method, Tree, check_blocks, check_number, check_positive_int, check_rate, \
-    select_blocks
+from jax_peft.methods.base import (
+    Method,
+    Tree,
+    check_blocks,
+    check_number,
+    check_positive_int,
+    check_rate,
+    check_regexes,
+    select_blocks,
+)
 from jax_peft.methods.edits import LowRank
 from jax_peft.methods.simple import path_mask
 
@@ -70,14 +77,7 @@ class LoRA(Method):
             check_number(self.alpha, "alpha", self.name)
         if self.variant not in ("separate", "fused_qkv"):
             raise ValueError(f"lora: unknown variant {self.variant!r}; use 'separate' or 'fused_qkv'")
-        t = (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
-        if not t:
-            raise ValueError("lora: `targets` is empty; e.g. targets=('q', 'v')")
-        for p in t:
-            try:
-                re.compile(p)
-            except re.error as e:
-                raise ValueError(f"lora: invalid target regex {p!r}: {e}") from None
+        t = check_regexes(self.targets, "targets", self.name)
         if self.variant == "fused_qkv" and t != ("q", "v"):
             raise ValueError("lora: variant='fused_qkv' adapts the fused q/k/v projection of every block; "
                              "leave `targets` at its default (use layers=... to restrict blocks)")

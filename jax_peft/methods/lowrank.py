@@ -9,7 +9,8 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -67,10 +68,11 @@ def check_rank_width(rank: int, width: int, method: str) -> None:
                          f"use rank <= {width}")
 
 
-def check_choice(value: Any, choices: Iterable[str], option: str, method: str) -> None:
-    choices = tuple(choices)
-    if value not in choices:
-        raise ValueError(f"{method}: unknown {option} {value!r}; choose one of {', '.join(map(repr, choices))}")
+def need_params(params: Any, method: str) -> Any:
+    """`params` for `from_official`, which reads depth and widths from them."""
+    if params is None:
+        raise ValueError(f"{method}.from_official needs params= (the ViT tree) to know depth and widths")
+    return params
 
 
 def dropout(key: jax.Array, x: jax.Array, rate: float) -> jax.Array:
@@ -122,6 +124,11 @@ class OfficialDict:
         if problems:
             raise ValueError(f"{self.method}: the state dict does not match the official layout for these "
                              f"settings ({'; '.join(problems)}). {hint}".rstrip())
+
+
+def official_dict(state_dict: Mapping[str, Any], marker: str, method: str) -> OfficialDict:
+    """An `OfficialDict` over `state_dict` with wrapper prefixes dropped (`strip_prefix`)."""
+    return OfficialDict(strip_prefix(state_dict, marker), method)
 
 
 def strip_prefix(state_dict: Mapping[str, Any], marker: str) -> dict[str, Any]:

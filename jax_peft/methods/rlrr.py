@@ -26,7 +26,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
-from typing import Any, ClassVar, Mapping
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -35,7 +36,7 @@ import numpy as np
 from jax_peft import paths
 from jax_peft import sites as sites_lib
 from jax_peft.methods import rescale
-from jax_peft.methods.base import Method, Tree, check_blocks, select_blocks
+from jax_peft.methods.base import Method, Tree, check_placements, select_blocks
 from jax_peft.methods.edits import OutputAffine, Rescale
 from jax_peft.methods.simple import path_mask
 from jax_peft.sites import Site
@@ -122,6 +123,11 @@ class RLRR(Method):
         "MlpBlock_0" for FFN only, "LayerNorm" for LN-SSF only); must select something.
     """
 
+    name: ClassVar[str] = "rlrr"
+    head_init: ClassVar[str] = "zeros"
+    hparam_aliases: ClassVar[Mapping[str, str]] = {"init": "init_scheme"}
+    edit_kinds: ClassVar[tuple[type, ...]] = (Rescale, OutputAffine)
+
     init_scheme: str = "official"
     modules: tuple[str, ...] = ("q", "k", "v", "o", "fc1", "fc2")
     ln_ssf: bool = True
@@ -130,25 +136,8 @@ class RLRR(Method):
     layers: tuple[int, ...] | None = None
     targets: str | None = None
 
-    name: ClassVar[str] = "rlrr"
-    head_init: ClassVar[str] = "zeros"
-    hparam_aliases: ClassVar[Mapping[str, str]] = {"init": "init_scheme"}
-    edit_kinds: ClassVar[tuple[type, ...]] = (Rescale, OutputAffine)
-
     def __post_init__(self):
-        if self.init_scheme not in ("official", "identity"):
-            raise ValueError(f"rlrr: unknown init {self.init_scheme!r}; use 'official' or 'identity'")
-        mods = (self.modules,) if isinstance(self.modules, str) else tuple(self.modules)
-        bad = [m for m in mods if m not in LINEAR]
-        if bad:
-            raise ValueError(f"rlrr: unknown module(s) {bad}; choose from {LINEAR}")
-        object.__setattr__(self, "modules", mods)
-        object.__setattr__(self, "layers", check_blocks(self.layers, self.name))
-        if self.targets is not None:
-            try:
-                re.compile(self.targets)
-            except re.error as e:
-                raise ValueError(f"rlrr: invalid `targets` regex {self.targets!r}: {e}") from None
+        check_placements(self, "modules", LINEAR, "module")
 
     # --- selection --------------------------------------------------------------------------
     def select(self, params: Tree) -> list[Site]:

@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Callable, ClassVar, Mapping
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
 
 from jax_peft import paths
-from jax_peft.methods.base import Method, Tree
+from jax_peft.methods.base import Method, Tree, check_regexes
 from jax_peft.methods.edits import Replace
 
 # Leaves never copied into an adapter: the classifier is trained separately as `head`.
@@ -66,16 +67,9 @@ class BitFit(Method):
     edit_kinds: ClassVar[tuple[type, ...]] = (Replace,)
 
     def __post_init__(self):
-        pats = [self.targets] if isinstance(self.targets, str) else list(self.targets)
+        pats = check_regexes(self.targets, "targets", self.name)
         if not isinstance(self.targets, str):
-            object.__setattr__(self, "targets", tuple(pats))
-        if not pats:
-            raise ValueError("bitfit: `targets` is empty; give at least one regex, e.g. 'bias$'")
-        for p in pats:
-            try:
-                re.compile(p)
-            except re.error as e:
-                raise ValueError(f"bitfit: invalid regex {p!r} in `targets`: {e}") from None
+            object.__setattr__(self, "targets", pats)
 
     def selected(self, params: Tree) -> list[str]:
         body = [p for p in paths.leaf_paths(params) if not _HEAD.search(p)]

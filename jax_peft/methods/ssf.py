@@ -20,8 +20,8 @@ Adapter paths::
 from __future__ import annotations
 
 import dataclasses
-import re
-from typing import Any, ClassVar, Mapping
+from collections.abc import Mapping
+from typing import Any, ClassVar
 
 import jax
 import numpy as np
@@ -29,7 +29,7 @@ import numpy as np
 from jax_peft import paths
 from jax_peft import sites as sites_lib
 from jax_peft.methods import rescale
-from jax_peft.methods.base import Method, Tree, check_blocks, select_blocks
+from jax_peft.methods.base import Method, Tree, check_placements, select_blocks
 from jax_peft.methods.edits import OutputAffine
 from jax_peft.methods.simple import path_mask
 from jax_peft.sites import Site
@@ -64,19 +64,7 @@ class SSF(Method):
     edit_kinds: ClassVar[tuple[type, ...]] = (OutputAffine,)
 
     def __post_init__(self):
-        if self.init_scheme not in ("official", "identity"):
-            raise ValueError(f"ssf: unknown init {self.init_scheme!r}; use 'official' or 'identity'")
-        s = (self.sites,) if isinstance(self.sites, str) else tuple(self.sites)
-        bad = [x for x in s if x not in BLOCK_SITES]
-        if bad:
-            raise ValueError(f"ssf: unknown site(s) {bad}; choose from {BLOCK_SITES}")
-        object.__setattr__(self, "sites", s)
-        object.__setattr__(self, "layers", check_blocks(self.layers, self.name))
-        if self.targets is not None:
-            try:
-                re.compile(self.targets)
-            except re.error as e:
-                raise ValueError(f"ssf: invalid `targets` regex {self.targets!r}: {e}") from None
+        check_placements(self, "sites", BLOCK_SITES, "site")
 
     def select(self, params: Tree) -> list[Site]:
         """Adapted sites in the backbone's order (raises when nothing is selected)."""

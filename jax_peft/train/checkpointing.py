@@ -19,7 +19,8 @@ import json
 import logging
 import os
 import warnings
-from typing import Any, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
@@ -108,17 +109,36 @@ class Checkpointer:
         out = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
         return dict(out["meta"])
 
-    def restore(self, abstract_state: Any = None, step: int | None = None) -> tuple[Any, dict] | None:
+    def read_config(self, step: int) -> dict:
+        """The config stored with checkpoint `step` (JSON)."""
+        out = self.manager.restore(step, args=ocp.args.Composite(config=ocp.args.JsonRestore()))
+        return dict(out["config"] or {})
+
+    def restore(self, abstract_state: Any = None, step: int | None = None, *,
+                check_config: Callable[[dict, int], Any] | None = None) -> tuple[Any, dict] | None:
         """(state, meta) of `step`, or of the newest readable checkpoint when `step` is None.
 
         `abstract_state` (from `jax.eval_shape`) fixes the tree structure, dtypes and shardings;
-        without it the arrays come back as stored (for inspection).
+        without it the arrays come back as stored (for inspection). `check_config(stored_config,
+        step)` runs before a checkpoint's state is read; what it raises propagates (an incompatible
+        checkpoint is not a corrupted one).
 
         Returns None when there is no checkpoint. A checkpoint that fails to load is skipped with a
-        `CheckpointCorruptedWarning` naming it (only when `step` is None; an explicit step raises).
+        `CheckpointCorruptedWarning` naming it (only when `step` is None; an explicit step raises) and
+        moved aside to `corrupted_<step>`, also when none is readable (the run then starts afresh and
+        can save every step again).
         """
         steps = [step] if step is not None else list(reversed(self.all_steps()))
         for i, s in enumerate(steps):
+            try:
+                stored = self.read_config(s) if check_config is not None else None
+            except Exception as e:  # noqa: BLE001 - an unreadable config means "unreadable"
+                if step is not None:
+                    raise
+                self._warn_unreadable(s, e, steps[i + 1:])
+                continue
+            if check_config is not None:
+                check_config(stored, s)
             try:
                 out = self.manager.restore(s, args=ocp.args.Composite(
                     state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
@@ -132,15 +152,21 @@ class Checkpointer:
             except Exception as e:  # noqa: BLE001 - any failure means "unreadable"
                 if step is not None:
                     raise
-                msg = (f"checkpoint at step {s} in {self.directory} could not be restored "
-                       f"({type(e).__name__}: {str(e)[:300]})")
-                if i + 1 < len(steps):
-                    msg += f"; falling back to step {steps[i + 1]}"
-                else:
-                    msg += "; no older checkpoint left, starting from scratch"
-                warnings.warn(msg, CheckpointCorruptedWarning, stacklevel=2)
-                log.warning(msg)
+                self._warn_unreadable(s, e, steps[i + 1:])
+        if step is None:
+            self._set_aside(steps)
         return None
+
+    def _warn_unreadable(self, step: int, error: Exception, older: list[int]) -> None:
+        msg = (f"checkpoint at step {step} in {self.directory} could not be restored "
+               f"({type(error).__name__}: {str(error)[:300]})")
+        if older:
+            msg += f"; falling back to step {older[0]}"
+        else:
+            msg += ("; no readable checkpoint left: the unreadable ones are moved aside to corrupted_<step> "
+                    "and the run starts from scratch")
+        warnings.warn(msg, CheckpointCorruptedWarning, stacklevel=3)
+        log.warning(msg)
 
     def _set_aside(self, steps: list[int]) -> None:
         """Renames unreadable step directories to `corrupted_<step>[_n]` (kept for inspection), so
@@ -161,14 +187,6 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
-
-
-def abstract_like(tree: Any) -> Any:
-    """ShapeDtypeStructs (with shardings when present) of a concrete tree, for restoring."""
-    def one(x):
-        sharding = getattr(x, "sharding", None)
-        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
-    return jax.tree_util.tree_map(one, tree)
 
 
 def config_to_json(config: Any) -> dict:

@@ -1,4 +1,4 @@
-"""The training configuration schema (ml_collections), shared by every file in `configs/`.
+"""The training configuration schema (ml_collections), shared by every module in `jax_peft.configs`.
 
 Config files start from `default_config()` and change fields; the schema is locked, so a typo such
 as `--config.optimizer.lr_rate=...` fails with the list of valid keys. Shape of the schema:
@@ -8,13 +8,16 @@ as `--config.optimizer.lr_rate=...` fails with the list of valid keys. Shape of 
                hidden_size, num_layers, num_heads, mlp_dim, classifier
     method:    name, and the method's own hyper-parameters (e.g. rank, scale), free-form
     data:      name, data_dir, train_split, eval_split, image_size, interpolation, normalization,
-               hflip, random_resized_crop, shuffle_buffer, prefetch
+               hflip, random_resized_crop, shuffle_buffer, prefetch, cache, cache_dir, cache_max_gb,
+               worker_processes
     optimizer: name (adamw|sgd), lr, weight_decay, b1, b2, eps, momentum, grad_clip_norm
     schedule:  kind (cosine|timm_epoch|constant), warmup_steps, warmup_epochs, warmup_lr, min_lr,
                cosine_epochs, steps_per_epoch, step_offset ("after_epoch" | "before_epoch")
     batch_size, total_steps, num_epochs, seed, label_smoothing, eval_every, log_every,
     checkpoint_every, keep_checkpoints, keep_best, export_merged, parallel (jit|pmap),
-    compute_dtype (float32|bfloat16), train_form (auto|weight|activation), mode (train|eval|export), restore_from (latest|best), progress
+    mesh (data, fsdp, rules, min_bytes),
+    compute_dtype (float32|bfloat16), train_form (auto|weight|activation), mode (train|eval|export), restore_from (latest|best), progress,
+    resume_override
 """
 
 from __future__ import annotations
@@ -64,6 +67,10 @@ def default_config() -> ml_collections.ConfigDict:
         drop_remainder=True,      # training: False keeps the last partial batch of each epoch
                                   # (padded + masked, as PyTorch's drop_last=False; RLRR's loader)
         prefetch=2,
+        cache=True,               # decoded cache (jax_peft.data.cache): decode + resize each split once
+        cache_dir="",             # "": $JAX_PEFT_CACHE_DIR, else <data_dir>/jax_peft_cache, else ~/.cache/jax_peft/decoded
+        cache_max_gb=4.0,         # splits whose decoded images would take more are decoded every epoch
+        worker_processes=-1,      # decoding processes for what is not cached; -1: auto (cpu count for >= 512 records)
     ))
 
     c.optimizer = ml_collections.ConfigDict(dict(
@@ -100,11 +107,17 @@ def default_config() -> ml_collections.ConfigDict:
     c.keep_best = True            # also keep the checkpoint with the best eval accuracy
     c.export_merged = False       # write DIR/merged.npz (Google layout) at the end
     c.parallel = "jit"            # "jit" (NamedSharding over a mesh) | "pmap"
+    # Device mesh for parallel="jit": the batch is split over data x fsdp; frozen parameters are
+    # sharded over fsdp by `rules` ((path regex, "shard" | "replicate"), first match wins; leaves under
+    # `min_bytes` replicated). fsdp=1: plain data parallelism. See docs/distributed.md.
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, rules=((".*", "shard"),), min_bytes=1 << 18))
     c.compute_dtype = "float32"   # "float32" | "bfloat16" (parameters and optimizer stay float32)
     c.train_form = "auto"         # "auto" (activation form for FacT/EFFT/LoRA) | "weight" | "activation"
     c.mode = "train"              # "train" | "eval" | "export"
     c.restore_from = "latest"     # eval/export modes: "latest" | "best" checkpoint
     c.progress = True             # progress bar on stderr
+    c.resume_override = ""        # resuming with other values of these safe fields, e.g. "total_steps,eval_every"
+                                  # (jax_peft.train.safety.OVERRIDABLE_ON_RESUME); other fields must match
 
     c.lock()
     c.method.unlock()
@@ -157,17 +170,31 @@ def lock_method(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     return config
 
 
-def load_config_module(path: str, name: str):
-    """Imports a Python file from `configs/` (not an installed package) once, as module `name`.
-
-    Config files are loaded by path (`--config configs/x.py`), so shared tables such as
-    `configs/recipes.py` are imported the same way; later calls return the cached module."""
+def resolve_config(spec: str) -> str:
+    """The config file behind a `--config` value: `package.module[:arg]` (e.g.
+    `jax_peft.configs.vtab1k:cifar100,rlrr`) becomes `/path/to/module.py[:arg]`; a file path
+    (`my_config.py[:arg]`) is returned as given. ValueError names the fix when neither exists."""
     import importlib.util
-    import sys
+    import os
 
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+    target, sep, arg = spec.partition(":")
+    if os.path.isfile(target):
+        return spec
+    if target.endswith(".py"):
+        name = os.path.splitext(os.path.basename(target))[0]
+        hint = (f"; the configs moved into the package: use --config jax_peft.configs.{name}{sep}{arg}"
+                if importlib.util.find_spec("jax_peft.configs." + name) else "")
+        raise ValueError(f"config file {target!r} not found{hint}")
+    try:
+        found = importlib.util.find_spec(target)
+    except (ImportError, ValueError):
+        found = None
+    if found is None or not found.origin or not found.origin.endswith(".py"):
+        import pkgutil
+
+        from jax_peft import configs
+
+        names = ", ".join(f"jax_peft.configs.{m.name}" for m in pkgutil.iter_modules(configs.__path__))
+        raise ValueError(f"--config {spec!r}: {target!r} is neither a config file nor an importable module "
+                         f"with get_config(); the package's configs: {names}")
+    return found.origin + sep + arg

@@ -30,7 +30,8 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -183,8 +184,10 @@ def replicate(tree: Any, sharding: Any) -> Any:
         if isinstance(x, jax.Array) and x.sharding == sharding:
             return x
         if isinstance(x, jax.Array) and not x.is_fully_addressable:
-            raise ValueError(f"cannot replicate a global array with sharding {x.sharding}; "
-                             "gather it first (jax.experimental.multihost_utils.process_allgather)")
+            if not x.is_fully_replicated:
+                raise ValueError(f"cannot replicate a global array with sharding {x.sharding}; gather it "
+                                 "first (jax.experimental.multihost_utils.process_allgather)")
+            x = x.addressable_data(0)  # replicated on another mesh (e.g. restored): every process has it
         return jax.device_put(np.asarray(x), sharding)
 
     return jax.tree_util.tree_map(one, tree)

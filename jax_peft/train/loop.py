@@ -8,9 +8,14 @@ Files written to `workdir`:
     checkpoints/<step>  orbax checkpoints (adapter + head + optimizer state + step + data position)
     summary.json        at the end: method, trainable_params, best/final eval accuracy, steps, wall time
     merged.npz          with `export_merged=True` (or mode "export"): the merged model, Google layout
+    run.lock            while training: the holder's host and pid (one run per workdir, `safety.WorkdirLock`)
 
-Preemption: SIGTERM makes the loop save a checkpoint at the current step and return cleanly
-(`{"preempted": True, ...}`); running the same command again resumes from the newest checkpoint, with
+Resuming checks the stored config first (`safety.check_resume_config`; `config.resume_override` for
+the safe fields), and no state is saved unless its step flags say finite (`safety.FiniteGuard`).
+
+Preemption: SIGTERM (and a first Ctrl-C, SIGINT; a second one aborts) makes the loop save a checkpoint
+at the current step and return cleanly (`{"preempted": True, ...}`); running the same command again
+resumes from the newest checkpoint, with
 the data stream repositioned (`start_batch`) and dropout keys derived from the step, so the losses
 at every later step and the final adapter are bit-identical to an uninterrupted run.
 """
@@ -26,17 +31,18 @@ import signal
 import sys
 import threading
 import time
-from typing import Any, Iterator
+from collections.abc import Callable
+from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
 from jax_peft import paths, scan
 from jax_peft.methods.base import Method
-from jax_peft.train import checkpointing, distributed, model_setup, optimizer, schedules, step as step_lib
+from jax_peft.train import checkpointing, distributed, model_setup, optimizer, safety, schedules
 from jax_peft.train import config as config_lib
+from jax_peft.train import step as step_lib
 from jax_peft.vit import ViT, ViTConfig
 
 log = logging.getLogger(__name__)
@@ -66,6 +72,7 @@ def validate_config(config: Any) -> None:
         raise ValueError("set config.total_steps > 0 or config.num_epochs > 0")
     if not 0.0 <= config.label_smoothing < 1.0:
         raise ValueError(f"config.label_smoothing must be in [0, 1), got {config.label_smoothing}")
+    safety.parse_override(config.get("resume_override", ""))
 
 
 # ------------------------------------------------------------------------------------- setup
@@ -110,6 +117,10 @@ def setup(config: Any) -> Setup:
     validate_config(config)
     info = model_setup.dataset_info(config, config.data.train_split)
     num_classes = int(config.model.num_classes) if config.model.num_classes > 0 else int(info["num_classes"])
+    if num_classes < int(info["num_classes"]):
+        raise ValueError(f"config.model.num_classes={num_classes}, but {config.data.name} has "
+                         f"{info['num_classes']} classes: labels >= {num_classes} would train nothing. Set "
+                         f"--config.model.num_classes={info['num_classes']} (or -1: from the dataset)")
     method = model_setup.build_method(config)
     rng = jax.random.PRNGKey(int(config.seed))
     r_params, r_adapter = jax.random.split(rng)
@@ -127,7 +138,14 @@ def setup(config: Any) -> Setup:
     model = ViT(vcfg)
     runner = step_lib.make_runner(model, method, tx, seed=int(config.seed),
                                   label_smoothing=float(config.label_smoothing), parallel=config.parallel,
-                                  schedule=sched, train_form=config.train_form)
+                                  schedule=sched, train_form=config.train_form,
+                                  mesh=(int(config.mesh.data), int(config.mesh.fsdp)),
+                                  shard_rules=tuple(tuple(r) for r in config.mesh.rules),
+                                  shard_min_bytes=int(config.mesh.min_bytes))
+    if int(config.mesh.fsdp) > 1 and not vcfg.remat:
+        log.warning("mesh.fsdp=%d without model.remat: the backward pass keeps every layer's gathered frozen "
+                    "weights, which can cost as much memory as fsdp saves; add --config.model.remat=True "
+                    "(see docs/distributed.md)", int(config.mesh.fsdp))
     distributed.per_process_batch_size(int(config.batch_size))  # config.batch_size is the global batch
     runner.check_batch_size(int(config.batch_size))
     return Setup(config, method, vcfg, model, params, trainable, frozen, sched, tx, runner, num_classes,
@@ -202,21 +220,35 @@ def _write_json(path: str, obj: Any) -> None:
 
 
 class _Preemption:
-    """Sets a flag on SIGTERM (main thread only); restores the previous handler on exit."""
+    """Sets a flag on SIGTERM, and on a first SIGINT (Ctrl-C) while Python's default SIGINT handler is
+    in place; a second SIGINT raises KeyboardInterrupt as usual (main thread only). Restores the
+    previous handlers on exit."""
 
     def __init__(self):
         self.requested = False
+        self.signal_name = "SIGTERM"
         self._previous = None
+        self._previous_int = None
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, self._handle)
             # A SIGTERM recorded by an earlier handler (the CLI's, during imports) counts too.
             self.requested = bool(getattr(self._previous, "requested", False))
+            if signal.getsignal(signal.SIGINT) is signal.default_int_handler:  # not ignored / taken over
+                self._previous_int = signal.signal(signal.SIGINT, self._handle_int)
         return self
 
     def _handle(self, signum, frame):
         self.requested = True
+
+    def _handle_int(self, signum, frame):
+        if self.requested:  # second Ctrl-C: abort without saving
+            signal.default_int_handler(signum, frame)
+        self.requested, self.signal_name = True, "Ctrl-C (SIGINT)"
+        sys.stderr.write("\nCtrl-C: saving a checkpoint after this step, then stopping "
+                         "(press Ctrl-C again to abort without saving)\n")
+        sys.stderr.flush()
 
     def agree(self) -> None:
         """Multi-process runs: stop when any process got the signal, so all save the same step
@@ -230,6 +262,8 @@ class _Preemption:
     def __exit__(self, *exc):
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
+        if self._previous_int is not None:
+            signal.signal(signal.SIGINT, self._previous_int)
 
 
 # -------------------------------------------------------------------------------------- eval
@@ -237,8 +271,9 @@ def run_eval(s: Setup, state: Any, frozen: Any, split: str | None = None) -> dic
     """Accuracy and mean loss of the device-placed `state` over one pass of `split`."""
     split = split or s.config.data.eval_split
     totals = {"correct": 0.0, "count": 0.0, "loss_sum": 0.0}
+    params = s.runner.merge(state, frozen)  # the adapter merged once per pass, not once per batch
     for batch in model_setup.make_dataset(s.config, split, train=False):
-        out = s.runner.get(s.runner.eval(state, frozen, s.runner.put_batch(batch)))
+        out = s.runner.get(s.runner.eval(params, s.runner.put_batch(batch)))
         for k in totals:
             totals[k] += float(out[k])
     n = max(totals["count"], 1.0)
@@ -251,25 +286,75 @@ def train_and_evaluate(config: Any, workdir: str, *, stop_at: int | None = None)
     """Trains `config` in `workdir` (resuming from its newest checkpoint) and returns the summary.
 
     Returns the dict written to `workdir/summary.json`, or `{"preempted": True, "step": ...}` when a
-    SIGTERM stopped the run (a checkpoint at that step was saved; rerun to resume). `stop_at=k`
-    stops the same way once step k is done (a programmatic preemption, e.g. for time budgets).
+    SIGTERM or a first Ctrl-C stopped the run (a checkpoint at that step was saved; rerun to
+    resume). `stop_at=k` stops the same way once step k is done (a programmatic preemption, e.g. for time budgets).
     A SIGTERM during set-up (loading, compiling) returns the same way before the first step.
     """
     with _Preemption() as pre:
-        return _train(config, workdir, pre, stop_at)
+        workdir = safety.check_workdir(workdir)  # one line before any work (file, not writable)
+        with _workdir_lock(workdir):
+            return _train(config, workdir, pre, stop_at)
 
 
-def _train(config: Any, workdir: str, pre: "_Preemption", stop_at: int | None) -> dict:
+def _workdir_lock(workdir: str) -> Any:
+    """The workdir's exclusive lock (`safety.WorkdirLock`), taken by process 0 of a run."""
+    import contextlib
+
+    return safety.WorkdirLock(workdir) if distributed.is_main_process() else contextlib.nullcontext()
+
+
+def _resume_check(config: Any, ckpt: checkpointing.Checkpointer, cfg_json: dict,
+                  override: Any = None) -> Callable[[dict, int], None]:
+    """`check(stored_config, step)` for `Checkpointer.restore`: refuses
+    (`safety.IncompatibleCheckpointError`) a checkpoint written with another run-defining config;
+    fields named in `override` (default `config.resume_override`) may differ (logged)."""
+    override = safety.parse_override(config.get("resume_override", "") if override is None else override)
+    logged: set[int] = set()
+
+    def check(stored: dict, step: int) -> None:
+        accepted = safety.check_resume_config(stored, cfg_json, step=step, where=ckpt.directory,
+                                              override=override)
+        if accepted and step not in logged:
+            logged.add(step)
+            log.warning("resuming step %d with changed %s (config.resume_override)", step, ", ".join(accepted))
+
+    return check
+
+
+def _newest_config_check(ckpt: checkpointing.Checkpointer, check: Callable[[dict, int], None]) -> None:
+    """Runs `check` on the config of the newest checkpoint whose config is readable (unreadable ones
+    are left to `Checkpointer.restore`, which sets them aside)."""
+    for step in reversed(ckpt.all_steps()):
+        try:
+            stored = ckpt.read_config(step)
+        except Exception:  # noqa: BLE001 - unreadable: restore handles it
+            continue
+        check(stored, step)
+        return
+
+
+def _last_good(ckpt: checkpointing.Checkpointer) -> Callable[[], str]:
+    """The FiniteGuard message naming the last (finite) checkpoint of `ckpt`."""
+    def message() -> str:
+        step = ckpt.latest_step()
+        if step is None:
+            return f"No checkpoint was saved in {ckpt.directory}."
+        return f"The last finite checkpoint is step {step} in {ckpt.directory} (a rerun resumes from it)."
+    return message
+
+
+def _train(config: Any, workdir: str, pre: _Preemption, stop_at: int | None) -> dict:
     t_start = time.perf_counter()
-    os.makedirs(workdir, exist_ok=True)
-    s = setup(config)
     cfg_json = checkpointing.config_to_json(config)
     main = distributed.is_main_process()  # process 0 writes config, metrics, progress and summary
-    if main:
-        _write_json(os.path.join(workdir, "config.json"), cfg_json)
     ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"), keep=int(config.keep_checkpoints),
                                       keep_best=bool(config.keep_best), config=cfg_json)
-    restored = ckpt.restore(s.abstract_state())
+    check_resume = _resume_check(config, ckpt, cfg_json)
+    _newest_config_check(ckpt, check_resume)  # refuse at once, before building the model
+    s = setup(config)
+    restored = ckpt.restore(s.abstract_state(), check_config=check_resume)  # before writing anything
+    if main:
+        _write_json(os.path.join(workdir, "config.json"), cfg_json)
     if restored is None:
         host_state, meta = s.init_state(), {"data_position": 0, "wall_time_s": 0.0}
     else:
@@ -298,11 +383,17 @@ def _train(config: Any, workdir: str, pre: "_Preemption", stop_at: int | None) -
 
     data = model_setup.make_dataset(config, config.data.train_split, train=True,
                                     start_batch=int(meta.get("data_position", start)))
+    for note in getattr(data, "notes", ()):  # the decoded cache's size and place (jax_peft.data.cache)
+        progress.message(note)
     wall_before = float(meta.get("wall_time_s", 0.0))
     log_every, eval_every = max(int(config.log_every), 1), int(config.eval_every)
     ckpt_every = int(config.checkpoint_every)
     preempted = False
     step = start
+    guard = safety.FiniteGuard(runner.get)
+    last_good = _last_good(ckpt)
+    timing = {"input_wait_s": 0.0, "eval_s": 0.0, "loop_s": 0.0}  # this run's share of waiting for input
+    t_loop = time.perf_counter()
     with open(metrics_path if main else os.devnull, "a") as mfile:
         pre.agree()
         preempted = pre.requested and step < s.total_steps  # signalled during set-up
@@ -310,8 +401,11 @@ def _train(config: Any, workdir: str, pre: "_Preemption", stop_at: int | None) -
             t0 = time.perf_counter()
             batch = runner.put_batch(next(data))
             t1 = time.perf_counter()
+            timing["input_wait_s"] += t1 - t0
             state, metrics = runner.train(state, frozen, batch)
             step += 1
+            if guard.add(step, metrics):
+                guard.check(last_good)
             last = step == s.total_steps
             if stop_at is not None and step >= stop_at:
                 pre.requested = True
@@ -329,13 +423,12 @@ def _train(config: Any, workdir: str, pre: "_Preemption", stop_at: int | None) -
                 progress.update(step, record["loss"], lr, ips, t1 - t0, t2 - t1)
                 if not math.isfinite(record["loss"]):
                     mfile.write(json.dumps(record) + "\n")
-                    raise FloatingPointError(
-                        f"the training loss is {record['loss']} at step {step} (lr {lr:.3g}); lower "
-                        "--config.optimizer.lr or set --config.optimizer.grad_clip_norm (and use "
-                        "--config.compute_dtype=float32 if it is bfloat16). Checkpoints saved before this "
-                        f"step are in {ckpt.directory}.")
+            if do_log:  # the log synced already; the flags of the steps since the last check
+                guard.check(last_good)
             if do_eval:
+                t_eval = time.perf_counter()
                 ev = run_eval(s, state, frozen)
+                timing["eval_s"] += time.perf_counter() - t_eval
                 record.update(ev)
                 last_eval = record
                 improved = best is None or ev["eval_accuracy"] > best
@@ -350,20 +443,22 @@ def _train(config: Any, workdir: str, pre: "_Preemption", stop_at: int | None) -
             save = last or pre.requested or (ckpt_every > 0 and step % ckpt_every == 0) or \
                 (improved and bool(config.keep_best))
             if save:
+                guard.check(last_good)  # never save a non-finite state
                 wall = wall_before + time.perf_counter() - t_start
-                ckpt.save(runner.get_state(state), data_position=step,
-                          eval_accuracy=record["eval_accuracy"] if do_eval else None,
-                          extra={"wall_time_s": wall})
+                _save(ckpt, runner.get_state(state), step, record["eval_accuracy"] if do_eval else None, wall)
             if pre.requested and not last:
                 preempted = True
                 break
+    timing["loop_s"] = time.perf_counter() - t_loop - timing["eval_s"]
     progress.close()
     ckpt.close()
     if preempted:
         if step == start:
-            progress.message(f"SIGTERM before the first step (at step {step}); nothing new to save; rerun to resume")
+            progress.message(f"{pre.signal_name} before the first step (at step {step}); nothing new to save; "
+                             "rerun to resume")
         else:
-            progress.message(f"SIGTERM: saved a checkpoint at step {step} in {ckpt.directory}; rerun to resume")
+            progress.message(f"{pre.signal_name}: saved a checkpoint at step {step} in {ckpt.directory}; "
+                             "rerun the same command to resume")
         return {"preempted": True, "step": step}
 
     wall = wall_before + time.perf_counter() - t_start
@@ -378,12 +473,26 @@ def _train(config: Any, workdir: str, pre: "_Preemption", stop_at: int | None) -
         "wall_time_s": wall,
         "num_devices": runner.num_devices,
         "parallel": runner.kind,
+        # time blocked on the next batch (+ its transfer) in this run's training steps, and its share
+        # of the training loop's time (evaluations excluded)
+        "input_wait_s": timing["input_wait_s"],
+        "input_wait_fraction": timing["input_wait_s"] / max(timing["loop_s"], 1e-9),
     }
     if config.export_merged:
         summary["merged_checkpoint"] = export_state(s, runner.get_state(state), os.path.join(workdir, "merged.npz"))
     if main:
         _write_json(os.path.join(workdir, "summary.json"), summary)
     return summary
+
+
+def _save(ckpt: checkpointing.Checkpointer, state: Any, step: int, eval_accuracy: float | None,
+          wall: float) -> None:
+    """Saves the (checked finite) state at `step`; a step directory that already exists means the
+    run could not save what it trained, which is an error, never a silent skip."""
+    if not ckpt.save(state, data_position=step, eval_accuracy=eval_accuracy, extra={"wall_time_s": wall}):
+        raise RuntimeError(
+            f"cannot save step {step}: {os.path.join(ckpt.directory, str(step))} already exists but was "
+            "not restored (another run wrote it?). Move it away (or use a new --workdir) and rerun")
 
 
 # ------------------------------------------------------------------------------ eval / export
@@ -393,7 +502,10 @@ def _restore(s: Setup, workdir: str) -> tuple[Any, dict]:
     step = ckpt.best_step() if s.config.restore_from == "best" else None
     if s.config.restore_from == "best" and step is None:
         raise FileNotFoundError(f"no evaluated checkpoint in {ckpt.directory}; use --config.restore_from=latest")
-    out = ckpt.restore(s.abstract_state(), step)
+    # A checkpoint of another model or method is refused, never taken for a corrupted one; the
+    # schedule-length and evaluation fields do not matter here.
+    check = _resume_check(s.config, ckpt, checkpointing.config_to_json(s.config), safety.OVERRIDABLE_ON_RESUME)
+    out = ckpt.restore(s.abstract_state(), step, check_config=check)
     ckpt.close()
     if out is None:
         raise FileNotFoundError(f"no checkpoint in {ckpt.directory}; train first (--config.mode=train)")
@@ -403,13 +515,16 @@ def _restore(s: Setup, workdir: str) -> tuple[Any, dict]:
 def evaluate(config: Any, workdir: str, *, split: str | None = None) -> dict:
     """Evaluates the latest (or best, `config.restore_from`) checkpoint of `workdir` on `split`
     (default `config.data.eval_split`); writes and returns `workdir/eval_<split>.json`."""
+    split = split or config.data.eval_split
+    path = os.path.join(workdir, f"eval_{split.replace('/', '_')}.json")
+    if jax.process_index() == 0:
+        safety.check_writable(path)  # before the evaluation, so its result is never lost
     s = setup(config)
     state, meta = _restore(s, workdir)
     ev = run_eval(s, s.runner.put_state(state), s.device_frozen(), split)
-    split = split or config.data.eval_split
     out = {"step": int(meta["step"]), "split": split, **ev}
     if jax.process_index() == 0:
-        _write_json(os.path.join(workdir, f"eval_{split.replace('/', '_')}.json"), out)
+        _write_json(path, out)
     return out
 
 
@@ -420,14 +535,20 @@ def export_state(s: Setup, state: Any, path: str) -> str:
 
     trainable = jax.device_get(state["trainable"])
     if distributed.is_main_process():
-        merged = merge(step_lib.join_params(s.frozen, trainable), s.method, trainable["adapter"])
-        ck.save_checkpoint(path, jax.device_get(merged))
+        # Merged on the host's CPU backend from the host copy of the frozen tree: no accelerator has to
+        # hold a whole (possibly fsdp-sharded) model, and nothing is gathered from the devices.
+        with jax.default_device(jax.local_devices(backend="cpu")[0]):
+            merged = merge(step_lib.join_params(s.frozen, trainable), s.method, trainable["adapter"])
+            ck.save_checkpoint(path, jax.device_get(merged))
     distributed.sync("export_state")  # the file exists on every process's return
     return path
 
 
 def export(config: Any, workdir: str, path: str | None = None) -> str:
     """Merges the latest (or best) checkpoint of `workdir` into `path` (default `workdir/merged.npz`)."""
+    path = path or os.path.join(workdir, "merged.npz")
+    if distributed.is_main_process():
+        safety.check_writable(path)  # before the merge
     s = setup(config)
     state, _ = _restore(s, workdir)
-    return export_state(s, state, path or os.path.join(workdir, "merged.npz"))
+    return export_state(s, state, path)

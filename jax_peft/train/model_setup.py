@@ -13,14 +13,15 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import jax
 import numpy as np
 
 from jax_peft import vit
-from jax_peft.train import distributed
 from jax_peft.methods.base import Method, get_method
+from jax_peft.train import distributed
 
 RANDOM_INIT = ("", "random", "none", None)
 _ARCH = ("patch_size", "hidden_size", "num_layers", "num_heads", "mlp_dim")
@@ -49,6 +50,8 @@ def make_dataset(config: Any, split: str, *, train: bool, start_batch: int = 0,
         seed=int(config.seed), normalization=d.normalization, interpolation=d.interpolation,
         hflip=bool(d.hflip) and train, random_resized_crop=bool(d.random_resized_crop) and train,
         data_dir=d.data_dir, start_batch=int(start_batch), prefetch=int(d.prefetch),
+        cache=bool(d.cache), cache_dir=d.cache_dir or None, cache_max_gb=float(d.cache_max_gb),
+        worker_processes=None if int(d.worker_processes) < 0 else int(d.worker_processes),
     )
     if train and not bool(d.drop_remainder):
         kwargs["drop_remainder"] = False
@@ -114,7 +117,8 @@ def build_params(config: Any, method: Method, num_classes: int, rng: jax.Array) 
         # embedding resized to the input grid, and a new head (re-initialized below).
         cfg = vit.vit_config(params, num_classes=num_classes, image_size=image_size,
                              representation_size=None, **_regularization(config))
-        params = ck.adapt_to_config(params, cfg, head="reset")
+        # checked and adapted in the canonical layout, as the random init (the loop stacks it for scan)
+        params = ck.adapt_to_config(params, dataclasses.replace(cfg, scan=False), head="reset")
     width = cfg.representation_size or cfg.hidden_size
     params = dict(params)
     params["head"] = method.init_head(r_head, width, num_classes)

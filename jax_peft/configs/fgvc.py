@@ -1,6 +1,6 @@
 """FGVC fine-tuning of ViT-B/16 (VPT splits: train on train+val, evaluate on test).
 
-    python -m jax_peft.main --config configs/fgvc.py:cub200,rlrr --workdir runs/fgvc/rlrr/cub200 \\
+    python -m jax_peft.main --config jax_peft.configs.fgvc:cub200,rlrr --workdir runs/fgvc/rlrr/cub200 \\
         --config.data.data_dir=/data/fgvc      # holds CUB_200_2011/{train,val,test}.json + images/
 
 Datasets: cub200, nabirds, oxford_flowers, stanford_dogs, stanford_cars (`jax_peft.data.fgvc`;
@@ -30,21 +30,14 @@ RLRR paper's Table 3: `PAPER_RESULTS[method][dataset]`.
 
 from __future__ import annotations
 
-import os
-
 import ml_collections
 
-from jax_peft.train.config import default_config, load_config_module, lock_method
+from jax_peft.configs import recipes as R
+from jax_peft.data import fgvc
+from jax_peft.train.config import default_config, lock_method
 
-
-R = load_config_module(os.path.join(os.path.dirname(os.path.abspath(__file__)), "recipes.py"),
-                       "jax_peft_configs_recipes")
 PAPER_RESULTS = R.PAPER_FGVC
-DATASETS = tuple(R.RLRR_FGVC)
-NUM_CLASSES = {"cub200": 200, "nabirds": 555, "oxford_flowers": 102, "stanford_dogs": 120,
-               "stanford_cars": 196}
-TRAINVAL_SIZE = {"cub200": 5994, "nabirds": 23929, "oxford_flowers": 2040, "stanford_dogs": 12000,
-                 "stanford_cars": 8144}
+DATASETS = tuple(fgvc.DATASETS)
 # (lr, weight decay, normalization) of the methods without a published FGVC recipe
 _OTHER = {"fact_tt": (1e-3, 1e-4, "imagenet"), "fact_tk": (1e-3, 1e-4, "imagenet"),
           "efft": (1e-3, 1e-4, "imagenet"), "lora": (1e-3, 1e-4, "imagenet"),
@@ -56,7 +49,7 @@ def get_config(arg: str = "cub200,rlrr") -> ml_collections.ConfigDict:
     """Config for "dataset,method" (e.g. "cub200,rlrr"); paper number: PAPER_RESULTS[method][dataset]."""
     parts = [p.strip() for p in (arg or "").split(",")]
     if len(parts) != 2 or not all(parts):
-        raise ValueError(f"configs/fgvc.py expects 'dataset,method' (e.g. 'cub200,rlrr'), got {arg!r}")
+        raise ValueError(f"jax_peft.configs.fgvc expects 'dataset,method' (e.g. 'cub200,rlrr'), got {arg!r}")
     dataset = parts[0][len("fgvc/"):] if parts[0].startswith("fgvc/") else parts[0]
     if dataset not in DATASETS:
         raise ValueError(f"unknown FGVC dataset {parts[0]!r}; valid datasets: {', '.join(DATASETS)}")
@@ -65,7 +58,7 @@ def get_config(arg: str = "cub200,rlrr") -> ml_collections.ConfigDict:
     c = default_config()
     c.method = ml_collections.ConfigDict({"name": method})
     c.model.checkpoint = "augreg/ViT-B_16" if method == "ssf" else "ViT-B_16"
-    c.model.num_classes = NUM_CLASSES[dataset]
+    c.model.num_classes = fgvc.num_classes(dataset)
     c.data.name = f"fgvc/{dataset}"
     c.data.train_split, c.data.eval_split = "trainval", "test"
     c.data.image_size = c.model.image_size = 224
@@ -75,7 +68,7 @@ def get_config(arg: str = "cub200,rlrr") -> ml_collections.ConfigDict:
     c.schedule.kind = "timm_epoch"
     c.schedule.warmup_epochs, c.schedule.warmup_lr, c.schedule.min_lr = 10, 1e-7, 1e-8
     c.schedule.cosine_epochs, c.schedule.step_offset = 50, "after_epoch"
-    c.eval_every = TRAINVAL_SIZE[dataset] // c.batch_size
+    c.eval_every = fgvc.get_dataset(dataset).vpt_sizes["trainval"] // c.batch_size
     if method == "rlrr":
         lr, dp = R.RLRR_FGVC[dataset]
         c.optimizer.lr, c.optimizer.weight_decay = lr, 5e-2

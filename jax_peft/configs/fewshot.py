@@ -1,6 +1,6 @@
 """Few-shot fine-grained fine-tuning of ViT-B/16 (FacT / NOAH protocol).
 
-    python -m jax_peft.main --config configs/fewshot.py:food101,16,0,fact_tt \\
+    python -m jax_peft.main --config jax_peft.configs.fewshot:food101,16,0,fact_tt \\
         --workdir runs/fewshot/fact_tt/food101_16shot_seed0 --config.data.data_dir=/data/FGFS
 
 Argument "dataset,shots,seed,method": dataset in food101, stanford_cars, oxford_flowers102,
@@ -9,7 +9,7 @@ are averaged over the three seeds); method in rlrr fact_tt fact_tk efft ssf lora
 With NOAH's list files under data_dir (see `jax_peft.data.fewshot`) the published splits are used;
 otherwise the k-shot list is sampled from TFDS with the seed (FGVC-Aircraft needs the files).
 
-Recipe (vtab_fgvc.md 9.2): AdamW, lr 5e-3, weight decay 1e-4, batch 64 (or the whole training set
+Recipe (NOAH's few-shot runs): AdamW, lr 5e-3, weight decay 1e-4, batch 64 (or the whole training set
 when it is smaller, e.g. 1-shot Pets = 37 images), 100 epochs, cosine with 10 warm-up epochs (timm
 per-epoch schedule; warm-up start 1e-6 and floor 1e-5 as NOAH's VTAB runs, the few-shot values are
 not stated); FacT-TT with rank 16 (scale 1, not stated), baselines with width/rank 8; train
@@ -25,20 +25,19 @@ from __future__ import annotations
 
 import ml_collections
 
+from jax_peft.configs.recipes import METHODS
+from jax_peft.data import fewshot
 from jax_peft.train.config import default_config, lock_method
 
-DATASETS = {"food101": 101, "stanford_cars": 196, "oxford_flowers102": 102, "oxford_iiit_pet": 37,
-            "fgvc_aircraft": 100}
-SHOTS = (1, 2, 4, 8, 16)
-SEEDS = (0, 1, 2)
-METHODS = ("rlrr", "fact_tt", "fact_tk", "efft", "ssf", "lora", "bitfit", "linear", "full")
+DATASETS = {name: d.num_classes for name, d in fewshot.DATASETS.items()}
+SHOTS, SEEDS = fewshot.SHOTS, fewshot.SEEDS
 
 
 def get_config(arg: str = "food101,16,0,fact_tt") -> ml_collections.ConfigDict:
     """Config for "dataset,shots,seed,method" (e.g. "oxford_iiit_pet,4,1,lora")."""
     parts = [p.strip() for p in (arg or "").split(",")]
     if len(parts) != 4:
-        raise ValueError("configs/fewshot.py expects 'dataset,shots,seed,method' "
+        raise ValueError("jax_peft.configs.fewshot expects 'dataset,shots,seed,method' "
                          f"(e.g. 'food101,16,0,fact_tt'), got {arg!r}")
     dataset, shots, seed, method = parts
     dataset = dataset[len("fewshot/"):] if dataset.startswith("fewshot/") else dataset

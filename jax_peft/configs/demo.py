@@ -1,8 +1,8 @@
 """The demo's runs (`python -m jax_peft.demo --workdir DIR` drives them; each also runs alone):
 
-    python -m jax_peft.main --config configs/demo.py:pretrain --workdir DIR/pretrain
-    python -m jax_peft.main --config configs/demo.py:rlrr --workdir DIR/rlrr \
-        --config.model.checkpoint=DIR/upstream_vit.npz
+    python -m jax_peft.main --config jax_peft.configs.demo:pretrain --workdir DIR/pretrain
+    python -m jax_peft.main --config jax_peft.configs.demo:rlrr --workdir DIR/rlrr \
+        --config.model.checkpoint=DIR/upstream_vit_seed0_<hash>.npz
 
 `pretrain`: a small ViT (patch 8, width 96, 3 blocks, 32x32 images) trained from scratch with `full`
 on `synthetic/upstream` (colour x texture, one object). Any other argument is a method name
@@ -40,7 +40,7 @@ def get_config(arg: str | None = None):
     parts = [p for p in parts if p != "quick"]
     which = parts[0] if parts else "pretrain"
     if which != "pretrain" and which not in ADAPT:
-        raise ValueError(f"configs/demo.py argument {which!r}: use 'pretrain' or one of {sorted(ADAPT)}")
+        raise ValueError(f"jax_peft.configs.demo argument {which!r}: use 'pretrain' or one of {sorted(ADAPT)}")
 
     c = default_config()
     c.model.gelu = "exact"

@@ -2,8 +2,8 @@
 
 Run one cell (argument "task,method"):
 
-    python -m jax_peft.main --config configs/vtab1k.py:cifar100,rlrr --workdir runs/rlrr/cifar100
-    python -m jax_peft.main --config configs/vtab1k.py:dtd,fact_tt --workdir runs/fact_tt/dtd \\
+    python -m jax_peft.main --config jax_peft.configs.vtab1k:cifar100,rlrr --workdir runs/rlrr/cifar100
+    python -m jax_peft.main --config jax_peft.configs.vtab1k:dtd,fact_tt --workdir runs/fact_tt/dtd \\
         --config.data.data_dir=/data/vtab-1k      # NOAH JPEG export (the papers' data) or a TFDS dir
 
 and all 19 tasks of a method with `python scripts/vtab_sweep.py --method rlrr --workdir runs/rlrr`.
@@ -36,23 +36,14 @@ Published numbers: `PAPER_RESULTS[method][task]` (top-1 %, methods.md 9.1), tabl
 
 from __future__ import annotations
 
-import os
-
 import ml_collections
 
-from jax_peft.train.config import default_config, load_config_module, lock_method, steps_per_epoch
+from jax_peft.configs import recipes as R
+from jax_peft.data import vtab
+from jax_peft.train.config import default_config, lock_method, steps_per_epoch
 
-
-R = load_config_module(os.path.join(os.path.dirname(os.path.abspath(__file__)), "recipes.py"),
-                       "jax_peft_configs_recipes")
 PAPER_RESULTS = R.PAPER_RESULTS
 TRAIN_EXAMPLES = 1000  # train800val200
-
-NUM_CLASSES = {"caltech101": 102, "cifar100": 100, "dtd": 47, "oxford_flowers102": 102,
-               "oxford_iiit_pet": 37, "sun397": 397, "svhn": 10, "patch_camelyon": 2, "eurosat": 10,
-               "resisc45": 45, "diabetic_retinopathy": 5, "clevr_count": 8, "clevr_dist": 6, "dmlab": 6,
-               "kitti": 4, "dsprites_loc": 16, "dsprites_ori": 16, "smallnorb_azi": 18,
-               "smallnorb_ele": 9}
 
 
 def _timm_schedule(c, *, warmup_lr: float, min_lr: float, cosine_epochs: int = 100,
@@ -150,13 +141,13 @@ def get_config(arg: str = "cifar100,rlrr") -> ml_collections.ConfigDict:
     """
     parts = [p.strip() for p in (arg or "").split(",")]
     if len(parts) != 2 or not all(parts):
-        raise ValueError(f"configs/vtab1k.py expects 'task,method' (e.g. 'cifar100,rlrr'), got {arg!r}")
+        raise ValueError(f"jax_peft.configs.vtab1k expects 'task,method' (e.g. 'cifar100,rlrr'), got {arg!r}")
     task, method = R.canonical_task(parts[0]), R.check_method(parts[1])
     c = default_config()
     c.data.name = f"vtab/{task}"
     c.data.train_split, c.data.eval_split = "train800val200", "test"
     c.data.image_size = c.model.image_size = 224
-    c.model.num_classes = NUM_CLASSES[task]
+    c.model.num_classes = vtab.num_classes(task)
     return lock_method(apply_recipe(c, task, method))
 
 

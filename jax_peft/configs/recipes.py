@@ -1,21 +1,17 @@
 """Per-method, per-dataset recipe tables and the papers' published numbers (ViT-B/16).
 
-Shared by `configs/vtab1k.py`, `configs/fgvc.py`, `configs/fewshot.py` and `scripts/vtab_sweep.py`.
-Sources: each method's released code and paper, as collected in `docs/methods.md` (sections 4-6 for
-recipes, 9 for results). Task keys are jax_peft's VTAB short names (`jax_peft.data.vtab.TASKS`).
+Shared by `jax_peft.configs.vtab1k`, `.fgvc`, `.fewshot` and `scripts/vtab_sweep.py`.
+Sources: each method's released code and paper (docs/methods.md). Task keys are jax_peft's VTAB
+short names; the task list, groups and aliases are `jax_peft.data.vtab`'s.
 """
 
 from __future__ import annotations
 
-VTAB_TASKS = ("caltech101", "cifar100", "dtd", "oxford_flowers102", "oxford_iiit_pet", "sun397", "svhn",
-              "patch_camelyon", "eurosat", "resisc45", "diabetic_retinopathy",
-              "clevr_count", "clevr_dist", "dmlab", "kitti", "dsprites_loc", "dsprites_ori",
-              "smallnorb_azi", "smallnorb_ele")
-VTAB_GROUPS = {"Natural": VTAB_TASKS[:7], "Specialized": VTAB_TASKS[7:11], "Structured": VTAB_TASKS[11:]}
+from jax_peft.data import vtab
+
+VTAB_TASKS = vtab.TASKS
+VTAB_GROUPS = {group.capitalize(): tasks for group, tasks in vtab.GROUPS.items()}
 METHODS = ("rlrr", "fact_tt", "fact_tk", "efft", "ssf", "lora", "bitfit", "linear", "full")
-TASK_ALIASES = {"cifar": "cifar100", "caltech": "caltech101", "flowers": "oxford_flowers102",
-                "pets": "oxford_iiit_pet", "pet": "oxford_iiit_pet", "camelyon": "patch_camelyon",
-                "retinopathy": "diabetic_retinopathy", "sun": "sun397"}
 
 # --- RLRR (methods.md 6.1): lr, weight decay, drop_path (element-wise), horizontal flip -------------
 RLRR_VTAB = {
@@ -128,12 +124,7 @@ PAPER_FGVC = {
 
 def canonical_task(task: str) -> str:
     """VTAB short name from `cifar100`, `vtab/cifar100`, `cifar`, ... (ValueError lists valid ones)."""
-    t = task.strip()
-    t = t[len("vtab/"):] if t.startswith("vtab/") else t
-    t = TASK_ALIASES.get(t, t)
-    if t not in VTAB_TASKS:
-        raise ValueError(f"unknown VTAB task {task!r}; valid tasks: {', '.join(VTAB_TASKS)}")
-    return t
+    return vtab.get_task(task.strip()).name
 
 
 def check_method(method: str, allowed=METHODS) -> str:

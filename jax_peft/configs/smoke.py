@@ -1,7 +1,7 @@
 """Smoke test: a tiny randomly initialized ViT on generated data (synthetic/smoke), CPU in seconds.
 
-    python -m jax_peft.main --config configs/smoke.py --workdir /tmp/smoke
-    python -m jax_peft.main --config configs/smoke.py:lora --workdir /tmp/smoke --config.total_steps=300
+    python -m jax_peft.main --config jax_peft.configs.smoke --workdir /tmp/smoke
+    python -m jax_peft.main --config jax_peft.configs.smoke:lora --workdir /tmp/smoke --config.total_steps=300
 
 The argument picks the method (default rlrr); its hyper-parameters are all in `config.method`, so
 `--config.method.rank=4` (for a method that has a rank) works. Width 32, 2 blocks, 32x32 images of 4 colour classes;
