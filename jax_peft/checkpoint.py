@@ -504,6 +504,11 @@ def load_checkpoint(path_or_url: str | os.PathLike, *, config: ViTConfig | None 
         if swin_checkpoint.is_swin_state_dict(state_dict):  # Swin Transformer weights
             return swin_checkpoint.load_state_dict(state_dict, config=config, head=head, dtype=dtype,
                                                    source=str(path))
+        if not timm_vit.is_timm_state_dict(state_dict):
+            raise CheckpointError(
+                f"{path} holds PyTorch weights that are neither a timm ViT state dict ('patch_embed.proj.weight', "
+                f"'blocks.<i>.*') nor a Swin Transformer one ('layers.<i>.blocks.<j>.*'); keys look like "
+                f"{list(state_dict)[:5]}. jax_peft reads those two architectures from PyTorch files")
         heads = num_heads or (config.num_heads if config is not None else None)
         params = timm_vit.from_timm(state_dict, num_heads=heads)
     else:
