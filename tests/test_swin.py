@@ -212,7 +212,7 @@ def test_adapt_to_config_resizes_windows_and_resets_head():
         jax_peft.swin.validate_params({k: v for k, v in out.items() if k != "norm"}, cfg)
 
 
-@pytest.mark.slow
+@pytest.mark.extended
 def test_train_mode_drop_path_bf16_and_remat():
     """On a one-stage Swin (a masked shifted block): bf16 compute with remat stays close to float32
     in eval mode; drop path acts in training only, deterministic per key; gradients are finite."""

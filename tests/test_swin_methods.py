@@ -82,7 +82,7 @@ def test_golden_float64_exact(name):
         assert "bias" in plain["layers_0"]["downsample"]["reduction"]
 
 
-@pytest.mark.slow
+@pytest.mark.extended
 @pytest.mark.parametrize("name", ["rlrr", "efft"])
 def test_golden_float32(name):
     logits, loss, grads = _run(name, "float32")
@@ -151,7 +151,7 @@ def test_fact_tt_per_stage_increments():
         np.testing.assert_allclose(got, 0.5 * delta, atol=1e-4 * np.abs(delta).max(), err_msg=name)
 
 
-@pytest.mark.slow
+@pytest.mark.extended
 def test_efft_factor_dropout_in_training_only():
     g = _load("efft")
     params = jax_peft.swin.from_state_dict(g["backbone"])
