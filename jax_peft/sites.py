@@ -26,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from jax_peft import paths
+
 Tree = Mapping[str, Any]
 KINDS = ("q", "k", "v", "qkv", "o", "fc1", "fc2", "patch", "merge", "norm")
 
@@ -110,12 +112,12 @@ def select(all_sites: Mapping[str, Site], *, kinds: Iterable[str] | None = None,
         blocks = set(blocks)
         out = [s for s in out if s.block in blocks]
     if pattern is not None:
-        try:
-            rx = re.compile(pattern)
+        try:  # the .npz files' spellings of block children (MlpBlock_3, ...) are accepted too
+            rxs = [re.compile(p) for p in dict.fromkeys((pattern, paths.tree_spelling(pattern)))]
         except re.error as e:
             raise ValueError(f"invalid regex {pattern!r} for {what}: {e}") from None
-        hits = [s for s in out if rx.search(s.name) or rx.search(s.node)
-                or any(rx.search(p) for p in (s.kernel, s.bias) if p)]
+        hits = [s for s in out if any(rx.search(s.name) or rx.search(s.node)
+                                      or any(rx.search(p) for p in (s.kernel, s.bias) if p) for rx in rxs)]
         if not hits:
             sample = ", ".join(f"{s.name} ({s.node})" for s in out[:4]) + (", ..." if len(out) > 4 else "")
             raise ValueError(f"{what} {pattern!r} selects no site. Sites look like: {sample}. Fix the regex "

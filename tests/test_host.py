@@ -48,9 +48,12 @@ def test_freed_temporaries_are_reused_instead_of_faulted_in_again():
     assert applied
     off, faults_default = _probe(SKIP="1")
     assert not off
-    # glibc's default maps each large temporary afresh (one fault per 4 KiB page touched)
-    assert faults_default > 8000, faults_default  # 64 MiB / 4 KiB = 16384 pages
-    assert faults < faults_default / 10, (faults, faults_default)
+    # With the setting, the 64 MiB temporary (16384 pages of 4 KiB) is reused: no page is faulted in
+    # again. glibc's default maps it afresh on every call on most machines (> 8000 faults), but on
+    # some kernels/VMs (this CI machine since 2026-12) the default reuses it too, so only the applied
+    # setting is bounded absolutely.
+    assert faults < 16384 / 10, (faults, faults_default)
+    assert faults <= max(faults_default, 64), (faults, faults_default)
 
 
 _BIG_PROBE = textwrap.dedent("""

@@ -313,12 +313,11 @@ def make_runner(model: Any, method: Method, tx: optax.GradientTransformation, *,
 
 
 class _ShardedStep:
-    """A jitted `fn(state, frozen, batch)` whose frozen-argument shardings are those of the frozen
-    tree it is called with (set by the runner's `put_frozen`); compiled once per placement."""
+    """A jitted `fn(state, frozen, *rest)` whose frozen-argument shardings are those of the frozen tree
+    it is called with (set by the runner's `put_frozen`); compiled once per placement."""
 
-    def __init__(self, fn: Callable, repl: NamedSharding, batch: NamedSharding, out_shardings: Any,
-                 donate: bool):
-        self._fn, self._repl, self._batch, self._out, self._donate = fn, repl, batch, out_shardings, donate
+    def __init__(self, fn: Callable, repl: NamedSharding, rest: tuple, out_shardings: Any, donate: bool):
+        self._fn, self._repl, self._rest, self._out, self._donate = fn, repl, rest, out_shardings, donate
         self._compiled: dict = {}
 
     def _jitted(self, frozen: Tree) -> Callable:
@@ -326,15 +325,16 @@ class _ShardedStep:
         key = (treedef, tuple(x.sharding for x in leaves))
         if key not in self._compiled:
             frozen_shardings = jax.tree_util.tree_unflatten(treedef, [x.sharding for x in leaves])
-            self._compiled[key] = jax.jit(self._fn, in_shardings=(self._repl, frozen_shardings, self._batch),
-                                          out_shardings=self._out, donate_argnums=(0,) if self._donate else ())
+            out = {} if self._out is None else {"out_shardings": self._out}  # None: XLA chooses
+            self._compiled[key] = jax.jit(self._fn, in_shardings=(self._repl, frozen_shardings, *self._rest),
+                                          donate_argnums=(0,) if self._donate else (), **out)
         return self._compiled[key]
 
-    def __call__(self, state: Tree, frozen: Tree, batch: Tree):
-        return self._jitted(frozen)(state, frozen, batch)
+    def __call__(self, state: Tree, frozen: Tree, *rest: Tree):
+        return self._jitted(frozen)(state, frozen, *rest)
 
-    def lower(self, state: Tree, frozen: Tree, batch: Tree):
-        return self._jitted(frozen).lower(state, frozen, batch)
+    def lower(self, state: Tree, frozen: Tree, *rest: Tree):
+        return self._jitted(frozen).lower(state, frozen, *rest)
 
 
 def _fsdp_runner(model: Any, method: Method, tx: optax.GradientTransformation, devices: list, data_size: int,
@@ -347,8 +347,11 @@ def _fsdp_runner(model: Any, method: Method, tx: optax.GradientTransformation, d
     repl, data = NamedSharding(mesh, P()), NamedSharding(mesh, sharding.BATCH)
     train = _ShardedStep(make_train_fn(model, method, tx, seed=seed, label_smoothing=label_smoothing,
                                        schedule=schedule, train_form=train_form),
-                         repl, data, (repl, repl), donate=True)
-    evaluate = _ShardedStep(make_eval_fn(model, method), repl, data, repl, donate=False)
+                         repl, (data,), (repl, repl), donate=True)
+    # The merged eval parameters keep the frozen leaves' sharding (XLA propagates it); the eval
+    # forward then reads them as committed arrays.
+    merge = _ShardedStep(make_merge_fn(model, method), repl, (), None, donate=False)
+    evaluate = jax.jit(make_eval_fn(model), out_shardings=repl)
 
     def put_frozen(tree: Tree) -> Tree:
         stacked = "Transformer" in tree and scan.STACKED in tree["Transformer"]
@@ -358,5 +361,5 @@ def _fsdp_runner(model: Any, method: Method, tx: optax.GradientTransformation, d
 
     put_batch = functools.partial(distributed.global_batch, sharding=data)
     put_state = functools.partial(distributed.replicate, sharding=repl)
-    return Runner("jit", len(devices), train, evaluate, put_state, put_frozen, put_batch, lambda s: s,
+    return Runner("jit", len(devices), train, merge, evaluate, put_state, put_frozen, put_batch, lambda s: s,
                   jax.device_get)
