@@ -31,6 +31,10 @@ _EXPORTS = {
     "init_params": "jax_peft.vit",
     "param_shapes": "jax_peft.vit",
     "NAMED_CONFIGS": "jax_peft.vit",
+    "Swin": "jax_peft.swin",
+    "SwinConfig": "jax_peft.swin",
+    "swin_config": "jax_peft.swin",
+    "swin": "jax_peft.swin",
     "load_checkpoint": "jax_peft.checkpoint",
     "save_checkpoint": "jax_peft.checkpoint",
     "validate_params": "jax_peft.checkpoint",
@@ -64,7 +68,7 @@ _EXPORTS = {
     "merge": "jax_peft.merge",
     "train": "jax_peft.train",
 }
-_MODULES = {"paths", "data", "analysis", "train", "sites", "timm_vit", "torch_io"}
+_MODULES = {"paths", "data", "analysis", "train", "sites", "swin", "timm_vit", "torch_io"}
 __all__ = sorted(_EXPORTS) + ["__version__"]
 
 

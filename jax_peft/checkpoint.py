@@ -417,6 +417,18 @@ def adapt_to_config(params: Tree, config: ViTConfig, *,
 # ------------------------------------------------------------------------------------- public load
 
 
+def is_torch_file(path: str | os.PathLike) -> bool:
+    """A `.safetensors` file, or a zip archive holding a pickle (`torch.save`'s `.pth` format)."""
+    path = os.fspath(path)
+    if path.endswith(".safetensors"):
+        return True
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(n.endswith("data.pkl") for n in z.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
 def check_blocks(params: Tree, source: str = "the checkpoint") -> None:
     """Raises CheckpointError unless the encoder blocks are `encoderblock_0 .. encoderblock_{L-1}`
     with no gap (a missing block would otherwise fail later inside flax, or be skipped)."""
@@ -460,6 +472,10 @@ def load_checkpoint(path_or_url: str | os.PathLike, *, config: ViTConfig | None 
                     verify: bool = True, on_nonfinite: str = "warn", num_heads: int | None = None) -> dict:
     """Loads a ViT checkpoint as the canonical nested tree of numpy arrays.
 
+    PyTorch Swin Transformer files (Microsoft's `.pth`, timm's `.pth` / `.safetensors`, short names
+    such as "swin_base_patch4_window7_224_22k") load as the canonical Swin tree instead (see
+    `jax_peft.swin_checkpoint.load`; `config` is then a `SwinConfig`).
+
     Args:
       path_or_url: a local `.npz`, an `https://` or `gs://bucket/path` URL, or a short name such
         as "ViT-B_16", "imagenet21k+imagenet2012/ViT-B_16", "augreg/B_16", "SigLIP So400m/14 224"
@@ -481,11 +497,20 @@ def load_checkpoint(path_or_url: str | os.PathLike, *, config: ViTConfig | None 
     """
     path = fetch(path_or_url, cache_dir=cache_dir, progress=progress, force_download=force_download,
                  verify=verify)
-    if path.suffix in (".safetensors", ".pth", ".pt", ".bin"):
-        from jax_peft import timm_vit
+    if path.suffix in (".safetensors", ".pth", ".pt", ".bin") or is_torch_file(path):
+        from jax_peft import swin_checkpoint, timm_vit
 
+        state_dict = timm_vit.read(path)
+        if swin_checkpoint.is_swin_state_dict(state_dict):  # Swin Transformer weights
+            return swin_checkpoint.load_state_dict(state_dict, config=config, head=head, dtype=dtype,
+                                                   source=str(path))
+        if not timm_vit.is_timm_state_dict(state_dict):
+            raise CheckpointError(
+                f"{path} holds PyTorch weights that are neither a timm ViT state dict ('patch_embed.proj.weight', "
+                f"'blocks.<i>.*') nor a Swin Transformer one ('layers.<i>.blocks.<j>.*'); keys look like "
+                f"{list(state_dict)[:5]}. jax_peft reads those two architectures from PyTorch files")
         heads = num_heads or (config.num_heads if config is not None else None)
-        params = timm_vit.from_timm(timm_vit.read(path), num_heads=heads)
+        params = timm_vit.from_timm(state_dict, num_heads=heads)
     else:
         params = normalize(read_npz(path), dtype=dtype)
     check_blocks(params, f"checkpoint {path}")
@@ -547,7 +572,13 @@ def save_checkpoint(path: str | os.PathLike, params: Tree, *,
     matches) and with `load_checkpoint`. layout="big_vision": `to_big_vision`'s layout, which
     big_vision's `vit.load` reads (e.g. a MAP-head model, `pool_type="map"`).
     A path ending in `.safetensors` writes a timm state dict instead (`jax_peft.timm_vit.save`).
+    A Swin tree is written as PyTorch weights (path ending in .safetensors or .pth, timm's layout;
+    see `jax_peft.swin_checkpoint.save`).
     """
+    if isinstance(params, Mapping) and "patch_embed" in params and "layers_0" in params:  # a Swin tree
+        from jax_peft import swin_checkpoint
+
+        return Path(swin_checkpoint.save(path, params))
     path = Path(os.path.expanduser(os.fspath(path)))
     if path.suffix == ".safetensors":
         from jax_peft import timm_vit

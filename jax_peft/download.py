@@ -19,6 +19,11 @@ Short names (case-insensitive; `/` inside the model name may be written `_`)::
     "SigLIP So400m/14 224", "siglip/B_16-256" -> a SigLIP two-tower file in gs://big_vision/siglip/
                                               (load_checkpoint keeps its image tower)
     "hf-hub:timm/<name>"                   -> https://huggingface.co/timm/<name>/resolve/main/model.safetensors
+
+Swin Transformer files (see `SWIN`): Microsoft's releases by file name, with or without `.pth`
+("swin_base_patch4_window7_224_22k.pth", a local file of that name wins), and timm's Hugging Face
+files as "timm/<model>.<tag>" (e.g. "timm/swin_base_patch4_window7_224.ms_in22k" -> its
+model.safetensors). `.safetensors` downloads are checked by their header instead of as a zip.
 """
 
 from __future__ import annotations
@@ -68,6 +73,18 @@ AUGREG: dict[str, str] = {
 }
 
 
+# Microsoft's released Swin files (github.com/microsoft/Swin-Transformer, release v1.0.0), in their
+# layout (merging at the end of each stage, head `head`); "_22k" = ImageNet-22k heads (21841 classes).
+SWIN_RELEASE = "https://github.com/SwinTransformer/storage/releases/download/v1.0.0/"
+SWIN: tuple[str, ...] = (
+    "swin_tiny_patch4_window7_224", "swin_small_patch4_window7_224",
+    "swin_base_patch4_window7_224_22k", "swin_base_patch4_window7_224_22kto1k",
+    "swin_base_patch4_window12_384_22k", "swin_base_patch4_window12_384_22kto1k",
+    "swin_large_patch4_window7_224_22k", "swin_large_patch4_window7_224_22kto1k",
+    "swin_large_patch4_window12_384_22k", "swin_large_patch4_window12_384_22kto1k",
+)
+_TIMM_HUB = re.compile(r"timm/(swin_[a-z0-9_]+\.[a-z0-9_]+)", re.IGNORECASE)
+
 # Public SigLIP checkpoints (big_vision's SigLIP demo colab and its vit.py VANITY_NAMES):
 # (image tower, resolution) -> file in gs://big_vision/siglip/. Image towers use pool_type="map".
 SIGLIP: dict[tuple[str, int], str] = {
@@ -116,6 +133,7 @@ def known_names() -> list[str]:
     names = list(VIT_MODELS["imagenet21k"])
     names += [f"{d}/{m}" for d, models in VIT_MODELS.items() for m in models]
     names += [f"augreg/{m}" for m in AUGREG]
+    names += [f"{m}.pth" for m in SWIN] + ["timm/swin_base_patch4_window7_224.ms_in22k"]
     names += siglip_names()
     return names
 
@@ -156,6 +174,11 @@ def _fold(name: str) -> str:
 def resolve_name(name: str) -> str | None:
     """The https URL of a short checkpoint name, or None if `name` is not a known short name."""
     s = name.strip()
+    swin = s[:-4] if s.lower().endswith(".pth") else s
+    if swin.lower() in SWIN:
+        return f"{SWIN_RELEASE}{swin.lower()}.pth"
+    if _TIMM_HUB.fullmatch(s):
+        return f"https://huggingface.co/{s}/resolve/main/model.safetensors"
     url = hf_hub_url(s) or _resolve_siglip(s)
     if url is not None:
         return url

@@ -208,3 +208,17 @@ def vit_sites(params: Tree) -> list[Site]:
 
 
 register_backbone("vit", _is_vit, vit_sites)
+
+
+# --- the Swin Transformer (jax_peft.swin describes its sites) -----------------------------------
+def _is_swin(params: Tree) -> bool:
+    return isinstance(params, Mapping) and "patch_embed" in params and "layers_0" in params
+
+
+def _swin_sites(params: Tree) -> list[Site]:
+    from jax_peft.swin import swin_sites
+
+    return swin_sites(params)
+
+
+register_backbone("swin", _is_swin, _swin_sites)

@@ -158,6 +158,8 @@ def test_every_method_works_on_a_map_model(map_config, map_params, tiny_images):
     """MAP sites are off by default: only full fine-tuning touches the MAP head. (Traced with
     eval_shape: shapes and paths without compiling nine methods.)"""
     for name in jax_peft.method_names():
+        if name.endswith("_swin"):  # the Swin variants need a Swin tree
+            continue
         method = jax_peft.get_method(name)
         adapter = jax.eval_shape(lambda m=method: m.init(jax.random.PRNGKey(0), map_params))
         in_head = [p for p in paths.flatten(adapter) if p.startswith("MAPHead_0/")]

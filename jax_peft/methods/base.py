@@ -357,6 +357,9 @@ _REGISTRY: dict[str, str] = {
     "bitfit": "jax_peft.methods.simple:BitFit",
     "linear": "jax_peft.methods.simple:Linear",
     "full": "jax_peft.methods.simple:Full",
+    "rlrr_swin": "jax_peft.methods.swin_variants:RLRRSwin",
+    "efft_swin": "jax_peft.methods.swin_variants:EFFTSwin",
+    "fact_tt_swin": "jax_peft.methods.swin_variants:FacTTTSwin",
 }
 
 

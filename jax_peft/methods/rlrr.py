@@ -70,6 +70,23 @@ def _official_shape(leaf: str, n: int) -> tuple[int, ...]:
     return {"s_in": (1, n), "s_out": (n, 1), "f": (1, n)}.get(leaf, (n,))
 
 
+def init_leaves(rng: jax.Array, chosen: list[Site], identity: bool, rescaled: tuple[str, ...]) -> dict:
+    """RLRR's adapter over `chosen` sites: (s_in, s_out, f) on sites of a kind in `rescaled`, SSF
+    (ssf_scale, ssf_shift) on the others; official or identity init (see `RLRR`)."""
+    flat: dict[str, Any] = {}
+    for key, s in zip(jax.random.split(rng, len(chosen)), chosen):
+        if s.kind in rescaled:
+            k1, k2 = jax.random.split(key)
+            flat[f"{s.node}/s_in"] = rescale.kaiming_uniform(k1, (s.d_in,), s.d_in)
+            flat[f"{s.node}/s_out"] = (jnp.zeros((s.d_out,), jnp.float32) if identity
+                                       else rescale.kaiming_uniform(k2, (s.d_out,), 1))
+            flat[f"{s.node}/f"] = jnp.zeros((s.d_out,), jnp.float32)
+        else:
+            ssf = rescale.ssf_init(key, s.d_out, identity)
+            flat[f"{s.node}/ssf_scale"], flat[f"{s.node}/ssf_shift"] = ssf["scale"], ssf["shift"]
+    return paths.unflatten(flat)
+
+
 def _abstract_vit(sd: Mapping[str, Any], depth: int) -> dict:
     """A shape-only ViT tree of `depth` blocks with the widths an official RLRR state dict implies
     (for `from_official` without params: only site names and the official names matter)."""
@@ -126,6 +143,9 @@ class RLRR(Method):
     def select(self, params: Tree) -> list[Site]:
         """Adapted sites in init order: patch; per block its norms then its linears; final norm
         (raises when nothing is selected)."""
+        if sites_lib._is_swin(params):
+            raise ValueError("rlrr: this is a Swin Transformer; use get_method('rlrr_swin'), RLRR's official "
+                             "Swin variant (fused qkv, patch merging, no patch SSF)")
         all_sites = sites_lib.sites(params)
         blocks = set(select_blocks(all_sites, self.layers, self.name))
         chosen = []
@@ -151,20 +171,7 @@ class RLRR(Method):
 
     # --- contract ---------------------------------------------------------------------------
     def init(self, rng: jax.Array, params: Tree) -> dict:
-        chosen = self.select(params)
-        identity = self.init_scheme == "identity"
-        flat: dict[str, Any] = {}
-        for key, s in zip(jax.random.split(rng, len(chosen)), chosen):
-            if s.kind in LINEAR:
-                k1, k2 = jax.random.split(key)
-                flat[f"{s.node}/s_in"] = rescale.kaiming_uniform(k1, (s.d_in,), s.d_in)
-                flat[f"{s.node}/s_out"] = (jnp.zeros((s.d_out,), jnp.float32) if identity
-                                           else rescale.kaiming_uniform(k2, (s.d_out,), 1))
-                flat[f"{s.node}/f"] = jnp.zeros((s.d_out,), jnp.float32)
-            else:
-                ssf = rescale.ssf_init(key, s.d_out, identity)
-                flat[f"{s.node}/ssf_scale"], flat[f"{s.node}/ssf_shift"] = ssf["scale"], ssf["shift"]
-        return paths.unflatten(flat)
+        return init_leaves(rng, self.select(params), self.init_scheme == "identity", LINEAR)
 
     def _grouped(self, params: Tree, adapter: Tree) -> list[tuple[Site, dict[str, Any]]]:
         by_node = {s.node: s for s in self.select(params)}

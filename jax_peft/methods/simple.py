@@ -23,7 +23,7 @@ from jax_peft.methods.edits import Replace
 # Leaves never copied into an adapter: the classifier is trained separately as `head`.
 _HEAD = re.compile(r"^head/")
 # VPT "tinytl-bias": every *encoder* parameter whose name contains "bias" (pre_logits is not encoder).
-BITFIT_TARGETS = r"^(embedding|Transformer)/.*bias$"
+BITFIT_TARGETS = r"^(embedding|Transformer|patch_embed|layers_\d+|norm)/.*bias$"  # ViT and Swin trees
 
 
 def path_mask(tree: Tree, pred: Callable[[str, Any], bool]) -> Any:

@@ -1,0 +1,166 @@
+"""The official Swin variants of RLRR and EFFT against the official code's outputs (golden files
+tests/data/swin/rlrr.npz, efft.npz: the tiny Swin of plain.npz, adapter tensors drawn to
+non-trivial values; logits and the gradients of every adapter tensor and the head), through the
+public API: from_official("rlrr" | "efft", ..., params=swin_params), method.apply, to_official."""
+
+from __future__ import annotations
+
+import functools
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from conftest import DATA
+
+import jax_peft
+from jax_peft import paths
+
+
+@functools.cache
+def _load(name: str) -> dict:
+    z = np.load(DATA / "swin" / f"{name}.npz")
+    p = np.load(DATA / "swin" / "plain.npz")
+    meta = json.loads(str(z["meta"]))
+    hp = {} if name == "rlrr" else dict(rank=meta["hyper"]["attn_rank_stage0"],
+                                        mlp_rank=tuple(meta["hyper"]["mlp_rank_stage0"]), scale=meta["hyper"]["s"])
+    return dict(meta=meta, hp=hp, x=z["x"], labels=z["labels"], logits=z["logits"], loss=float(z["loss"]),
+                head={"kernel": z["head/weight"].T, "bias": z["head/bias"]},
+                backbone={k[len("backbone/"):]: p[k] for k in p.files if k.startswith("backbone/")},
+                adapter={k[len("adapter/"):]: z[k] for k in z.files if k.startswith("adapter/")},
+                grads={k[len("grad/"):]: z[k] for k in z.files if k.startswith("grad/")})
+
+
+def _per_tensor(ours, gold) -> float:
+    return float(np.max(np.abs(np.asarray(ours, np.float64) - gold)) / max(np.max(np.abs(gold)), 1e-4))
+
+
+def _run(name: str, dtype: str, merged: bool = False):
+    g = _load(name)
+    params = jax_peft.swin.from_state_dict(g["backbone"], dtype=np.dtype(dtype))
+    params["head"] = jax.tree_util.tree_map(lambda a: np.asarray(a, dtype), g["head"])
+    adapter = jax_peft.from_official(name, g["adapter"], params=params, **g["hp"])
+    method = jax_peft.get_method(f"{name}_swin", **g["hp"])
+    assert method.num_params(adapter) == g["meta"]["trainable_adapter_params"]
+    model = jax_peft.Swin(jax_peft.swin_config(params, image_size=32, dtype=dtype))
+    x, labels = jnp.asarray(g["x"], dtype), jnp.asarray(g["labels"])
+
+    @jax.jit
+    def loss_fn(ad, head):
+        logits = model.apply({"params": method.apply({**params, "head": head}, ad)}, x, train=False)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), logits
+
+    (loss, logits), (g_ad, g_head) = jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True)(adapter, params["head"])
+    grads = jax_peft.to_official(name, {"adapter": g_ad, "head": g_head}, **g["hp"])
+    out = [np.asarray(logits), float(loss), grads]
+    if merged:
+        plain = jax_peft.merge(params, method, adapter)
+        out.append(np.asarray(jax.jit(lambda p: model.apply({"params": p}, x))(plain)))
+        out.append(plain)
+    return out
+
+
+def _check(name, logits, loss, grads, logit_tol, grad_tol):
+    g = _load(name)
+    assert np.max(np.abs(logits - g["logits"])) / np.max(np.abs(g["logits"])) < logit_tol
+    assert abs(loss - g["loss"]) / abs(g["loss"]) < logit_tol
+    assert set(grads) == set(g["grads"])
+    bad = {k: e for k, v in g["grads"].items() if (e := _per_tensor(grads[k], v)) > grad_tol}
+    assert not bad, bad
+
+
+@pytest.mark.parametrize("name", ["rlrr", "efft"])
+def test_golden_float64_exact(name):
+    with jax.enable_x64(True):
+        logits, loss, grads, merged_logits, plain = _run(name, "float64", merged=True)
+    _check(name, logits, loss, grads, 1e-9, 1e-6)
+    g = _load(name)
+    assert np.max(np.abs(merged_logits - g["logits"])) / np.max(np.abs(g["logits"])) < 1e-9
+    if name == "rlrr":  # the merging reduction keeps its shift as a bias
+        assert "bias" in plain["layers_0"]["downsample"]["reduction"]
+
+
+@pytest.mark.extended
+@pytest.mark.parametrize("name", ["rlrr", "efft"])
+def test_golden_float32(name):
+    logits, loss, grads = _run(name, "float32")
+    _check(name, logits, loss, grads, 1e-4, 1e-2)
+
+
+@pytest.mark.parametrize("name", ["rlrr", "efft"])
+def test_official_round_trip_and_init(name):
+    g = _load(name)
+    params = jax_peft.swin.from_state_dict(g["backbone"])
+    adapter = jax_peft.from_official(name, g["adapter"], params=params, **g["hp"])
+    back = jax_peft.to_official(name, adapter, **g["hp"])
+    assert set(back) == set(g["adapter"])
+    for k, v in g["adapter"].items():
+        np.testing.assert_allclose(back[k], v, rtol=1e-6, atol=1e-7, err_msg=k)
+    method = jax_peft.get_method(f"{name}_swin", **g["hp"])
+    fresh = method.init(jax.random.PRNGKey(0), params)
+    assert paths.count(fresh) == g["meta"]["trainable_adapter_params"]
+    assert set(jax_peft.to_official(name, fresh, **g["hp"])) == set(g["adapter"])
+    if name == "efft":  # v = 0: the pretrained function at step 0
+        assert not any(np.asarray(v).any() for k, v in paths.flatten(fresh).items() if k.endswith("_v"))
+    with pytest.raises(ValueError, match="missing"):
+        jax_peft.from_official(name, dict(list(g["adapter"].items())[1:]), params=params, **g["hp"])
+    if name == "rlrr":  # the ViT class refuses a Swin and names the variant
+        with pytest.raises(ValueError, match="rlrr_swin"):
+            jax_peft.get_method("rlrr").init(jax.random.PRNGKey(0), params)
+    with pytest.raises(ValueError, match="Swin Transformer variant"):
+        method.init(jax.random.PRNGKey(0), jax_peft.param_shapes(jax_peft.vit_config("ViT-Ti/16")))
+
+
+def test_swin_sites():
+    params = jax_peft.swin.from_state_dict(_load("rlrr")["backbone"])
+    s = jax_peft.sites.sites(params)
+    assert [n for n in s if n.startswith("stage0/block1/")] == [
+        "stage0/block1/ln1", "stage0/block1/qkv", "stage0/block1/o", "stage0/block1/ln2", "stage0/block1/fc1",
+        "stage0/block1/fc2"]
+    assert s["stage0/block1/qkv"].shape == (32, 96) and s["stage1/block0/fc1"].shape == (64, 256)
+    assert (s["stage1/block1/o"].block, s["stage1/block1/o"].stage) == (3, 1)
+    assert s["stage0/merge"].kind == "merge" and s["stage0/merge"].shape == (128, 64) and s["stage0/merge"].bias is None
+    assert s["patch"].shape == (48, 32) and "stage1/merge" not in s and s["final_norm"].shape == (64, 64)
+    assert not any("merge_norm" in n for n in s)  # no method adapts the merging norm
+
+
+def test_fact_tt_per_stage_increments():
+    """FacT-TT on a Swin (the paper's per-stage reading): stage pair U_i, V_i, per-block cores, the
+    increments of FacT-TT on the ViT (fused qkv = [U T_q V | U T_k V | U T_v V], chunked MLP)."""
+    cfg = jax_peft.swin_config(None, embed_dim=8, depths=(2, 2), num_heads=(1, 2), window_size=4, image_size=32,
+                               num_classes=3)
+    rng = np.random.default_rng(0)
+    params = paths.unflatten({k: rng.normal(size=v.shape).astype(np.float32)
+                              for k, v in paths.flatten(jax_peft.swin.param_shapes(cfg)).items()})
+    method = jax_peft.get_method("fact_tt_swin", rank=2, scale=0.5)
+    fresh = method.init(jax.random.PRNGKey(1), params)
+    assert paths.count(fresh) == 2 * 2 * (8 + 16) + 4 * 12 * 4  # 2r·ΣD_i + 12r²·L
+    eff0 = method.apply(params, fresh)  # V = 0: the pretrained function
+    np.testing.assert_array_equal(np.asarray(eff0["layers_1"]["blocks_0"]["attn"]["qkv"]["kernel"]),
+                                  params["layers_1"]["blocks_0"]["attn"]["qkv"]["kernel"])
+    ad = jax.tree_util.tree_map(lambda a: rng.normal(size=a.shape).astype(np.float32), fresh)
+    eff = method.apply(params, ad)
+    u, v, t = ad["layers_1"]["fact"]["U"], ad["layers_1"]["fact"]["V"], ad["layers_1"]["blocks_1"]["fact"]
+    blk, old = eff["layers_1"]["blocks_1"], params["layers_1"]["blocks_1"]
+    want = {"attn/qkv": np.concatenate([u @ t[x] @ v for x in "qkv"], 1), "attn/proj": u @ t["o"] @ v,
+            "mlp/fc1": u @ t["fc1"] @ np.kron(np.eye(4), v), "mlp/fc2": np.kron(np.eye(4), u) @ t["fc2"] @ v}
+    for name, delta in want.items():
+        got = np.asarray(paths.get(blk, f"{name}/kernel")) - paths.get(old, f"{name}/kernel")
+        np.testing.assert_allclose(got, 0.5 * delta, atol=1e-4 * np.abs(delta).max(), err_msg=name)
+
+
+@pytest.mark.extended
+def test_efft_factor_dropout_in_training_only():
+    g = _load("efft")
+    params = jax_peft.swin.from_state_dict(g["backbone"])
+    adapter = jax_peft.from_official("efft", g["adapter"], params=params, **g["hp"])
+    method = jax_peft.get_method("efft_swin", **g["hp"])
+    kernel = lambda t: np.asarray(t["layers_0"]["blocks_1"]["mlp"]["fc1"]["kernel"])
+    ev = kernel(method.apply(params, adapter))
+    a, b, c = (kernel(method.apply(params, adapter, rng=jax.random.PRNGKey(s))) for s in (0, 0, 1))
+    np.testing.assert_array_equal(a, b)
+    assert np.abs(a - ev).max() > 0 and np.abs(a - c).max() > 0
+    off = jax_peft.get_method("efft_swin", **g["hp"], dropout=0.0)
+    np.testing.assert_array_equal(kernel(off.apply(params, adapter, rng=jax.random.PRNGKey(0))), ev)
