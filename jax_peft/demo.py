@@ -163,7 +163,7 @@ def merge_and_check(method: str, backbone: str, run_dir: str, out_path: str, *, 
         raise FileNotFoundError(f"no checkpoint in {run_dir}/checkpoints; the {method} run did not finish")
     trainable = jax.device_get(restored[0]["trainable"])
     params = step_lib.join_params(s.frozen, trainable)
-    merged = merge(params, s.method, trainable["adapter"])
+    merged = merge(params, s.method, trainable["adapter"], spec=restored[1].get(checkpointing.SPEC_KEY))
     ck.save_checkpoint(out_path, jax.device_get(merged))
     reloaded = ck.load_checkpoint(out_path)
 

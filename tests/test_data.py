@@ -5,6 +5,9 @@ code path runs on generated records. Under the mock every split has `num_example
 its slice, so split sizes are checked through `dataset_info` and the split strings.
 """
 
+import contextlib
+from unittest import mock
+
 import numpy as np
 import pytest
 
@@ -47,13 +50,12 @@ def test_vtab_tasks_order_and_classes():
 @pytest.mark.parametrize("task", vtab.TASKS)
 def test_every_task_under_mock(task):
     name = f"vtab/{task}"
-    with tfds.testing.mock_data(num_examples=7):
-        with pytest.warns(UserWarning) if task == "clevr_count" else _nullcontext():
-            it = D.make_dataset(name, "train800val200", batch_size=3, image_size=16, train=True,
-                                seed=1, prefetch=1, **KW)
-            train = [next(it) for _ in range(3)]  # crosses an epoch boundary (2 batches/epoch)
-            it.close()
-            test = list(D.make_dataset(name, "test", batch_size=4, image_size=16, train=False, **KW))
+    with vtab_mock_data(num_examples=7):
+        it = D.make_dataset(name, "train800val200", batch_size=3, image_size=16, train=True,
+                            seed=1, prefetch=1, **KW)
+        train = [next(it) for _ in range(3)]  # crosses an epoch boundary (2 batches/epoch)
+        it.close()
+        test = list(D.make_dataset(name, "test", batch_size=4, image_size=16, train=False, **KW))
     c = D.num_classes(name)
     for b in train:
         assert set(b) == {"image", "label"}
@@ -70,7 +72,7 @@ def test_every_task_under_mock(task):
 @pytest.mark.parametrize("task", vtab.TASKS)
 def test_every_task_is_deterministic_sharded_and_resumable_under_mock(task):
     name, kw = f"vtab/{task}", dict(image_size=8, train=True, seed=5, hflip=True, prefetch=0)
-    with tfds.testing.mock_data(num_examples=12), _quiet():
+    with vtab_mock_data(num_examples=12):
         take = lambda it, n: [next(it) for _ in range(n)]  # noqa: E731
         ref = take(D.make_dataset(name, "train800val200", batch_size=4, **kw, **KW), 6)  # 2 epochs
         again = take(D.make_dataset(name, "train800val200", batch_size=4, **kw, **KW), 6)
@@ -87,26 +89,34 @@ def test_every_task_is_deterministic_sharded_and_resumable_under_mock(task):
         np.testing.assert_array_equal(np.concatenate([hosts[0][j]["label"], hosts[1][j]["label"]]), g["label"])
 
 
-class _quiet:
-    """Silences the expected mocked-label clipping warning."""
+@contextlib.contextmanager
+def vtab_mock_data(num_examples: int):
+    """`tfds.testing.mock_data` whose variable-length features (images of unknown size, CLEVR's and
+    KITTI's object lists) have 10 entries. The mock's random lengths (5..49) would make CLEVR scenes of
+    up to 49 objects, whose count label (objects - 3) is outside clevr_count's 8 classes; real scenes
+    hold 3..10 objects."""
+    from tensorflow_datasets.testing import mocking
 
-    def __enter__(self):
-        import warnings
+    init = mocking.RandomFakeGenerator.__init__
 
-        self._cm = warnings.catch_warnings()
-        self._cm.__enter__()
-        warnings.simplefilter("ignore", UserWarning)
+    def constant_lengths(self, *args, **kwargs):
+        init(self, *args, **dict(kwargs, constant_dynamic_shape=True))
 
-    def __exit__(self, *a):
-        return self._cm.__exit__(*a)
+    with mock.patch.object(mocking.RandomFakeGenerator, "__init__", constant_lengths), \
+            tfds.testing.mock_data(num_examples=num_examples):
+        yield
 
 
-class _nullcontext:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
+def test_a_tfds_label_outside_the_task_classes_names_the_dataset_split_record_label_and_fix():
+    with tfds.testing.mock_data(num_examples=7):  # random object counts: clevr_count labels up to 46
+        src = vtab.get_source("vtab/clevr_count", "train800")
+        with pytest.raises(pipeline.ExampleError, match=r"^vtab/clevr_count split 'train800', example \d \(TFDS "
+                           r"clevr:3\.\*\.\* 'train\[:800\]', record \d\): label \d+ is outside \[0, 8\) "
+                           r".*prepare it again \(python -m jax_peft.data.prepare vtab/clevr_count\)$"):
+            [src[i] for i in range(7)]
+        it = D.make_dataset("vtab/clevr_count", "train800", batch_size=7, image_size=8, train=False, **KW)
+        with pytest.raises(pipeline.ExampleError, match="^vtab/clevr_count split 'train800', example .*label"):
+            next(it)  # the same error through the pipeline (not wrapped again)
 
 
 def test_configured_split_sizes_and_strings():

@@ -157,7 +157,7 @@ def test_adapter_for_another_model_is_refused_in_one_error(name):
         with pytest.raises(ValueError, match="wrong shape.*embedding"):
             method.apply(patch4, ad2)
     else:  # the adapter's shapes fit; the spec recorded with it knows the model
-        with pytest.raises(ValueError, match=r"model patch: adapter \[\[192, 32\]\] vs params \[\[48, 32\]\]"):
+        with pytest.raises(ValueError, match=r"model patch: stored \[\[192, 32\]\], requested \[\[48, 32\]\]"):
             jax_peft.merge(patch4, method, ad2, spec=method.spec(two))
 
 
@@ -167,7 +167,7 @@ def test_merge_refuses_other_hyper_parameters():
     adapter = trained.init(KEY, params)
     spec = json.loads(json.dumps(trained.spec(params)))  # as stored beside an adapter
     jax_peft.merge(params, trained, adapter, spec=spec)
-    with pytest.raises(ValueError, match="alpha: adapter 8.0 vs method 4.0"):
+    with pytest.raises(ValueError, match="alpha: stored 8.0, requested 4.0"):
         jax_peft.merge(params, jax_peft.get_method("lora", rank=4, alpha=4.0), adapter, spec=spec)
 
 

@@ -5,6 +5,7 @@ behaviour or an error naming the problem and the fix."""
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -91,6 +92,63 @@ def test_config_differences_ignore_free_fields_and_fill_absent_keys_with_default
     now["method"]["rank"] = 4
     with pytest.raises(safety.IncompatibleCheckpointError, match="method.rank: 8 -> 4"):
         safety.check_resume_config(stored, now, step=5, where="DIR", override=[])
+
+
+# ------------------------------------------------------------------ 7. the adapter's hyper-parameters
+def _meta_files(workdir):
+    return sorted(Path(workdir, "checkpoints").glob("*/meta/metadata"))
+
+
+def test_checkpoints_record_the_adapter_spec_and_refuse_other_hyper_parameters(finished, tmp_path, monkeypatch):
+    w = _copy(finished, tmp_path)
+    trained = model_setup.build_method(tiny_run_config())
+    metas = [json.loads(f.read_text()) for f in _meta_files(w)]
+    assert len(metas) == 3 and all(m[checkpointing.SPEC_KEY]["hparams"] == trained.spec()["hparams"] for m in metas)
+    assert metas[0][checkpointing.SPEC_KEY]["model"]["blocks"] == 1
+    # the same config now builds another method (e.g. a changed default): eval and resume refuse,
+    # naming the field, the stored and the requested value and the override that restores it
+    other = jax_peft.get_method("bitfit", targets=r"^Transformer/.*bias$")
+    monkeypatch.setattr(model_setup, "build_method", lambda config: other)
+    want = (r"step 3 in .*bitfit: the adapter was built with other settings \(targets: stored '\^\(embedding.*', "
+            r"requested '\^Transformer/\.\*bias\$'\).*--config.method.targets=.*new --workdir")
+    with pytest.raises(safety.IncompatibleCheckpointError, match=want):
+        loop.evaluate(tiny_run_config(), w)
+    with pytest.raises(safety.IncompatibleCheckpointError, match=want):
+        loop.train_and_evaluate(tiny_run_config(total_steps=4, resume_override="total_steps"), w)
+    assert sorted(os.listdir(os.path.join(w, "checkpoints"))) == ["1", "2", "3"]  # not taken for corrupted
+    monkeypatch.undo()
+    for f in _meta_files(w):  # a checkpoint written before specs were recorded: loads, unchecked
+        meta = json.loads(f.read_text())
+        del meta[checkpointing.SPEC_KEY]
+        f.write_text(json.dumps(meta))
+    assert loop.evaluate(tiny_run_config(), w)["step"] == 3
+
+
+@pytest.mark.parametrize("name,stored,requested,flag", [
+    ("lora", dict(alpha=16.0), dict(alpha=8.0), "--config.method.alpha=16.0"),
+    ("rlrr", dict(init="official"), dict(init="identity"), "--config.method.init='official'"),
+    ("fact_tt", dict(scale=10.0), dict(scale=1.0), "--config.method.scale=10.0"),
+])
+def test_a_stored_spec_refuses_a_restore_with_other_hyper_parameters(tmp_path, name, stored, requested, flag):
+    built = jax_peft.get_method(name, **stored)
+    ckpt = checkpointing.Checkpointer(str(tmp_path / "ck"), spec=json.loads(json.dumps(built.spec())))
+    ckpt.save({"step": np.int32(1), "w": np.ones(2, np.float32)}, data_position=1)
+    abstract = jax.eval_shape(lambda: {"step": np.int32(0), "w": np.zeros(2, np.float32)})
+    field = "init_scheme" if name == "rlrr" else next(iter(stored))
+    check = lambda m, step: checkpointing.check_adapter_spec(m, jax_peft.get_method(name, **requested), where="CK")
+    with pytest.raises(jax_peft.methods.base.SpecMismatchError,
+                       match=rf"^CK: {name}: .*\({field}: stored {next(iter(stored.values()))!r}, requested "
+                             rf"{next(iter(requested.values()))!r}\); use the method it was built for") as e:
+        ckpt.restore(abstract, check_meta=check)
+    assert e.value.fields == {field: (next(iter(stored.values())), next(iter(requested.values())))}
+    assert ckpt.all_steps() == [1]  # incompatible is not corrupted
+    same = lambda m, step: checkpointing.check_adapter_spec(m, jax_peft.get_method(name, **stored))
+    assert int(ckpt.restore(abstract, check_meta=same)[0]["step"]) == 1
+    # the training loop's check names the config override that brings the stored value back
+    setup = type("S", (), {"method": jax_peft.get_method(name, **requested), "params": None})
+    with pytest.raises(safety.IncompatibleCheckpointError, match=re.escape(flag)):
+        loop._spec_check(setup, "DIR")(ckpt.read_meta(1), 1)
+    ckpt.close()
 
 
 # ---------------------------------------------------------------------------- 2. unreadable ckpts

@@ -163,7 +163,7 @@ def load_run(run_dir: str, step: int | None = None) -> tuple[dict, Any, dict, di
     import ml_collections
     import orbax.checkpoint as ocp
 
-    from jax_peft.train import model_setup
+    from jax_peft.train import checkpointing, model_setup
 
     ckdir = os.path.join(run_dir, "checkpoints")
     if not os.path.isdir(ckdir):
@@ -180,7 +180,7 @@ def load_run(run_dir: str, step: int | None = None) -> tuple[dict, Any, dict, di
     elif step not in steps:
         raise FileNotFoundError(f"no checkpoint for step {step} in {ckdir}; available steps: {steps}")
     out = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(),
-                                                     config=ocp.args.JsonRestore()))
+                                                     config=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
     mgr.close()
     config = ml_collections.ConfigDict(dict(out["config"]))
     trainable = jax.tree_util.tree_map(np.asarray, dict(out["state"]["trainable"]))
@@ -191,6 +191,10 @@ def load_run(run_dir: str, step: int | None = None) -> tuple[dict, Any, dict, di
     _, params = model_setup.build_params(config, method, num_classes, r_params)
     params["head"] = head
     adapter = trainable.get("adapter", {})
+    # the method rebuilt from the stored config must be the one the adapter was trained with (a default
+    # changed since?); older checkpoints without a recorded spec are not checked
+    checkpointing.check_adapter_spec(dict(out["meta"] or {}), method, params, where=f"checkpoint {step} in {ckdir}",
+                                     fix="analyse it with the jax_peft version that trained it")
     return params, method, _plain(adapter), {"step": step, "checkpoint_dir": ckdir, "config": config}
 
 

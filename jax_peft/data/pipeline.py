@@ -173,6 +173,8 @@ class BatchIterator:
         try:
             ex = self.source[int(index)]
             image = stage(ex["image"], rng)
+        except ExampleError:  # the source named the dataset and the example already (e.g. a bad label)
+            raise
         except Exception as e:  # noqa: BLE001 - name the dataset and the example of any read/decode error
             raise ExampleError(f"{self.name}, example {int(index)}: {type(e).__name__}: {e}") from e
         label = int(ex["label"])
@@ -182,10 +184,7 @@ class BatchIterator:
     def _check_label(self, index: int, label: int) -> None:
         if self.num_classes is not None and not 0 <= label < self.num_classes:
             where = getattr(self.source, "describe", lambda i: "")(int(index))
-            raise ExampleError(
-                f"{self.name}, example {int(index)}{f' ({where})' if where else ''}: label {label} is outside "
-                f"[0, {self.num_classes}) for a dataset of {self.num_classes} classes; training on it would "
-                "give a wrong loss silently. Fix the label (or the dataset's class count)")
+            raise label_error(self.name, int(index), label, self.num_classes, where)
 
     def _map(self, fn, *iterables):
         return list(self._pool.map(fn, *iterables)) if self._pool else list(map(fn, *iterables))
@@ -337,6 +336,15 @@ class BatchIterator:
 
 class ExampleError(ValueError):
     """An example could not be read, decoded or has an invalid label; names the dataset and index."""
+
+
+def label_error(name: str, index: int, label: int, num_classes: int, where: str = "",
+                fix: str = "Fix the label (or the dataset's class count)") -> ExampleError:
+    """The error for a label outside [0, num_classes): names the dataset (and split), the example,
+    where it came from, the label and `fix`."""
+    return ExampleError(
+        f"{name}, example {index}{f' ({where})' if where else ''}: label {label} is outside [0, {num_classes}) "
+        f"for a dataset of {num_classes} classes; training on it would give a wrong loss silently. {fix}")
 
 
 class DatasetUnavailableError(RuntimeError):

@@ -22,14 +22,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-import warnings
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 
 from jax_peft.data import folder
-from jax_peft.data.pipeline import DatasetUnavailableError, tfds_source
+from jax_peft.data.pipeline import DatasetUnavailableError, label_error, tfds_source
 
 NATURAL = ("caltech101", "cifar100", "dtd", "oxford_flowers102", "oxford_iiit_pet", "sun397", "svhn")
 SPECIALIZED = ("patch_camelyon", "eurosat", "resisc45", "diabetic_retinopathy")
@@ -241,15 +240,18 @@ def _export_source(data_dir: str | None, task: Task, split: str):
 
 class TaskSource:
     """TFDS records of one task -> {"image": uint8 (H, W, 3|1), "label": int} with the task's label
-    function and image fix. Labels outside [0, num_classes) (only possible with mocked data, e.g.
-    CLEVR scenes with 40 objects) are clipped into range with a warning."""
+    function and image fix. A label outside [0, num_classes) raises `ExampleError` naming the task,
+    split, record and label (real data cannot produce one; a wrong TFDS version or corrupted files can)."""
 
-    def __init__(self, records: Sequence, task: Task):
-        self.records, self.task = records, task
-        self._warned = False
+    def __init__(self, records: Sequence, task: Task, split: str = ""):
+        self.records, self.task, self.split = records, task, split
 
     def __len__(self) -> int:
         return len(self.records)
+
+    def describe(self, index: int) -> str:
+        """Where record `index` comes from (for error messages)."""
+        return f"TFDS {self.task.builder} {self.task.splits.get(self.split, self.split)!r}, record {index}"
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         ex = self.records[index]
@@ -258,11 +260,10 @@ class TaskSource:
             image = self.task.image_fix(image)
         label = self.task.label_fn(ex)
         if not 0 <= label < self.task.num_classes:
-            if not self._warned:
-                warnings.warn(f"vtab/{self.task.name}: label {label} outside [0, "
-                              f"{self.task.num_classes}) clipped (expected only with mocked data)", stacklevel=2)
-                self._warned = True
-            label = int(np.clip(label, 0, self.task.num_classes - 1))
+            raise label_error(f"vtab/{self.task.name} split {self.split!r}", int(index), label, self.task.num_classes,
+                              self.describe(int(index)),
+                              fix=f"The prepared TFDS data may be of another version or damaged: prepare it again "
+                                  f"(python -m jax_peft.data.prepare vtab/{self.task.name})")
         return {"image": image, "label": label}
 
 
@@ -275,7 +276,7 @@ def get_source(name: str, split: str, *, data_dir: str | None = None):
         return exported
     records = tfds_source(task.builder, task.splits[split], data_dir,
                           prepare_name=f"vtab/{task.name}", manual_note=task.manual)
-    return TaskSource(records, task)
+    return TaskSource(records, task, split)
 
 
 def num_classes(name: str) -> int:

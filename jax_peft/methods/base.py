@@ -130,24 +130,20 @@ class Method:
         return out
 
     def check_spec(self, spec: Mapping[str, Any], params: Tree | None = None) -> None:
-        """Raises one error when `spec` (from `Method.spec`) names another method, other
-        hyper-parameters or (with `params` and a recorded "model") another model."""
+        """Raises one `SpecMismatchError` when `spec` (from `Method.spec`) names another method,
+        other hyper-parameters or (with `params` and a recorded "model") another model; the error
+        lists each differing field with its stored and requested value."""
         mine = self.spec(params if "model" in spec else None)
         if spec.get("method") != mine["method"]:
-            raise ValueError(f"the adapter was built for method {spec.get('method')!r}, not {self.name!r}; "
-                             f"use get_method({spec.get('method')!r}, **hparams)")
+            raise SpecMismatchError(self.name, {"method": (spec.get("method"), self.name)}, spec)
         theirs = dict(spec.get("hparams", {}))
-        diff = [f"{k}: adapter {theirs.get(k)!r} vs method {v!r}" for k, v in mine["hparams"].items()
-                if k in theirs and theirs[k] != v]
-        diff += [f"{k}: adapter {theirs[k]!r} (unknown option)" for k in theirs if k not in mine["hparams"]]
+        fields = {k: (theirs[k], v) for k, v in mine["hparams"].items() if k in theirs and theirs[k] != v}
+        fields.update({k: (theirs[k], "(unknown option)") for k in theirs if k not in mine["hparams"]})
         if "model" in mine:
             a, b = spec["model"], mine["model"]
-            diff += [f"model {k}: adapter {a.get(k)!r} vs params {b.get(k)!r}" for k in sorted(set(a) | set(b))
-                     if a.get(k) != b.get(k)]
-        if diff:
-            raise ValueError(f"{self.name}: the adapter was built with other settings ({'; '.join(diff)}); use the "
-                             "method options and model it was built for: "
-                             "get_method(spec['method'], **spec['hparams']) on that model")
+            fields.update({f"model {k}": (a.get(k), b.get(k)) for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)})
+        if fields:
+            raise SpecMismatchError(self.name, fields, spec)
 
     def num_params(self, adapter: Tree) -> int:
         """Trainable parameters of the adapter (the head is not counted)."""
@@ -169,6 +165,24 @@ class Method:
 
     def __str__(self) -> str:
         return self.summary()
+
+
+class SpecMismatchError(ValueError):
+    """An adapter recorded (`Method.spec`) with another method, other hyper-parameters or another
+    model than it is used with. `fields`: {field: (stored, requested)}; `spec`: the stored spec.
+    `where` (e.g. the checkpoint) prefixes the message; `fix` replaces the default way out."""
+
+    def __init__(self, method: str, fields: Mapping[str, tuple[Any, Any]], spec: Mapping[str, Any], *,
+                 where: str = "", fix: str = ""):
+        self.method, self.fields, self.spec = method, dict(fields), dict(spec)
+        diff = "; ".join(f"{k}: stored {v[0]!r}, requested {v[1]!r}" for k, v in self.fields.items())
+        if not fix and "method" in self.fields:
+            fix = f"use get_method({spec.get('method')!r}, **spec['hparams'])"
+        elif not fix:
+            fix = "use the method it was built for, get_method(spec['method'], **spec['hparams'])"
+            fix += ", on the model it was built for" if any(k.startswith("model ") for k in self.fields) else ""
+        super().__init__(f"{where + ': ' if where else ''}{method}: the adapter was built with other settings "
+                         f"({diff}); {fix}")
 
 
 def _model_signature(params: Tree) -> dict[str, Any]:

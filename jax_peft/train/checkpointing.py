@@ -3,11 +3,15 @@
 Layout: `DIR/checkpoints/<step>/{state, meta, config}` where `state` is the train state
 (`{"step", "trainable": {"adapter", "head"}, "opt_state"}`; never the frozen base, so a ViT-B RLRR
 checkpoint is a few MB), `meta` is JSON (`step`, `data_position` = train batches consumed,
-`eval_accuracy` when evaluated) and `config` is the run's config as JSON.
+`eval_accuracy` when evaluated, `adapter_spec` = `method.spec(params)`: the method, its resolved
+hyper-parameters and the model's signature) and `config` is the run's config as JSON.
 
 * Keep-last-N plus the best by `eval_accuracy` (orbax preservation policies).
 * Atomic: orbax writes into a temporary directory and renames it when complete, so a save killed
   midway leaves the previous checkpoints restorable (the temporary directory is ignored).
+* `check_adapter_spec` refuses to restore an adapter into a method with other hyper-parameters
+  (e.g. LoRA's alpha, which changes no shape); checkpoints without `adapter_spec` (older ones, or
+  written without a spec) are not checked.
 * `restore` takes an abstract state (`jax.eval_shape` of the state builder); when the latest
   checkpoint cannot be read (corrupted, truncated) it warns and falls back to the previous one,
   moving the unreadable directory aside to `corrupted_<step>` so that step can be written again.
@@ -28,6 +32,8 @@ from orbax.checkpoint import checkpoint_managers as ocm
 
 log = logging.getLogger(__name__)
 
+SPEC_KEY = "adapter_spec"  # the meta entry holding `Method.spec(params)`
+
 
 class CheckpointCorruptedWarning(UserWarning):
     """The newest checkpoint could not be restored; an older one was used."""
@@ -45,10 +51,12 @@ class Checkpointer:
       keep: number of most recent checkpoints kept.
       keep_best: also keep the checkpoint with the best `eval_accuracy`.
       config: JSON-serializable dict written with every checkpoint.
+      spec: `method.spec(params)` of the adapter in the saved states, written into every
+        checkpoint's meta (`SPEC_KEY`), so a restore with other hyper-parameters is refused.
     """
 
     def __init__(self, directory: str, *, keep: int = 3, keep_best: bool = True,
-                 config: Mapping[str, Any] | None = None):
+                 config: Mapping[str, Any] | None = None, spec: Mapping[str, Any] | None = None):
         if keep < 1:
             raise ValueError(f"keep_checkpoints must be >= 1, got {keep}")
         self.directory = os.path.abspath(directory)
@@ -62,6 +70,7 @@ class Checkpointer:
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options)
         self.config = dict(config or {})
+        self.spec = dict(spec) if spec is not None else None
 
     # ----------------------------------------------------------------------------------- save
     def save(self, state: Any, *, data_position: int, eval_accuracy: float | None = None,
@@ -71,6 +80,8 @@ class Checkpointer:
         if step in self.manager.all_steps():
             return False
         meta = {"step": step, "data_position": int(data_position), **dict(extra or {})}
+        if self.spec is not None:
+            meta[SPEC_KEY] = self.spec
         metrics = None
         if eval_accuracy is not None:
             meta["eval_accuracy"] = float(eval_accuracy)
@@ -115,13 +126,14 @@ class Checkpointer:
         return dict(out["config"] or {})
 
     def restore(self, abstract_state: Any = None, step: int | None = None, *,
-                check_config: Callable[[dict, int], Any] | None = None) -> tuple[Any, dict] | None:
+                check_config: Callable[[dict, int], Any] | None = None,
+                check_meta: Callable[[dict, int], Any] | None = None) -> tuple[Any, dict] | None:
         """(state, meta) of `step`, or of the newest readable checkpoint when `step` is None.
 
         `abstract_state` (from `jax.eval_shape`) fixes the tree structure, dtypes and shardings;
         without it the arrays come back as stored (for inspection). `check_config(stored_config,
-        step)` runs before a checkpoint's state is read; what it raises propagates (an incompatible
-        checkpoint is not a corrupted one).
+        step)` and then `check_meta(meta, step)` (e.g. `check_adapter_spec`) run before a checkpoint's
+        state is read; what they raise propagates (an incompatible checkpoint is not a corrupted one).
 
         Returns None when there is no checkpoint. A checkpoint that fails to load is skipped with a
         `CheckpointCorruptedWarning` naming it (only when `step` is None; an explicit step raises) and
@@ -132,6 +144,7 @@ class Checkpointer:
         for i, s in enumerate(steps):
             try:
                 stored = self.read_config(s) if check_config is not None else None
+                meta = self.read_meta(s) if check_meta is not None else None
             except Exception as e:  # noqa: BLE001 - an unreadable config means "unreadable"
                 if step is not None:
                     raise
@@ -139,6 +152,8 @@ class Checkpointer:
                 continue
             if check_config is not None:
                 check_config(stored, s)
+            if check_meta is not None:
+                check_meta(meta, s)
             try:
                 out = self.manager.restore(s, args=ocp.args.Composite(
                     state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()))
@@ -187,6 +202,23 @@ class Checkpointer:
     def close(self) -> None:
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def check_adapter_spec(meta: Mapping[str, Any], method: Any, params: Any = None, *, where: str = "",
+                       fix: str = "") -> None:
+    """Raises `SpecMismatchError` when checkpoint `meta` records (`SPEC_KEY`) an adapter built with
+    another method, other hyper-parameters or (with `params`) another model than `method`; the
+    message names each field with its stored and requested value, then `fix`. Meta without a
+    recorded spec (checkpoints written before specs were stored) passes unchecked."""
+    from jax_peft.methods.base import SpecMismatchError
+
+    spec = meta.get(SPEC_KEY)
+    if not spec:
+        return
+    try:
+        method.check_spec(spec, params)
+    except SpecMismatchError as e:
+        raise SpecMismatchError(e.method, e.fields, e.spec, where=where, fix=fix) from None
 
 
 def config_to_json(config: Any) -> dict:

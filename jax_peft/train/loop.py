@@ -39,7 +39,7 @@ import numpy as np
 import optax
 
 from jax_peft import paths, scan
-from jax_peft.methods.base import Method
+from jax_peft.methods.base import Method, SpecMismatchError
 from jax_peft.train import checkpointing, distributed, model_setup, optimizer, safety, schedules
 from jax_peft.train import config as config_lib
 from jax_peft.train import step as step_lib
@@ -321,6 +321,28 @@ def _resume_check(config: Any, ckpt: checkpointing.Checkpointer, cfg_json: dict,
     return check
 
 
+def _spec_check(s: Setup, where: str) -> Callable[[dict, int], None]:
+    """`check(meta, step)` for `Checkpointer.restore`: refuses (`safety.IncompatibleCheckpointError`)
+    a checkpoint whose adapter was recorded (`checkpointing.SPEC_KEY`) with other hyper-parameters
+    or another model than this config builds (e.g. a changed default), naming each field with its
+    stored and requested value and the config overrides that restore it. Checkpoints written
+    before specs were recorded pass unchecked."""
+    public = {field: alias for alias, field in type(s.method).hparam_aliases.items()}
+    hparams = s.method.hparams()
+
+    def check(meta: dict, step: int) -> None:
+        try:
+            checkpointing.check_adapter_spec(meta, s.method, s.params)
+        except SpecMismatchError as e:
+            flags = [f"--config.method.{public.get(k, k)}={v[0]!r}" for k, v in e.fields.items() if k in hparams]
+            back = f"use the stored values ({' '.join(flags)})" if flags else "use the stored method and model"
+            raise safety.IncompatibleCheckpointError(str(SpecMismatchError(
+                e.method, e.fields, e.spec, where=f"the checkpoint at step {step} in {where}",
+                fix=f"ways out: (1) {back}; (2) train this config in a new --workdir"))) from None
+
+    return check
+
+
 def _newest_config_check(ckpt: checkpointing.Checkpointer, check: Callable[[dict, int], None]) -> None:
     """Runs `check` on the config of the newest checkpoint whose config is readable (unreadable ones
     are left to `Checkpointer.restore`, which sets them aside)."""
@@ -352,7 +374,9 @@ def _train(config: Any, workdir: str, pre: _Preemption, stop_at: int | None) -> 
     check_resume = _resume_check(config, ckpt, cfg_json)
     _newest_config_check(ckpt, check_resume)  # refuse at once, before building the model
     s = setup(config)
-    restored = ckpt.restore(s.abstract_state(), check_config=check_resume)  # before writing anything
+    ckpt.spec = s.method.spec(s.params)  # recorded in every checkpoint's meta
+    restored = ckpt.restore(s.abstract_state(), check_config=check_resume,  # before writing anything
+                            check_meta=_spec_check(s, ckpt.directory))
     if main:
         _write_json(os.path.join(workdir, "config.json"), cfg_json)
     if restored is None:
@@ -505,7 +529,7 @@ def _restore(s: Setup, workdir: str) -> tuple[Any, dict]:
     # A checkpoint of another model or method is refused, never taken for a corrupted one; the
     # schedule-length and evaluation fields do not matter here.
     check = _resume_check(s.config, ckpt, checkpointing.config_to_json(s.config), safety.OVERRIDABLE_ON_RESUME)
-    out = ckpt.restore(s.abstract_state(), step, check_config=check)
+    out = ckpt.restore(s.abstract_state(), step, check_config=check, check_meta=_spec_check(s, ckpt.directory))
     ckpt.close()
     if out is None:
         raise FileNotFoundError(f"no checkpoint in {ckpt.directory}; train first (--config.mode=train)")
