@@ -428,8 +428,13 @@ class Swin(nn.Module):
     config: SwinConfig
 
     @nn.compact
-    def __call__(self, images: Array, train: bool = False, return_features: bool = False):
+    def __call__(self, images: Array, train: bool = False, return_features: bool = False,
+                 side: Mapping[int, Any] | None = None):
         c = self.config
+        if side:
+            raise ValueError("the Swin has no activation-form hooks: every edit is folded into the weights "
+                             "(jax_peft.methods.activation.activation_form returns an empty side); use the weight "
+                             "form, model.apply({'params': method.apply(params, adapter)}, ...)")
         dt = jnp.dtype(c.dtype)
         if images.shape[1:3] != (c.image_size, c.image_size):
             raise ValueError(f"the Swin config expects {c.image_size}x{c.image_size} images, got "
@@ -474,7 +479,8 @@ def is_swin_params(params: Mapping[str, Any]) -> bool:
 def swin_sites(params: Mapping[str, Any]) -> list:
     """Sites (`jax_peft.sites.Site`) of a canonical Swin tree, in forward order: "patch" (the conv),
     "patch_norm"; per stage i and block j (global block index g, stage i) "stage{i}/block{j}/ln1"
-    (norm1), "qkv" (the fused projection, its own kernel (D, 3D), columns q | k | v), "o" (proj),
+    (norm1), "qkv" (the fused projection, its own kernel (D, 3D), columns q | k | v), the slice sites
+    "q", "k", "v" (its column thirds; virtual nodes `.../attn/{q,k,v}`), "o" (proj),
     "ln2", "fc1", "fc2"; per merging "stage{i}/merge" (the reduction, bias-free unless the tree has
     one; the merging's LayerNorm is not a site, as no official method adapts it, so the generic
     stem/final-norm rules of SSF give its official Swin placements); "final_norm". No site has an
@@ -501,12 +507,13 @@ def swin_sites(params: Mapping[str, Any]) -> list:
         blocks = sorted((k for k in params[st] if re.fullmatch(r"blocks_\d+", k)), key=lambda k: int(k[7:]))
         for j, blk in enumerate(blocks):
             b, pre = f"{st}/{blk}", f"stage{i}/block{j}"
-            out += [norm(f"{pre}/ln1", f"{b}/norm1", g, i),
-                    linear(f"{pre}/qkv", "qkv", f"{b}/attn/qkv", g, i),
-                    linear(f"{pre}/o", "o", f"{b}/attn/proj", g, i),
-                    norm(f"{pre}/ln2", f"{b}/norm2", g, i),
-                    linear(f"{pre}/fc1", "fc1", f"{b}/mlp/fc1", g, i),
-                    linear(f"{pre}/fc2", "fc2", f"{b}/mlp/fc2", g, i)]
+            qkv = linear(f"{pre}/qkv", "qkv", f"{b}/attn/qkv", g, i)
+            d = qkv.d_out // 3
+            out += [norm(f"{pre}/ln1", f"{b}/norm1", g, i), qkv]
+            out += [Site(f"{pre}/{m}", m, f"{b}/attn/{m}", None, None, qkv.d_in, d, block=g, stage=i,
+                         parent=qkv.name, offset=n * d) for n, m in enumerate("qkv")]
+            out += [linear(f"{pre}/o", "o", f"{b}/attn/proj", g, i), norm(f"{pre}/ln2", f"{b}/norm2", g, i),
+                    linear(f"{pre}/fc1", "fc1", f"{b}/mlp/fc1", g, i), linear(f"{pre}/fc2", "fc2", f"{b}/mlp/fc2", g, i)]
             g += 1
         if "downsample" in params[st]:  # its norm is not a site: no method adapts it
             out.append(linear(f"stage{i}/merge", "merge", f"{st}/downsample/reduction", None, i))
