@@ -235,7 +235,7 @@ def test_one_name_per_method_on_swin():
     _, params = _tiny_swin()
     for name in ("rlrr", "efft", "fact_tt", "fact_tk"):
         hp = _SMALL.get(name, {})
-        a, b = (jax.eval_shape(lambda p, m=jax_peft.get_method(n, **hp): m.init(jax.random.PRNGKey(0), p), params)
+        a, b = (jax.eval_shape(functools.partial(jax_peft.get_method(n, **hp).init, jax.random.PRNGKey(0)), params)
                 for n in (name, f"{name}_swin"))
         assert paths.flatten(a) == paths.flatten(b), name
     assert jax_peft.get_method("efft", mlp_rank=(4, 8)).name == "efft_swin"  # a Swin-only option
