@@ -16,6 +16,7 @@ from jax_peft.train import loop
 
 def test_swin_trains_resumes_evaluates_and_exports(tmp_path):
     c = smoke.get_config("swin,rlrr")  # rlrr runs its Swin variant (the merging reductions gain a bias)
+    c.model.checkpoint = smoke.smoke_swin_checkpoint(str(tmp_path), depths=(1, 1))  # one block per stage: quicker
     c.total_steps, c.eval_every, c.checkpoint_every, c.log_every = 4, 4, 2, 1
     c.batch_size, c.schedule.warmup_steps, c.progress, c.data.worker_processes = 8, 0, False, 0
     workdir = str(tmp_path / "run")

@@ -19,17 +19,20 @@ from jax_peft.train.config import default_config, method_config
 SWIN_SMOKE = dict(embed_dim=16, depths=(2, 2), num_heads=(1, 2), window_size=4, image_size=32, num_classes=4)
 
 
-def smoke_swin_checkpoint(directory: str | None = None) -> str:
-    """Path of the smoke Swin's checkpoint (`SWIN_SMOKE`, seeded random weights, timm's layout),
-    written atomically on first use into `directory` (default: the system's temporary directory)."""
+def smoke_swin_checkpoint(directory: str | None = None, depths: tuple[int, ...] = SWIN_SMOKE["depths"]) -> str:
+    """Path of the smoke Swin's checkpoint (`SWIN_SMOKE` with these stage depths, seeded random
+    weights, timm's layout), written atomically on first use into `directory` (default: the system's
+    temporary directory)."""
     import numpy as np
 
     from jax_peft import paths, swin, swin_checkpoint
 
-    path = os.path.join(directory or tempfile.gettempdir(), "jax_peft_smoke_swin_v1.safetensors")
+    name = f"jax_peft_smoke_swin_v1_d{'-'.join(map(str, depths))}.safetensors"
+    path = os.path.join(directory or tempfile.gettempdir(), name)
     if not os.path.exists(path):
         rng = np.random.default_rng(0)
-        shapes = paths.flatten(swin.param_shapes(swin.swin_config(None, **SWIN_SMOKE)))
+        arch = {**SWIN_SMOKE, "depths": tuple(depths), "num_heads": SWIN_SMOKE["num_heads"][:len(depths)]}
+        shapes = paths.flatten(swin.param_shapes(swin.swin_config(None, **arch)))
         params = {k: (np.ones(v.shape) + 0.02 * rng.normal(size=v.shape) if k.endswith("norm/scale") or
                       k.endswith(("norm1/scale", "norm2/scale")) else 0.1 * rng.normal(size=v.shape)).astype(np.float32)
                   for k, v in shapes.items()}
