@@ -203,8 +203,8 @@ _COVERED = ("rlrr", "efft", "ssf", "bitfit", "full", "linear")  # golden / test_
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.extended) if n in _COVERED else n
                                   for n in jax_peft.method_names() if not n.endswith("_swin")])  # aliases: below
 def test_every_method_on_swin_trains_and_merges(name):
-    """Every method's weight form, its training forward and the merged plain tree give the same
-    logits on a Swin, and the adapter changes them."""
+    """Every method's weight form, its activation form (the training forward) and the merged plain
+    tree give the same logits on a Swin, and the adapter changes them."""
     _, params = _tiny_swin()
     method = jax_peft.get_method(name, **_SMALL.get(name, {}))
     fresh = method.init(jax.random.PRNGKey(0), params)
@@ -216,9 +216,9 @@ def test_every_method_on_swin_trains_and_merges(name):
     base = f(params, x, {})
     weight = f(method.apply(params, adapter), x, {})
     merged = f(jax_peft.merge(params, method, adapter), x, {})
-    if method.has_activation_form():  # the training step's form: every edit folds (no Swin hooks)
+    if method.has_activation_form():  # the training step's form: side paths at the qkv / o / fc1 / fc2 hooks
         folded, side = activation_form(method, params, adapter)
-        assert side == {}
+        assert set(side) == (set() if name == "lora" else {0, 1, 2, 3})  # LoRA's q, v slices fold
         auto = f(folded, x, side)
     else:
         auto = weight

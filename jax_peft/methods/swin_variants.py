@@ -60,14 +60,6 @@ _RESCALED = ("qkv", "o", "fc1", "fc2", "merge")
 _OFFICIAL_LEAF = {"s_in": "scale_col", "s_out": "scale_line", "f": "shift_bias"}
 
 
-class _SwinOnly:
-    """Mixin of the Swin variants: weight form only (the Swin has no activation-form hooks)."""
-
-    @classmethod
-    def has_activation_form(cls) -> bool:
-        return False
-
-
 def _require_swin(params: Tree, method: str) -> dict[str, Site]:
     if not sites_lib._is_swin(params):
         raise ValueError(f"{method} is the Swin Transformer variant; for a ViT use "
@@ -96,7 +88,7 @@ def with_merge_bias(params: Tree) -> dict:
 
 
 @dataclasses.dataclass(frozen=True)
-class RLRRSwin(_SwinOnly, Method):
+class RLRRSwin(Method):
     """RLRR's official Swin variant (module docstring). Hyper-parameter `init`: "official" or
     "identity" (s_out = 0, γ = 1, β = 0: the pretrained function at step 0)."""
 
@@ -210,7 +202,7 @@ def official_rlrr_name(site: Site, leaf: str) -> str:
 
 # ----------------------------------------------------------------------------------------- EFFT
 @dataclasses.dataclass(frozen=True)
-class EFFTSwin(_SwinOnly, Method):
+class EFFTSwin(Method):
     """EFFT's official Swin variant (module docstring): stage-shared factors, ranks doubling per
     stage from `rank` (attention) and `mlp_rank` (a, b); scale `scale`."""
 
@@ -336,14 +328,14 @@ def _efft_official(path: str) -> str:
 
 # ------------------------------------------------------------------------------------------ FacT
 @dataclasses.dataclass(frozen=True)
-class _FacTSwin(_SwinOnly, Method):
+class _FacTSwin(Method):
     """FacT on a Swin as the FacT paper describes it (no Swin code was released): each stage i is
     tensorized on its own, with a pair U_i (D_i, r), V_i (r, D_i) (adapter `layers_i/fact/{U, V}`)
     and per block (r, r) cores T_q, T_k, T_v, T_o, T1 (r, 4r), T2 (4r, r); increments as FacT on the
     ViT (`jax_peft.methods.fact`): qkv += s·U [T_q | T_k | T_v] V (V per rank-r chunk), proj +=
     s·U T_o V, fc1 += s·U T1 kron(I_4, V), fc2 += s·kron(I_4, U) T2 V. Init as FacT's: U PyTorch-Linear
-    uniform, V = 0. `dropout` is kept for an activation form; the Swin trains in weight form, where it
-    has no effect."""
+    uniform, V = 0. `dropout` acts on the rank-r activation in the activation form (training), as
+    FacT's on the ViT; the weight form (eval, merge) has none."""
 
     rank: int = 16
     scale: float = 1.0
