@@ -28,8 +28,7 @@ def from_official(name: str, state_dict: Mapping[str, Any], params: Mapping[str,
     """Adapter tree from an official PyTorch state dict (flat {name: array}; torch tensors are
     accepted). Names that are not the method's adapter tensors (backbone weights, `head.*`, an
     optimizer prefix) are ignored; missing or mis-shaped adapter tensors raise one error listing all."""
-    name = _swin_variant(name, params is not None and _is_swin(params))
-    _check(name)
+    _check(name)  # on a Swin tree, "rlrr" / "efft" run their Swin variants (Method.on)
     sd = {k: np.asarray(v.detach().cpu().numpy() if hasattr(v, "detach") else v) for k, v in state_dict.items()}
     return get_method(name, **hparams).from_official(sd, params)
 
@@ -37,21 +36,8 @@ def from_official(name: str, state_dict: Mapping[str, Any], params: Mapping[str,
 def to_official(name: str, adapter_or_grads: Mapping[str, Any], **hparams: Any) -> dict[str, np.ndarray]:
     """Flat {official name: numpy array} in the official layout. Works on adapters and on gradient
     pytrees of adapters alike (the maps are linear re-layouts)."""
-    tree = adapter_or_grads.get("adapter", adapter_or_grads) if isinstance(adapter_or_grads, Mapping) else {}
-    name = _swin_variant(name, any(k.startswith("layers_") for k in tree))
-    _check(name)
+    _check(name)  # a Swin adapter (or its gradient) is exported by the method's Swin variant
     return get_method(name, **hparams).to_official(adapter_or_grads)
-
-
-def _is_swin(params: Mapping[str, Any]) -> bool:
-    from jax_peft.sites import _is_swin as is_swin
-
-    return is_swin(params)
-
-
-def _swin_variant(name: str, swin: bool) -> str:
-    """"rlrr" / "efft" on a Swin tree mean their official Swin variants ("rlrr_swin", "efft_swin")."""
-    return f"{name}_swin" if swin and f"{name}_swin" in method_names() else name
 
 
 def from_hf_peft(dir_or_files: Any, params: Mapping[str, Any] | None = None) -> Any:

@@ -10,6 +10,9 @@ reshaped to `(-1, d_out)` (ViT q/k/v kernels (D, H, hd) and out kernels (H, hd, 
 patch convolution (P, P, 3, D) gives (P·P·3, D), a norm's scale (D,) gives (1, D): a norm is the
 diagonal map y = n ⊙ scale + bias). A *composite* site (`parts`, no kernel of its own) is the
 concatenation of its parts along the output axis, e.g. the ViT's fused `block3/qkv` = [q | k | v].
+A *slice* site (`parent`, no kernel of its own) is the reverse: the output columns
+[offset, offset + d_out) of another site, e.g. the Swin's `stage0/block1/q` inside its fused qkv
+kernel; an edit on a slice changes only those columns.
 
 Kinds: "q", "k", "v", "o" (attention output), "qkv" (fused or composite q|k|v), "fc1", "fc2" (MLP),
 "patch" (patch embedding), "merge" (a patch-merging reduction), "norm" (LayerNorm affine).
@@ -44,6 +47,7 @@ class Site:
     d_in, d_out: the matrix view (d_in, d_out) (a norm: (D, D), viewed as the diagonal).
     block, stage: position in the backbone (None for stem/head-side sites such as "patch").
     parts: names of the sites a composite site concatenates along d_out.
+    parent, offset: for a slice site, the site whose output columns [offset, offset + d_out) it is.
     hook: (block, key) of the backbone's activation-form hook for this site, or None.
     """
 
@@ -58,6 +62,8 @@ class Site:
     stage: int | None = None
     parts: tuple[str, ...] = ()
     hook: tuple[int, str] | None = None
+    parent: str | None = None
+    offset: int = 0
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -86,6 +92,18 @@ def register_backbone(name: str, detect: Callable[[Tree], bool], sites_fn: Calla
     `sites_fn(params)` lists its sites. Registering a name again replaces it."""
     _BACKBONES[:] = [b for b in _BACKBONES if b[0] != name]
     _BACKBONES.append((name, detect, sites_fn))
+
+
+def backbone(params: Tree) -> str | None:
+    """The registered name of the backbone a parameter tree is ("vit", "swin"), or None."""
+    return next((name for name, detect, _ in _BACKBONES if detect(params)), None)
+
+
+def adapter_backbone(adapter: Tree) -> str | None:
+    """The backbone an adapter tree was built for, read from its paths (a Swin adapter's start with a
+    stage, `layers_{i}/`; a ViT's with `embedding`, `Transformer` or its own names); None: the ViT's."""
+    flat = paths.flatten(adapter) if isinstance(adapter, Mapping) else {}
+    return "swin" if any(re.match(r"layers_\d+/", p) for p in flat) else None
 
 
 def sites(params: Tree) -> dict[str, Site]:

@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jax_peft.vit import DropPath, _gelu, stable_softmax
+from jax_peft.vit import DropPath, _gelu, _scale_shift, _side, stable_softmax
 
 Array = jax.Array
 LN_EPS = 1e-5
@@ -293,12 +293,15 @@ class WindowAttention(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: Array, mask: np.ndarray | None, deterministic: bool) -> Array:
+    def __call__(self, x: Array, mask: np.ndarray | None, deterministic: bool,
+                 side: Mapping[str, Any] | None = None) -> Array:
         bw, n, d = x.shape
+        side = side or {}
         h, hd = self.num_heads, d // self.num_heads
         table = self.param("relative_position_bias_table", nn.initializers.truncated_normal(0.02),
                            ((2 * self.window - 1) ** 2, h))
-        qkv = nn.Dense(3 * d, dtype=self.dtype, name="qkv")(x).reshape(bw, n, 3, h, hd)
+        qkv = _with_side(self, nn.Dense(3 * d, dtype=self.dtype, name="qkv")(x), x, side, "qkv", deterministic)
+        qkv = qkv.reshape(bw, n, 3, h, hd)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         q = q * jnp.asarray(hd**-0.5, q.dtype)
         logits = jnp.einsum("bqhd,bkhd->bhqk", q, k)
@@ -312,8 +315,15 @@ class WindowAttention(nn.Module):
         weights = stable_softmax(logits).astype(self.dtype)
         weights = nn.Dropout(self.attention_dropout_rate)(weights, deterministic=deterministic)
         out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(bw, n, d)
-        out = nn.Dense(d, dtype=self.dtype, name="proj")(out)
+        out = _with_side(self, nn.Dense(d, dtype=self.dtype, name="proj")(out), out, side, "o", deterministic)
         return nn.Dropout(self.dropout_rate)(out, deterministic=deterministic)
+
+
+def _with_side(module: nn.Module, y: Array, x: Array, side: Mapping[str, Any], key: str, deterministic: bool) -> Array:
+    """A frozen linear's output y = x K + b with the activation-form hooks `side[key]` (a low-rank
+    `SidePath` on x) and `side[key + "_ssf"]` (SSF's `ScaleShift` on the output) (`jax_peft.vit`)."""
+    extra = _side(module, side.get(key), x, deterministic)
+    return _scale_shift(y if extra is None else y + extra, side.get(f"{key}_ssf"))
 
 
 class Mlp(nn.Module):
@@ -323,10 +333,11 @@ class Mlp(nn.Module):
     dtype: Any = jnp.float32
 
     @nn.compact
-    def __call__(self, x: Array, deterministic: bool) -> Array:
-        h = _gelu(nn.Dense(self.hidden, dtype=self.dtype, name="fc1")(x), self.gelu)
-        h = nn.Dropout(self.dropout_rate)(h, deterministic=deterministic)
-        y = nn.Dense(x.shape[-1], dtype=self.dtype, name="fc2")(h)
+    def __call__(self, x: Array, deterministic: bool, side: Mapping[str, Any] | None = None) -> Array:
+        side = side or {}
+        h = _with_side(self, nn.Dense(self.hidden, dtype=self.dtype, name="fc1")(x), x, side, "fc1", deterministic)
+        h = nn.Dropout(self.dropout_rate)(_gelu(h, self.gelu), deterministic=deterministic)
+        y = _with_side(self, nn.Dense(x.shape[-1], dtype=self.dtype, name="fc2")(h), h, side, "fc2", deterministic)
         return nn.Dropout(self.dropout_rate)(y, deterministic=deterministic)
 
 
@@ -339,7 +350,7 @@ class SwinBlock(nn.Module):
     drop_path: float = 0.0
 
     @nn.compact
-    def __call__(self, x: Array, deterministic: bool) -> Array:
+    def __call__(self, x: Array, deterministic: bool, side: Mapping[str, Any] | None = None) -> Array:
         c = self.config
         dt = jnp.dtype(c.dtype)
         b, t, d = x.shape
@@ -349,13 +360,13 @@ class SwinBlock(nn.Module):
             y = jnp.roll(y, (-s, -s), axis=(1, 2))
         y = WindowAttention(c.num_heads[self.stage], w, c.dropout_rate, c.attention_dropout_rate, dt,
                             name="attn")(window_partition(y, w), shift_mask(r, w, s) if s else None,
-                                         deterministic)
+                                         deterministic, side)
         y = window_reverse(y, w, r, r)
         if s:
             y = jnp.roll(y, (s, s), axis=(1, 2))
         x = x + DropPath(self.drop_path, c.drop_path_mode)(y.reshape(b, t, d), deterministic)
         y = Mlp(int(d * c.mlp_ratio), c.gelu, c.dropout_rate, dt, name="mlp")(_norm("norm2", dt)(x),
-                                                                               deterministic)
+                                                                               deterministic, side)
         return x + DropPath(self.drop_path, c.drop_path_mode)(y, deterministic)
 
 
@@ -410,12 +421,13 @@ class SwinStage(nn.Module):
     rates: tuple[float, ...]
 
     @nn.compact
-    def __call__(self, x: Array, deterministic: bool) -> Array:
+    def __call__(self, x: Array, deterministic: bool, side: Mapping[int, Any] | None = None) -> Array:
         c = self.config
         block = nn.remat(SwinBlock, static_argnums=(2,)) if c.remat else SwinBlock
+        first = sum(c.depths[:self.stage])  # global index of the stage's first block (the side keys)
         for j, rate in enumerate(self.rates):
             shift = c.stage_shift(self.stage) if j % 2 else 0
-            x = block(c, self.stage, shift, rate, name=f"blocks_{j}")(x, deterministic)
+            x = block(c, self.stage, shift, rate, name=f"blocks_{j}")(x, deterministic, (side or {}).get(first + j))
         if self.stage < c.num_stages - 1:
             x = PatchMerging(c.stage_resolution(self.stage), jnp.dtype(c.dtype), name="downsample")(x)
         return x
@@ -423,13 +435,20 @@ class SwinStage(nn.Module):
 
 class Swin(nn.Module):
     """Swin Transformer. `__call__(images (B, H, W, 3), train=False) -> logits (B, C)`; with
-    `return_features=True`, `(logits, features)` where features (B, D_last) are the pooled tokens."""
+    `return_features=True`, `(logits, features)` where features (B, D_last) are the pooled tokens.
+    `side` (optional): activation-form hooks `{block: {"qkv"|"o"|"fc1"|"fc2": SidePath,
+    "<key>_ssf": ScaleShift}}`, blocks numbered across stages (`jax_peft.activation_form` builds them)."""
 
     config: SwinConfig
 
     @nn.compact
-    def __call__(self, images: Array, train: bool = False, return_features: bool = False):
+    def __call__(self, images: Array, train: bool = False, return_features: bool = False,
+                 side: Mapping[int, Any] | None = None):
         c = self.config
+        unknown = sorted(set(side or {}) - set(range(c.num_layers)))
+        if unknown:
+            raise ValueError(f"side paths for blocks {unknown}, but this Swin has blocks 0..{c.num_layers - 1} "
+                             "(numbered across stages); build them with jax_peft.activation_form for these params")
         dt = jnp.dtype(c.dtype)
         if images.shape[1:3] != (c.image_size, c.image_size):
             raise ValueError(f"the Swin config expects {c.image_size}x{c.image_size} images, got "
@@ -442,7 +461,7 @@ class Swin(nn.Module):
         rates = [c.drop_path_rate * i / max(c.num_layers - 1, 1) for i in range(c.num_layers)]
         start = 0
         for i, depth in enumerate(c.depths):
-            x = SwinStage(c, i, tuple(rates[start:start + depth]), name=f"layers_{i}")(x, not train)
+            x = SwinStage(c, i, tuple(rates[start:start + depth]), name=f"layers_{i}")(x, not train, side)
             start += depth
         x = _norm("norm", dt)(x).mean(axis=1)
         logits = nn.Dense(c.num_classes, dtype=dt, name="head", kernel_init=nn.initializers.zeros)(x)
@@ -474,11 +493,12 @@ def is_swin_params(params: Mapping[str, Any]) -> bool:
 def swin_sites(params: Mapping[str, Any]) -> list:
     """Sites (`jax_peft.sites.Site`) of a canonical Swin tree, in forward order: "patch" (the conv),
     "patch_norm"; per stage i and block j (global block index g, stage i) "stage{i}/block{j}/ln1"
-    (norm1), "qkv" (the fused projection, its own kernel (D, 3D), columns q | k | v), "o" (proj),
+    (norm1), "qkv" (the fused projection, its own kernel (D, 3D), columns q | k | v), the slice sites
+    "q", "k", "v" (its column thirds; virtual nodes `.../attn/{q,k,v}`), "o" (proj),
     "ln2", "fc1", "fc2"; per merging "stage{i}/merge" (the reduction, bias-free unless the tree has
     one; the merging's LayerNorm is not a site, as no official method adapts it, so the generic
-    stem/final-norm rules of SSF give its official Swin placements); "final_norm". No site has an
-    activation-form hook (the Swin trains in weight form)."""
+    stem/final-norm rules of SSF give its official Swin placements); "final_norm". The qkv, o, fc1
+    and fc2 sites have activation-form hooks (`Swin(side=...)`); edits elsewhere fold into the weights."""
     from jax_peft.sites import Site
 
     def shape(path: str) -> tuple[int, ...]:
@@ -491,7 +511,9 @@ def swin_sites(params: Mapping[str, Any]) -> list:
     def linear(name: str, kind: str, node: str, block: int | None, stage: int) -> Site:
         k = shape(f"{node}/kernel")
         bias = f"{node}/bias" if "bias" in _get(params, node) else None
-        return Site(name, kind, node, f"{node}/kernel", bias, int(np.prod(k[:-1])), k[-1], block=block, stage=stage)
+        hook = (block, kind) if block is not None else None  # Swin's side keys: qkv, o, fc1, fc2
+        return Site(name, kind, node, f"{node}/kernel", bias, int(np.prod(k[:-1])), k[-1], block=block, stage=stage,
+                    hook=hook)
 
     out = [dataclasses.replace(linear("patch", "patch", "patch_embed/proj", None, 0), stage=None),
            norm("patch_norm", "patch_embed/norm", None, None)]
@@ -501,12 +523,13 @@ def swin_sites(params: Mapping[str, Any]) -> list:
         blocks = sorted((k for k in params[st] if re.fullmatch(r"blocks_\d+", k)), key=lambda k: int(k[7:]))
         for j, blk in enumerate(blocks):
             b, pre = f"{st}/{blk}", f"stage{i}/block{j}"
-            out += [norm(f"{pre}/ln1", f"{b}/norm1", g, i),
-                    linear(f"{pre}/qkv", "qkv", f"{b}/attn/qkv", g, i),
-                    linear(f"{pre}/o", "o", f"{b}/attn/proj", g, i),
-                    norm(f"{pre}/ln2", f"{b}/norm2", g, i),
-                    linear(f"{pre}/fc1", "fc1", f"{b}/mlp/fc1", g, i),
-                    linear(f"{pre}/fc2", "fc2", f"{b}/mlp/fc2", g, i)]
+            qkv = linear(f"{pre}/qkv", "qkv", f"{b}/attn/qkv", g, i)
+            d = qkv.d_out // 3
+            out += [norm(f"{pre}/ln1", f"{b}/norm1", g, i), qkv]
+            out += [Site(f"{pre}/{m}", m, f"{b}/attn/{m}", None, None, qkv.d_in, d, block=g, stage=i,
+                         parent=qkv.name, offset=n * d) for n, m in enumerate("qkv")]
+            out += [linear(f"{pre}/o", "o", f"{b}/attn/proj", g, i), norm(f"{pre}/ln2", f"{b}/norm2", g, i),
+                    linear(f"{pre}/fc1", "fc1", f"{b}/mlp/fc1", g, i), linear(f"{pre}/fc2", "fc2", f"{b}/mlp/fc2", g, i)]
             g += 1
         if "downsample" in params[st]:  # its norm is not a site: no method adapts it
             out.append(linear(f"stage{i}/merge", "merge", f"{st}/downsample/reduction", None, i))

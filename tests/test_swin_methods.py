@@ -17,6 +17,7 @@ from conftest import DATA
 
 import jax_peft
 from jax_peft import paths
+from jax_peft.methods.activation import activation_form
 
 
 @functools.cache
@@ -106,9 +107,8 @@ def test_official_round_trip_and_init(name):
         assert not any(np.asarray(v).any() for k, v in paths.flatten(fresh).items() if k.endswith("_v"))
     with pytest.raises(ValueError, match="missing"):
         jax_peft.from_official(name, dict(list(g["adapter"].items())[1:]), params=params, **g["hp"])
-    if name == "rlrr":  # the ViT class refuses a Swin and names the variant
-        with pytest.raises(ValueError, match="rlrr_swin"):
-            jax_peft.get_method("rlrr").init(jax.random.PRNGKey(0), params)
+    # one name per method: the ViT class runs its Swin variant on a Swin tree
+    assert paths.count(jax_peft.get_method(name, **g["hp"]).init(jax.random.PRNGKey(0), params)) == paths.count(fresh)
     with pytest.raises(ValueError, match="Swin Transformer variant"):
         method.init(jax.random.PRNGKey(0), jax_peft.param_shapes(jax_peft.vit_config("ViT-Ti/16")))
 
@@ -117,8 +117,10 @@ def test_swin_sites():
     params = jax_peft.swin.from_state_dict(_load("rlrr")["backbone"])
     s = jax_peft.sites.sites(params)
     assert [n for n in s if n.startswith("stage0/block1/")] == [
-        "stage0/block1/ln1", "stage0/block1/qkv", "stage0/block1/o", "stage0/block1/ln2", "stage0/block1/fc1",
-        "stage0/block1/fc2"]
+        "stage0/block1/ln1", "stage0/block1/qkv", "stage0/block1/q", "stage0/block1/k", "stage0/block1/v",
+        "stage0/block1/o", "stage0/block1/ln2", "stage0/block1/fc1", "stage0/block1/fc2"]
+    v = s["stage0/block1/v"]  # a slice site: the last third of the fused qkv's columns
+    assert (v.parent, v.offset, v.shape, v.kernel) == ("stage0/block1/qkv", 64, (32, 32), None)
     assert s["stage0/block1/qkv"].shape == (32, 96) and s["stage1/block0/fc1"].shape == (64, 256)
     assert (s["stage1/block1/o"].block, s["stage1/block1/o"].stage) == (3, 1)
     assert s["stage0/merge"].kind == "merge" and s["stage0/merge"].shape == (128, 64) and s["stage0/merge"].bias is None
@@ -164,3 +166,88 @@ def test_efft_factor_dropout_in_training_only():
     assert np.abs(a - ev).max() > 0 and np.abs(a - c).max() > 0
     off = jax_peft.get_method("efft_swin", **g["hp"], dropout=0.0)
     np.testing.assert_array_equal(kernel(off.apply(params, adapter, rng=jax.random.PRNGKey(0))), ev)
+
+
+def _tiny_swin(seed: int = 0):
+    cfg = jax_peft.swin_config(None, embed_dim=16, depths=(2, 2), num_heads=(1, 2), window_size=4, image_size=32,
+                               num_classes=3)
+    rng = np.random.default_rng(seed)
+    params = paths.unflatten({k: (0.3 * rng.normal(size=v.shape)).astype(np.float32)
+                              for k, v in paths.flatten(jax_peft.swin.param_shapes(cfg)).items()})
+    return cfg, params
+
+
+@functools.cache
+def _tiny_logits():
+    cfg, _ = _tiny_swin()
+    return jax.jit(lambda p, x, side: jax_peft.Swin(cfg).apply({"params": p}, x, side=side))
+
+
+_SMALL = {"fact_tt": dict(rank=4), "fact_tk": dict(rank=4), "fact_tt_swin": dict(rank=4),
+          "fact_tk_swin": dict(rank=4), "lora": dict(rank=4)}
+
+
+def test_every_method_adapts_a_swin():
+    """No silent no-op: every registered method builds an adapter with parameters on a Swin tree
+    (the linear probe trains only the head), by shapes alone."""
+    _, params = _tiny_swin()
+    for name in jax_peft.method_names():
+        method = jax_peft.get_method(name, **_SMALL.get(name, {}))
+        n = paths.count(jax.eval_shape(lambda p, m=method: m.init(jax.random.PRNGKey(0), p), params))
+        assert (n == 0) if name == "linear" else (n > 0), name
+
+
+_COVERED = ("rlrr", "efft", "ssf", "bitfit", "full", "linear")  # golden / test_swin.py cover these; extended here
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.extended) if n in _COVERED else n
+                                  for n in jax_peft.method_names() if not n.endswith("_swin")])  # aliases: below
+def test_every_method_on_swin_trains_and_merges(name):
+    """Every method's weight form, its activation form (the training forward) and the merged plain
+    tree give the same logits on a Swin, and the adapter changes them."""
+    _, params = _tiny_swin()
+    method = jax_peft.get_method(name, **_SMALL.get(name, {}))
+    fresh = method.init(jax.random.PRNGKey(0), params)
+    rng = np.random.default_rng(1)
+    adapter = jax.tree_util.tree_map(lambda a: np.asarray(a) + 0.1 * rng.normal(size=np.shape(a)).astype(np.float32),
+                                     fresh)
+    f = _tiny_logits()
+    x = jnp.asarray(rng.normal(size=(2, 32, 32, 3)), jnp.float32)
+    base = f(params, x, {})
+    weight = f(method.apply(params, adapter), x, {})
+    merged = f(jax_peft.merge(params, method, adapter), x, {})
+    if method.has_activation_form():  # the training step's form: side paths at the qkv / o / fc1 / fc2 hooks
+        folded, side = activation_form(method, params, adapter)
+        assert set(side) == (set() if name == "lora" else {0, 1, 2, 3})  # LoRA's q, v slices fold
+        auto = f(folded, x, side)
+    else:
+        auto = weight
+    scale = float(jnp.abs(weight).max())
+    np.testing.assert_allclose(merged, weight, atol=1e-5 * scale)
+    np.testing.assert_allclose(auto, weight, atol=1e-5 * scale)
+    if name != "linear":
+        assert float(jnp.abs(weight - base).max()) > 1e-3 * scale
+
+
+def test_one_name_per_method_on_swin():
+    """rlrr / efft / fact_tt / fact_tk on a Swin tree run their Swin variants; ViT-only options raise,
+    naming the method, the backbone and the variant's options; LoRA's q, v are slices of the fused qkv."""
+    _, params = _tiny_swin()
+    for name in ("rlrr", "efft", "fact_tt", "fact_tk"):
+        hp = _SMALL.get(name, {})
+        a, b = (jax.eval_shape(functools.partial(jax_peft.get_method(n, **hp).init, jax.random.PRNGKey(0)), params)
+                for n in (name, f"{name}_swin"))
+        assert paths.flatten(a) == paths.flatten(b), name
+    assert jax_peft.get_method("efft", mlp_rank=(4, 8)).name == "efft_swin"  # a Swin-only option
+    with pytest.raises(ValueError, match=r"rlrr on a swin backbone.*patch_ssf"):
+        jax_peft.get_method("rlrr", patch_ssf=False).init(jax.random.PRNGKey(0), params)
+    with pytest.raises(ValueError, match=r"efft on a swin backbone.*variant"):
+        jax_peft.get_method("efft", variant="per_layer").init(jax.random.PRNGKey(0), params)
+    lora = jax_peft.get_method("lora", rank=2)
+    ad = jax.tree_util.tree_map(lambda a: a + 1.0, lora.init(jax.random.PRNGKey(0), params))
+    assert sorted(ad["layers_0"]["blocks_0"]["attn"]) == ["q", "v"]
+    eff = lora.apply(params, ad)
+    delta = np.asarray(eff["layers_0"]["blocks_0"]["attn"]["qkv"]["kernel"]) - params["layers_0"]["blocks_0"]["attn"]["qkv"]["kernel"]
+    q = ad["layers_0"]["blocks_0"]["attn"]["q"]
+    np.testing.assert_allclose(delta[:, :16], q["lora_a"] @ q["lora_b"], rtol=1e-5)
+    assert not delta[:, 16:32].any() and delta[:, 32:].any()  # k untouched, v adapted

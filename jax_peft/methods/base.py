@@ -185,6 +185,80 @@ class SpecMismatchError(ValueError):
                          f"({diff}); {fix}")
 
 
+_DISPATCHED = ("init", "edits", "apply", "from_official", "to_official")
+
+
+def _dispatching(name: str, own: Any) -> Any:
+    """`own` (a method's function `name`) run by the variant for the backbone of its tree argument."""
+    @functools.wraps(own)
+    def run(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if name == "to_official":
+            v = self._for_adapter(args[0] if args else kwargs["tree"])
+        else:
+            tree = args[1] if name in ("init", "from_official") and len(args) > 1 else \
+                (args[0] if name in ("edits", "apply") else kwargs.get("params"))
+            v = self if tree is None else self.on(tree)
+        return own(self, *args, **kwargs) if v is self else getattr(v, name)(*args, **kwargs)
+
+    run._dispatch = True  # type: ignore[attr-defined]
+    return run
+
+
+class BackboneVariants:
+    """Mixin (listed before `Method`) for a method with variants on other backbones, e.g. RLRR's
+    official Swin code: `variants = {"swin": "rlrr_swin"}` maps a backbone name (`jax_peft.sites.
+    backbone`) to a registered method. `init`, `edits`, `apply`, `from_official` and `to_official`
+    (also those a subclass defines) then run that variant on a tree of that backbone, so one name
+    serves every backbone.
+
+    The variant is built with the options this method sets away from its defaults (the others take
+    the variant's defaults: each backbone's official settings); an option the variant lacks raises."""
+
+    variants: ClassVar[Mapping[str, str]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        for name in _DISPATCHED:
+            own = cls.__dict__.get(name)
+            if own is not None and not getattr(own, "_dispatch", False):
+                setattr(cls, name, _dispatching(name, own))
+
+    def on(self, params: Tree) -> Method:
+        """The method that runs on `params`: this one, or its variant for `params`' backbone."""
+        from jax_peft import sites as sites_lib
+
+        return self._variant(sites_lib.backbone(params))
+
+    def _variant(self, backbone: str | None) -> Any:
+        target = self.variants.get(backbone)
+        if target is None:
+            return self
+        cls = method_class(target)
+        mine = {f.name: f.default for f in dataclasses.fields(self)}  # type: ignore[arg-type]
+        theirs = {f.name for f in dataclasses.fields(cls)}
+        changed = {k: getattr(self, k) for k, d in mine.items() if getattr(self, k) != d}
+        lacking = sorted(k for k in changed if k not in theirs)
+        if lacking:
+            raise ValueError(f"{getattr(self, 'name', '?')} on a {backbone} backbone runs its {backbone} variant "
+                             f"{target!r}, which has no option(s) {lacking} (set here to "
+                             f"{[changed[k] for k in lacking]}); drop them, or use the variant's options "
+                             f"({', '.join(sorted(theirs))})")
+        return cls(**{k: v for k, v in changed.items() if k in theirs})
+
+    def _for_adapter(self, tree: Tree) -> Any:
+        from jax_peft import sites as sites_lib
+
+        adapter = tree["adapter"] if set(tree) == {"adapter", "head"} else tree
+        return self._variant(sites_lib.adapter_backbone(adapter))
+
+
+def _method_apply(self: Any, params: Tree, adapter: Tree, *, rng: jax.Array | None = None) -> dict:
+    return Method.apply(self, params, adapter, rng=rng)
+
+
+BackboneVariants.apply = _dispatching("apply", _method_apply)  # type: ignore[attr-defined]
+
+
 def _model_signature(params: Tree) -> dict[str, Any]:
     """{"blocks": L, "<kind>": [[d_in, d_out], ...]}: the distinct site shapes per kind."""
     from jax_peft import sites as sites_lib
@@ -374,6 +448,7 @@ _REGISTRY: dict[str, str] = {
     "rlrr_swin": "jax_peft.methods.swin_variants:RLRRSwin",
     "efft_swin": "jax_peft.methods.swin_variants:EFFTSwin",
     "fact_tt_swin": "jax_peft.methods.swin_variants:FacTTTSwin",
+    "fact_tk_swin": "jax_peft.methods.swin_variants:FacTTKSwin",
 }
 
 
@@ -404,6 +479,9 @@ def get_method(name: str, **hparams: Any) -> Method:
                 raise TypeError(f"give either {alias!r} or {field!r} for method {name!r}, not both")
             hparams[field] = hparams.pop(alias)
     unknown = sorted(set(hparams) - set(fields))
+    for target in getattr(cls, "variants", {}).values():  # an option only a backbone variant has
+        if unknown and set(hparams) <= {f.name for f in dataclasses.fields(method_class(target))}:
+            return get_method(target, **hparams)
     if unknown:
         inverse = {f: a for a, f in aliases.items()}
         valid = ", ".join(f"{inverse.get(k, k)}={v!r}" for k, v in fields.items())

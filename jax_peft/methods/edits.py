@@ -17,7 +17,8 @@ Each kind states whether it has an activation form (`activation`) and, in `affin
 form is not affine in the edit's leaves (None: it is), from which `Method` derives its traits.
 
 On a composite site (e.g. the ViT's `block3/qkv` = [q | k | v]) an edit is split along d_out into
-its parts. Everything is computed in the wider of float32 and the operands' dtypes (float64 stays
+its parts; on a slice site (e.g. the Swin's `stage0/block1/q` inside its fused qkv kernel) it is
+widened to the parent's columns, neutral outside the slice. Everything is computed in the wider of float32 and the operands' dtypes (float64 stays
 float64, bfloat16 is computed in float32) with HIGHEST matmul precision, and cast back once to each
 parameter's own dtype.
 """
@@ -131,6 +132,9 @@ def _parts(site: Site, edit: Edit, site_map: Mapping[str, Site]) -> list[tuple[S
     """[(leaf site, payload)]: a composite site's edit split along d_out; LowRank becomes its dense
     increment."""
     payload: Any = lowrank_delta(edit, site.d_in) if isinstance(edit, LowRank) else edit
+    if site.parent is not None:
+        parent = site_map[site.parent]
+        return [(parent, _widen(payload, site.offset, site.d_out, parent.d_out))]
     if not site.parts:
         return [(site, payload)]
     out, start = [], 0
@@ -148,6 +152,24 @@ def _parts(site: Site, edit: Edit, site_map: Mapping[str, Site]) -> list[tuple[S
     if start != site.d_out:
         raise ValueError(f"composite site {site.name} has parts of total width {start}, not {site.d_out}")
     return out
+
+
+def _widen(payload: Any, offset: int, n: int, width: int) -> Any:
+    """A slice site's payload (n output columns at `offset`) as one on its parent's `width` columns,
+    neutral elsewhere (increment 0, output scale 1, s_out 0, shift 0): exact, as x·1 = x + 0 = x."""
+    def pad(x: Any, fill: float) -> Any:
+        x = jnp.asarray(x)
+        lead = x.shape[:-1]
+        if x.shape[-1] != n:
+            raise ValueError(f"a slice edit has {x.shape[-1]} output columns, the slice has {n}")
+        return jnp.concatenate([jnp.full(lead + (offset,), fill, x.dtype), x,
+                                jnp.full(lead + (width - offset - n,), fill, x.dtype)], axis=-1)
+
+    if isinstance(payload, OutputAffine):
+        return OutputAffine(pad(jnp.reshape(payload.scale, -1), 1.0), pad(jnp.reshape(payload.shift, -1), 0.0))
+    if isinstance(payload, Rescale):
+        return Rescale(payload.s_in, pad(jnp.reshape(payload.s_out, -1), 0.0), pad(jnp.reshape(payload.shift, -1), 0.0))
+    return pad(payload, 0.0)
 
 
 def _check_shape(site: Site, what: str, got: tuple, want: tuple) -> None:

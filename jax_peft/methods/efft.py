@@ -47,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_peft.methods import lowrank as lr
-from jax_peft.methods.base import Method, check_choice, check_number, check_positive_int, check_rate
+from jax_peft.methods.base import BackboneVariants, Method, check_choice, check_number, check_positive_int, check_rate
 from jax_peft.methods.edits import LowRank
 
 Tree = Mapping[str, Any]
@@ -61,7 +61,7 @@ Factors = tuple[jax.Array, jax.Array, jax.Array]
 
 
 @dataclasses.dataclass(frozen=True)
-class EFFT(Method):
+class EFFT(BackboneVariants, Method):
     """EFFT with hyper-parameters rank, scale, init ("vv", "vu", "uv", "uu"), dropout (on factor
     entries) and variant ("shared" as released, or "per_layer" cores). See the module docstring."""
 
@@ -70,6 +70,7 @@ class EFFT(Method):
 
     hparam_aliases: ClassVar[Mapping[str, str]] = {"init": "init_scheme"}
     edit_kinds: ClassVar[tuple[type, ...]] = (LowRank,)
+    variants: ClassVar[Mapping[str, str]] = {"swin": "efft_swin"}  # the released stage-shared Swin code
 
     rank: int = 16
     scale: float = 1.0

@@ -59,7 +59,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jax_peft.methods import lowrank as lr
-from jax_peft.methods.base import Method, check_choice, check_number, check_positive_int, check_rate
+from jax_peft.methods.base import BackboneVariants, Method, check_choice, check_number, check_positive_int, check_rate
 from jax_peft.methods.edits import LowRank
 
 Tree = Mapping[str, Any]
@@ -79,7 +79,7 @@ def _dense(x: Any) -> np.ndarray:
 
 
 @dataclasses.dataclass(frozen=True)
-class _FacT(Method):
+class _FacT(BackboneVariants, Method):
     """Hyper-parameters shared by both FacT formats."""
 
     rank: int = 8
@@ -151,6 +151,7 @@ class FacTTT(_FacT):
     """FacT-TT: shared U, V and per-block cores (see the module docstring for the exact math)."""
 
     name: ClassVar[str] = "fact_tt"
+    variants: ClassVar[Mapping[str, str]] = {"swin": "fact_tt_swin"}  # the paper's per-stage reading
 
     def init(self, rng: jax.Array, params: Tree) -> dict:
         d, k, depth = self._shapes(params)
@@ -221,6 +222,7 @@ class FacTTK(_FacT):
     "official" (C-order reshape of the MLP slices, as released) or "paper" (clean per-slice)."""
 
     name: ClassVar[str] = "fact_tk"
+    variants: ClassVar[Mapping[str, str]] = {"swin": "fact_tk_swin"}  # the paper's per-stage reading
     mlp_layout: str = "official"
 
     def __post_init__(self) -> None:

@@ -36,7 +36,7 @@ import numpy as np
 from jax_peft import paths
 from jax_peft import sites as sites_lib
 from jax_peft.methods import rescale
-from jax_peft.methods.base import Method, Tree, check_placements, select_blocks
+from jax_peft.methods.base import BackboneVariants, Method, Tree, check_placements, select_blocks
 from jax_peft.methods.edits import OutputAffine, Rescale
 from jax_peft.methods.simple import path_mask
 from jax_peft.sites import Site
@@ -107,7 +107,7 @@ def _vit_shapes(d: int, m: int, depth: int) -> dict:
 
 
 @dataclasses.dataclass(frozen=True)
-class RLRR(Method):
+class RLRR(BackboneVariants, Method):
     """RLRR with the official placements by default.
 
     Hyper-parameters:
@@ -127,6 +127,7 @@ class RLRR(Method):
     head_init: ClassVar[str] = "zeros"
     hparam_aliases: ClassVar[Mapping[str, str]] = {"init": "init_scheme"}
     edit_kinds: ClassVar[tuple[type, ...]] = (Rescale, OutputAffine)
+    variants: ClassVar[Mapping[str, str]] = {"swin": "rlrr_swin"}  # the official Swin code (fused qkv)
 
     init_scheme: str = "official"
     modules: tuple[str, ...] = ("q", "k", "v", "o", "fc1", "fc2")
@@ -144,8 +145,8 @@ class RLRR(Method):
         """Adapted sites in init order: patch; per block its norms then its linears; final norm
         (raises when nothing is selected)."""
         if sites_lib._is_swin(params):
-            raise ValueError("rlrr: this is a Swin Transformer; use get_method('rlrr_swin'), RLRR's official "
-                             "Swin variant (fused qkv, patch merging, no patch SSF)")
+            raise ValueError("rlrr: RLRR.select lists the ViT placements; on a Swin Transformer rlrr runs its "
+                             "official Swin variant: use method.on(params).select(params)")
         all_sites = sites_lib.sites(params)
         blocks = set(select_blocks(all_sites, self.layers, self.name))
         chosen = []

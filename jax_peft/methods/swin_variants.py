@@ -1,4 +1,7 @@
-"""The official Swin variants of RLRR and EFFT, over the Swin's sites (`jax_peft.swin.swin_sites`).
+"""The Swin variants of RLRR, EFFT and FacT, over the Swin's sites (`jax_peft.swin.swin_sites`).
+
+`get_method("rlrr" | "efft" | "fact_tt" | "fact_tk")` runs these on a Swin tree (`BackboneVariants`);
+their own names ("rlrr_swin", "efft_swin", "fact_tt_swin", "fact_tk_swin") remain as aliases.
 
 RLRR on Swin ("rlrr_swin"; zstarN70/RLRR `models/swin.py`). Rescaled linears, each
 `K ⊙ (1 + s_in s_outᵀ)` and bias + f: the FUSED qkv (so q, k and v share one input-side scale
@@ -49,20 +52,12 @@ from jax_peft.methods.base import (
     check_rate,
 )
 from jax_peft.methods.edits import LowRank, OutputAffine, Rescale
-from jax_peft.methods.rlrr import init_leaves
+from jax_peft.methods.rlrr import RLRR, init_leaves
 from jax_peft.sites import Site
 
 Tree = Mapping[str, Any]
 _RESCALED = ("qkv", "o", "fc1", "fc2", "merge")
 _OFFICIAL_LEAF = {"s_in": "scale_col", "s_out": "scale_line", "f": "shift_bias"}
-
-
-class _SwinOnly:
-    """Mixin of the Swin variants: weight form only (the Swin has no activation-form hooks)."""
-
-    @classmethod
-    def has_activation_form(cls) -> bool:
-        return False
 
 
 def _require_swin(params: Tree, method: str) -> dict[str, Site]:
@@ -93,7 +88,7 @@ def with_merge_bias(params: Tree) -> dict:
 
 
 @dataclasses.dataclass(frozen=True)
-class RLRRSwin(_SwinOnly, Method):
+class RLRRSwin(Method):
     """RLRR's official Swin variant (module docstring). Hyper-parameter `init`: "official" or
     "identity" (s_out = 0, γ = 1, β = 0: the pretrained function at step 0)."""
 
@@ -127,6 +122,10 @@ class RLRRSwin(_SwinOnly, Method):
             out[s.name] = (Rescale(lv["s_in"], lv["s_out"], lv["f"]) if s.kind in _RESCALED
                            else OutputAffine(lv["ssf_scale"], lv["ssf_shift"]))
         return out
+
+    # the official name rule, as on the ViT: no decay on the shifts f (`shift_bias`) and the norm SSF
+    # (`ssf_*_norm1`, `ssf_*_encode_norm`), so `rlrr` and `rlrr_swin` train alike on a Swin
+    decay_mask = RLRR.decay_mask
 
     def apply(self, params: Tree, adapter: Tree, *, rng: jax.Array | None = None) -> dict:
         """The weight form; the merging reductions gain a bias (their shift f)."""
@@ -203,7 +202,7 @@ def official_rlrr_name(site: Site, leaf: str) -> str:
 
 # ----------------------------------------------------------------------------------------- EFFT
 @dataclasses.dataclass(frozen=True)
-class EFFTSwin(_SwinOnly, Method):
+class EFFTSwin(Method):
     """EFFT's official Swin variant (module docstring): stage-shared factors, ranks doubling per
     stage from `rank` (attention) and `mlp_rank` (a, b); scale `scale`."""
 
@@ -244,6 +243,10 @@ class EFFTSwin(_SwinOnly, Method):
             d = sts[0].d_in
             m = next(s.d_out for s in sts if s.kind == "fc1")
             depth = len({s.block for s in sts})
+            if depth < 2:
+                raise ValueError(f"efft_swin: stage {i} has {depth} block; the released code's MLP core has one "
+                                 "slice per block of the stage and reads slices 0 and 1, so every stage needs >= 2 "
+                                 "blocks (all released Swins have). Use a Swin with depths >= 2, or another method")
             r, a, b = self.ranks(i)
             k = jax.random.split(jax.random.fold_in(rng, i), 4)
             node = f"layers_{i}/efft"
@@ -323,31 +326,31 @@ def _efft_official(path: str) -> str:
     return f"EFFT_{int(m.group(1)) + 1}_{m.group(2)}"
 
 
-# --------------------------------------------------------------------------------------- FacT-TT
+# ------------------------------------------------------------------------------------------ FacT
 @dataclasses.dataclass(frozen=True)
-class FacTTTSwin(_SwinOnly, Method):
-    """FacT-TT on a Swin as the FacT paper describes it (no Swin code was released): per stage i a
-    pair U_i (D_i, r), V_i (r, D_i) (adapter `layers_i/fact/{U, V}`), and per block j its own cores
-    (`layers_i/blocks_j/fact/{q, k, v, o}` (r, r), `fc1` (r, 4r), `fc2` (4r, r)); increments as
-    FacT-TT on the ViT (`jax_peft.methods.fact`): qkv += s·U [T_q | T_k | T_v] V (V per rank-r
-    chunk), proj += s·U T_o V, fc1 += s·U T1 kron(I_4, V), fc2 += s·kron(I_4, U) T2 V. Count
-    2r·ΣD_i + 12r²·L (Swin-B, r = 16: 135,168, the paper's 0.135M). Init as FacT's: U PyTorch-Linear
-    uniform, V = 0, cores PyTorch-Linear uniform. `dropout` is kept for an activation form; the
-    Swin trains in weight form, where it has no effect."""
+class _FacTSwin(Method):
+    """FacT on a Swin as the FacT paper describes it (no Swin code was released): each stage i is
+    tensorized on its own, with a pair U_i (D_i, r), V_i (r, D_i) (adapter `layers_i/fact/{U, V}`)
+    and per block (r, r) cores T_q, T_k, T_v, T_o, T1 (r, 4r), T2 (4r, r); increments as FacT on the
+    ViT (`jax_peft.methods.fact`): qkv += s·U [T_q | T_k | T_v] V (V per rank-r chunk), proj +=
+    s·U T_o V, fc1 += s·U T1 kron(I_4, V), fc2 += s·kron(I_4, U) T2 V. Init as FacT's: U PyTorch-Linear
+    uniform, V = 0. `dropout` acts on the rank-r activation in the activation form (training), as
+    FacT's on the ViT; the weight form (eval, merge) has none."""
 
     rank: int = 16
     scale: float = 1.0
     dropout: float = 0.1
 
-    name: ClassVar[str] = "fact_tt_swin"
     head_init: ClassVar[str] = "torch_linear"
     edit_kinds: ClassVar[tuple[type, ...]] = (LowRank,)
 
     def __post_init__(self):
         check_positive_int(self.rank, "rank", self.name)
         check_number(self.scale, "scale", self.name)
+        check_rate(self.dropout, "dropout", self.name)
 
     def _blocks(self, params: Tree) -> dict[tuple[int, int], dict[str, Site]]:
+        """{(stage, block in stage): {"qkv" | "o" | "fc1" | "fc2": Site}}."""
         out: dict[tuple[int, int], dict[str, Site]] = {}
         for s in _require_swin(params, self.name).values():
             if s.block is not None and s.kind in ("qkv", "o", "fc1", "fc2"):
@@ -355,17 +358,53 @@ class FacTTTSwin(_SwinOnly, Method):
                 out.setdefault((s.stage, j), {})[s.kind] = s
         return out
 
-    def init(self, rng: jax.Array, params: Tree) -> dict:
-        r, flat = self.rank, {}
-        for (i, j), st in self._blocks(params).items():
+    def _stage_shapes(self, params: Tree) -> dict[int, tuple[int, int, int]]:
+        """{stage: (D_i, MLP ratio k, blocks L_i)}."""
+        out: dict[int, tuple[int, int, int]] = {}
+        for (i, _), st in self._blocks(params).items():
             d, m = st["qkv"].d_in, st["fc1"].d_out
             if m % d:
-                raise ValueError(f"fact_tt_swin: the MLP width {m} is not a multiple of the width {d}")
-            k = m // d
+                raise ValueError(f"{self.name}: the MLP width {m} is not a multiple of the width {d}")
+            lr.check_rank_width(self.rank, d, self.name)
+            out[i] = (d, m // d, out.get(i, (0, 0, 0))[2] + 1)
+        return out
+
+    def _pair(self, rng: jax.Array, stage: int, d: int) -> dict[str, jax.Array]:
+        ku = jax.random.fold_in(rng, 1000 + stage)
+        return {f"layers_{stage}/fact/U": lr.torch_linear_uniform(ku, (d, self.rank), d),
+                f"layers_{stage}/fact/V": jnp.zeros((self.rank, d), jnp.float32)}
+
+    def cores(self, params: Tree, adapter: Tree) -> dict[tuple[int, int], dict[str, jax.Array]]:
+        """{(stage, block in stage): {"q", "k", "v", "o": (r, r), "fc1": (r, k·r), "fc2": (k·r, r)}}."""
+        raise NotImplementedError
+
+    def edits(self, params: Tree, adapter: Tree, *, rng: jax.Array | None = None) -> dict[str, Any]:
+        opts = {"scale": float(self.scale), "dropout": float(self.dropout), "dropout_after": 1}
+        blocks, out = self._blocks(params), {}
+        for (i, j), t in self.cores(params, adapter).items():
+            st = blocks[(i, j)]
+            u, v = adapter[f"layers_{i}"]["fact"]["U"], adapter[f"layers_{i}"]["fact"]["V"]
+            out[st["qkv"].name] = LowRank((u, jnp.concatenate([t["q"], t["k"], t["v"]], axis=1), v), **opts)
+            for m in ("o", "fc1", "fc2"):
+                out[st[m].name] = LowRank((u, t[m], v), **opts)
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class FacTTTSwin(_FacTSwin):
+    """FacT-TT on a Swin (`_FacTSwin`): every block its own cores (`layers_i/blocks_j/fact/{q, k, v,
+    o, fc1, fc2}`, PyTorch-Linear uniform). Count 2r·ΣD_i + 12r²·L (Swin-B, r = 16: 135,168, the
+    paper's 0.135M)."""
+
+    name: ClassVar[str] = "fact_tt_swin"
+
+    def init(self, rng: jax.Array, params: Tree) -> dict:
+        r, flat = self.rank, {}
+        shapes = self._stage_shapes(params)
+        for (i, j), st in self._blocks(params).items():
+            d, k, _ = shapes[i]
             if j == 0:
-                ku = jax.random.fold_in(rng, 1000 + i)
-                flat[f"layers_{i}/fact/U"] = lr.torch_linear_uniform(ku, (d, r), d)
-                flat[f"layers_{i}/fact/V"] = jnp.zeros((r, d), jnp.float32)
+                flat.update(self._pair(rng, i, d))
             keys = jax.random.split(jax.random.fold_in(rng, st["qkv"].block), 6)
             node = f"layers_{i}/blocks_{j}/fact"
             for key, mod in zip(keys, ("q", "k", "v", "o")):
@@ -374,18 +413,46 @@ class FacTTTSwin(_SwinOnly, Method):
             flat[f"{node}/fc2"] = lr.torch_linear_uniform(keys[5], (k * r, r), k * r)
         return paths.unflatten(flat)
 
-    def edits(self, params: Tree, adapter: Tree, *, rng: jax.Array | None = None) -> dict[str, Any]:
-        opts = {"scale": float(self.scale), "dropout": float(self.dropout), "dropout_after": 1}
-        out = {}
-        for (i, j), st in self._blocks(params).items():
-            u, v = adapter[f"layers_{i}"]["fact"]["U"], adapter[f"layers_{i}"]["fact"]["V"]
-            t = adapter[f"layers_{i}"][f"blocks_{j}"]["fact"]
-            out[st["qkv"].name] = LowRank((u, jnp.concatenate([t["q"], t["k"], t["v"]], axis=1), v), **opts)
-            out[st["o"].name] = LowRank((u, t["o"], v), **opts)
-            out[st["fc1"].name] = LowRank((u, t["fc1"], v), **opts)
-            out[st["fc2"].name] = LowRank((u, t["fc2"], v), **opts)
-        return out
+    def cores(self, params: Tree, adapter: Tree) -> dict[tuple[int, int], dict[str, jax.Array]]:
+        return {(i, j): adapter[f"layers_{i}"][f"blocks_{j}"]["fact"] for i, j in self._blocks(params)}
 
     def summary(self) -> str:
         return (f"fact_tt_swin: FacT-TT per stage (the paper's Swin reading, no released code), rank {self.rank}, "
                 f"scale {self.scale}: U_i, V_i per stage, one set of cores per block (Swin-B r=16: 135,168).")
+
+
+@dataclasses.dataclass(frozen=True)
+class FacTTKSwin(_FacTSwin):
+    """FacT-TK on a Swin (`_FacTSwin`): per stage i a core C_i (r, r, r) and a mixing matrix P_i
+    (r, L_i·(4 + 2k)) (`layers_i/fact/{C, P}`, xavier-uniform); block ℓ's slices A_ℓ = C_i ×₃ P_i[:, ℓ]
+    (r, r, 4 + 2k) give T_q, T_k, T_v, T_o = A_ℓ[:, :, 0..3] and, per MLP chunk c, T1's c-th column
+    block A_ℓ[:, :, 4 + c] and T2's c-th row block A_ℓ[:, :, 4 + k + c] (the clean per-slice layout,
+    `fact_tk`'s mlp_layout="paper"). Count Σ_i 2r·D_i + r³ + r·L_i·(4 + 2k) (Swin-B, r = 16: 82,432)."""
+
+    name: ClassVar[str] = "fact_tk_swin"
+
+    def init(self, rng: jax.Array, params: Tree) -> dict:
+        r, flat = self.rank, {}
+        for i, (d, k, depth) in self._stage_shapes(params).items():
+            flat.update(self._pair(rng, i, d))
+            kc, kp = jax.random.split(jax.random.fold_in(rng, i))
+            flat[f"layers_{i}/fact/C"] = lr.xavier_uniform(kc, (r, r, r))
+            flat[f"layers_{i}/fact/P"] = lr.xavier_uniform(kp, (r, depth * (4 + 2 * k)))
+        return paths.unflatten(flat)
+
+    def cores(self, params: Tree, adapter: Tree) -> dict[tuple[int, int], dict[str, jax.Array]]:
+        r, out = self.rank, {}
+        shapes = self._stage_shapes(params)
+        for i, j in self._blocks(params):
+            _, k, depth = shapes[i]
+            f = adapter[f"layers_{i}"]["fact"]
+            p = f["P"].reshape(r, depth, 4 + 2 * k)[:, j]
+            a = jnp.einsum("abc,cd->abd", f["C"], p, precision=jax.lax.Precision.HIGHEST)
+            out[(i, j)] = {**{m: a[:, :, n] for n, m in enumerate(("q", "k", "v", "o"))},
+                           "fc1": a[:, :, 4:4 + k].transpose(0, 2, 1).reshape(r, k * r),
+                           "fc2": a[:, :, 4 + k:].transpose(2, 0, 1).reshape(k * r, r)}
+        return out
+
+    def summary(self) -> str:
+        return (f"fact_tk_swin: FacT-TK per stage (the paper's Swin reading, no released code), rank {self.rank}, "
+                f"scale {self.scale}: U_i, V_i, core C_i and mixing P_i per stage (Swin-B r=16: 82,432).")

@@ -134,10 +134,11 @@ def method_config(name: str, **hparams: Any) -> ml_collections.ConfigDict:
     """
     import dataclasses
 
-    from jax_peft.methods.base import get_method, method_class
+    from jax_peft.methods.base import get_method
 
-    cls = method_class(name)
-    get_method(name, **hparams)  # validates the names (aliases allowed) and values early
+    # validates the names (aliases allowed) and values early; options only a backbone variant has
+    # (e.g. EFFT's Swin `mlp_rank`) give that variant's keys
+    cls = type(get_method(name, **hparams))
     # Keys are the public option names (e.g. EFFT's `init`, stored in the field `init_scheme`).
     aliases = dict(getattr(cls, "hparam_aliases", {}))
     public = {field: alias for alias, field in aliases.items()}

@@ -82,8 +82,8 @@ class Setup:
 
     config: Any
     method: Method
-    vit_config: ViTConfig
-    model: ViT
+    vit_config: ViTConfig   # the model's config (a SwinConfig for a Swin)
+    model: ViT              # or a jax_peft.Swin
     params: dict            # host (numpy) base params with the fresh head
     trainable: dict         # {"adapter", "head"}
     frozen: dict            # params without the head
@@ -100,7 +100,7 @@ class Setup:
     def device_frozen(self) -> Any:
         """The frozen tree on the devices; stacked once for a scanned model (`config.model.scan`),
         so the step does not re-stack it (methods still read the canonical per-block views)."""
-        return self.runner.put_frozen(scan.stack_blocks(self.frozen) if self.vit_config.scan else self.frozen)
+        return self.runner.put_frozen(scan.stack_blocks(self.frozen) if getattr(self.vit_config, "scan", False) else self.frozen)
 
     def abstract_state(self) -> Any:
         # Replicated over all processes' devices when distributed (orbax restores collectively).
@@ -135,7 +135,7 @@ def setup(config: Any) -> Setup:
     sched = schedules.make_schedule(config.schedule, lr=float(config.optimizer.lr), total_steps=total,
                                     steps_per_epoch=spe)
     tx = optimizer.build_optimizer(config.optimizer, sched, decay_mask=method.decay_mask(trainable))
-    model = ViT(vcfg)
+    model = model_setup.build_model(vcfg)  # a ViT, or a Swin for a Swin name / checkpoint
     runner = step_lib.make_runner(model, method, tx, seed=int(config.seed),
                                   label_smoothing=float(config.label_smoothing), parallel=config.parallel,
                                   schedule=sched, train_form=config.train_form,
@@ -553,7 +553,8 @@ def evaluate(config: Any, workdir: str, *, split: str | None = None) -> dict:
 
 
 def export_state(s: Setup, state: Any, path: str) -> str:
-    """Writes the merged model of a train state as a Google-layout `.npz` (process 0 writes)."""
+    """Writes the merged model of a train state (process 0 writes): a ViT as a Google-layout `.npz`, a
+    Swin as `.safetensors` / `.pth` in timm's layout (`jax_peft.save_checkpoint`)."""
     from jax_peft import checkpoint as ck
     from jax_peft.merge import merge
 
@@ -569,10 +570,16 @@ def export_state(s: Setup, state: Any, path: str) -> str:
 
 
 def export(config: Any, workdir: str, path: str | None = None) -> str:
-    """Merges the latest (or best) checkpoint of `workdir` into `path` (default `workdir/merged.npz`)."""
-    path = path or os.path.join(workdir, "merged.npz")
+    """Merges the latest (or best) checkpoint of `workdir` into `path` (default `workdir/merged.npz`;
+    a Swin: `workdir/merged.safetensors`, timm's layout)."""
+    swin = model_setup.swin_name(config.model.name) is not None
+    path = path or os.path.join(workdir, "merged.safetensors" if swin else "merged.npz")
     if distributed.is_main_process():
         safety.check_writable(path)  # before the merge
     s = setup(config)
+    if path == os.path.join(workdir, "merged.npz") and not isinstance(s.vit_config, ViTConfig):
+        path = os.path.join(workdir, "merged.safetensors")  # a Swin checkpoint without a Swin name
+        if distributed.is_main_process():
+            safety.check_writable(path)
     state, _ = _restore(s, workdir)
     return export_state(s, state, path)
