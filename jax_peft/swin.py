@@ -321,8 +321,13 @@ class WindowAttention(nn.Module):
 
 def _with_side(module: nn.Module, y: Array, x: Array, side: Mapping[str, Any], key: str, deterministic: bool) -> Array:
     """A frozen linear's output y = x K + b with the activation-form hooks `side[key]` (a low-rank
-    `SidePath` on x) and `side[key + "_ssf"]` (SSF's `ScaleShift` on the output) (`jax_peft.vit`)."""
-    extra = _side(module, side.get(key), x, deterministic)
+    `SidePath` on x, or a tuple of them: e.g. LoRA's q and v paths on the fused qkv layer, each with
+    its own input-dropout mask) and `side[key + "_ssf"]` (SSF's `ScaleShift` on the output)."""
+    paths = side.get(key)
+    extra = None
+    for path in paths if isinstance(paths, tuple) else (paths,):
+        out = _side(module, path, x, deterministic)
+        extra = out if extra is None else (extra if out is None else extra + out)
     return _scale_shift(y if extra is None else y + extra, side.get(f"{key}_ssf"))
 
 

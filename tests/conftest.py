@@ -13,8 +13,18 @@ Fixtures (generic and stable; other test files rely on them):
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
+
+# The tests' tiny models spend their time in XLA compilation, not in running: compile them (and the
+# CLI / notebook processes the tests start, which inherit this variable) without LLVM's optimisation
+# passes, about half the CPU time of the suite. Results are the same programs (every tolerance and
+# exactness check holds); set JAX_PEFT_TEST_XLA_OPT=default to test at the production level.
+# This runs before anything imports jax (conftest is imported first in every test process).
+if os.environ.get("JAX_PEFT_TEST_XLA_OPT", "fast") != "default" and \
+        "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
 
 import numpy as np
 import pytest
@@ -24,6 +34,12 @@ if str(TESTS) not in sys.path:
     sys.path.insert(0, str(TESTS))
 
 DATA = TESTS / "data"
+
+
+def xla_flags_with_cpu_devices(n: int) -> str:
+    """This process's XLA_FLAGS with the host platform forced to `n` devices (for a child process)."""
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "xla_force_host_platform_device_count" not in f]
+    return " ".join(flags + [f"--xla_force_host_platform_device_count={n}"])
 
 
 def tiny_vit_config(**overrides):

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import xla_flags_with_cpu_devices
 from jax.sharding import PartitionSpec as P
 
 from jax_peft.train import sharding
@@ -68,7 +69,7 @@ print("RESULT" + json.dumps({{f"{{m}} {{mesh}} {{scan}}": run(m, tuple(mesh), sc
 
 
 def run_matrix(rows) -> dict:
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+    env = dict(os.environ, XLA_FLAGS=xla_flags_with_cpu_devices(8), JAX_PLATFORMS="cpu",
                PYTHONPATH=os.pathsep.join([str(TESTS.parent), os.environ.get("PYTHONPATH", "")]))
     out = subprocess.run([sys.executable, "-c", _CHILD.format(tests=str(TESTS), rows=rows)], env=env,
                          capture_output=True, text=True, timeout=1800)

@@ -218,7 +218,10 @@ def test_every_method_on_swin_trains_and_merges(name):
     merged = f(jax_peft.merge(params, method, adapter), x, {})
     if method.has_activation_form():  # the training step's form: side paths at the qkv / o / fc1 / fc2 hooks
         folded, side = activation_form(method, params, adapter)
-        assert set(side) == (set() if name == "lora" else {0, 1, 2, 3})  # LoRA's q, v slices fold
+        assert set(side) == {0, 1, 2, 3}  # every block has a hook (LoRA: its q and v paths on the qkv hook)
+        if name == "lora":
+            assert all(isinstance(hooks["qkv"], tuple) and len(hooks["qkv"]) == 2 for hooks in side.values())
+            assert folded is params  # nothing folds into the frozen weights
         auto = f(folded, x, side)
     else:
         auto = weight
@@ -251,3 +254,29 @@ def test_one_name_per_method_on_swin():
     q = ad["layers_0"]["blocks_0"]["attn"]["q"]
     np.testing.assert_allclose(delta[:, :16], q["lora_a"] @ q["lora_b"], rtol=1e-5)
     assert not delta[:, 16:32].any() and delta[:, 32:].any()  # k untouched, v adapted
+
+
+def test_lora_dropout_reaches_the_q_and_v_slices_of_a_swin():
+    """LoRA's q and v on a Swin are slices of the fused qkv layer; in training each is its own side
+    path with its own input-dropout mask, as on the ViT (not folded into the weights without dropout)."""
+    cfg, params = _tiny_swin()
+    method = jax_peft.get_method("lora", rank=4, dropout=0.5)
+    adapter = jax.tree_util.tree_map(lambda a: np.asarray(a) + 0.1, method.init(jax.random.PRNGKey(0), params))
+    x = jnp.asarray(np.random.default_rng(2).normal(size=(2, 32, 32, 3)), jnp.float32)
+    model = jax_peft.Swin(cfg)
+
+    def logits(side, train, key=0):
+        return model.apply({"params": params}, x, side=side, train=train, rngs={"dropout": jax.random.PRNGKey(key)})
+
+    folded, side = activation_form(method, params, adapter)
+    q, v = side[0]["qkv"]
+    assert folded is params and q.dropout == v.dropout == 0.5
+    d = cfg.embed_dim
+    np.testing.assert_array_equal(np.asarray(q.factors[-1])[:, d:], 0.0)   # q: columns [0, d) only
+    np.testing.assert_array_equal(np.asarray(v.factors[-1])[:, :2 * d], 0.0)  # v: columns [2d, 3d)
+    # Only the side paths can make train mode differ (the tiny Swin has no dropout or drop path of its own).
+    plain = {b: {} for b in side}
+    np.testing.assert_array_equal(logits(plain, True), logits(plain, False))
+    train = logits(side, True)
+    assert float(jnp.abs(train - logits(side, False)).max()) > 1e-3
+    assert float(jnp.abs(train - logits(side, True, key=1)).max()) > 1e-3

@@ -16,7 +16,7 @@ import jax
 import numpy as np
 import optax
 import pytest
-from conftest import random_params, tiny_vit_config
+from conftest import random_params, tiny_vit_config, xla_flags_with_cpu_devices
 
 import jax_peft
 from jax_peft import paths
@@ -151,7 +151,7 @@ print("RESULT" + json.dumps({{"pmap": run("pmap", 4), "jit": run("jit", 4), "one
 def test_padded_batch_split_unevenly_over_devices_gives_the_one_device_loss_and_gradient():
     """Real rows per device 2, 2, 1, 0 (batch 8 over 4 devices, 5 real rows): pmap and jit on 4
     devices give the one-device loss and gradient, which are those of the 5-row batch itself."""
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
+    env = dict(os.environ, XLA_FLAGS=xla_flags_with_cpu_devices(4), JAX_PLATFORMS="cpu",
                PYTHONPATH=os.pathsep.join([str(TESTS.parent), os.environ.get("PYTHONPATH", "")]))
     child = subprocess.Popen([sys.executable, "-c", _CHILD.format(tests=str(TESTS))], env=env,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

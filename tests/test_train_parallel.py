@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+from conftest import xla_flags_with_cpu_devices
 
 TESTS = Path(__file__).resolve().parent
 
@@ -53,7 +54,7 @@ print("RESULT" + json.dumps({{"pmap": run_losses("pmap"), "jit_drop": run_losses
 
 
 def test_eight_devices_match_one_device():
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu",
+    env = dict(os.environ, XLA_FLAGS=xla_flags_with_cpu_devices(8), JAX_PLATFORMS="cpu",
                PYTHONPATH=os.pathsep.join([str(TESTS.parent), os.environ.get("PYTHONPATH", "")]))
     out = subprocess.run([sys.executable, "-c", _CHILD.format(tests=str(TESTS))], env=env,
                          capture_output=True, text=True, timeout=600)
