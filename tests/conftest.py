@@ -132,3 +132,17 @@ def golden():
         return cache[name]
 
     return load
+
+
+# Modules that take a minute or more each (notebook kernels, CLI processes): collected first, so that
+# with two test processes (`pytest -n`, a module per process) they start at once instead of being
+# the last thing one process runs while the other waits.
+_LONG_MODULES = ("test_notebooks.py", "test_distributed.py", "test_demo.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item) -> int:
+        name = Path(str(item.fspath)).name
+        return _LONG_MODULES.index(name) if name in _LONG_MODULES else len(_LONG_MODULES)
+
+    items.sort(key=rank)  # stable: every module keeps its own order
