@@ -38,7 +38,9 @@ def _train(cfg, params, batch, method, dtype):
     return np.array(losses), state
 
 
-@pytest.mark.parametrize("name,hp", [("lora", dict(rank=4, dropout=0.1)), ("rlrr", {})])
+# LoRA trains in activation form with dropout; RLRR (weight form) is `pytest -m extended`.
+@pytest.mark.parametrize("name,hp", [("lora", dict(rank=4, dropout=0.1)),
+                                     pytest.param("rlrr", {}, marks=pytest.mark.extended)])
 def test_bf16_compute_tracks_fp32(name, hp):
     cfg, params, batch = _task()
     method = get_method(name, **hp)

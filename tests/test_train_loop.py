@@ -329,7 +329,9 @@ def two_block_npz(tmp_path_factory):
     return str(jax_peft.save_checkpoint(path, random_params(tiny_vit_config(num_layers=2, image_size=16), 0)))
 
 
-@pytest.mark.parametrize("method", ["fact_tt", "rlrr"])  # activation form / weight form
+# FacT-TT trains in activation form; RLRR's weight form on a scanned model is also checked by
+# tests/test_scan.py (forward), so its training run here is `pytest -m extended`.
+@pytest.mark.parametrize("method", ["fact_tt", pytest.param("rlrr", marks=pytest.mark.extended)])
 def test_scanned_model_trains_like_the_unrolled_one(method, two_block_npz, tmp_path):
     """model.scan=True (one lax.scan over the blocks, frozen tree stacked once on the device) gives
     the unrolled run's losses and exports a canonical merged checkpoint."""
