@@ -42,6 +42,19 @@ def xla_flags_with_cpu_devices(n: int) -> str:
     return " ".join(flags + [f"--xla_force_host_platform_device_count={n}"])
 
 
+def train_on_random_batches(runner, state, frozen, steps: int):
+    """`steps` training steps of `runner` (jax_peft.train.step) on random (16, 32, 32, 3) batches with
+    5 classes (seed 0): (state, losses, last host batch). Shared by the multi-device child processes."""
+    rng = np.random.default_rng(0)
+    losses, batch = [], None
+    for _ in range(steps):
+        batch = {"image": rng.uniform(-1, 1, (16, 32, 32, 3)).astype(np.float32),
+                 "label": rng.integers(0, 5, (16,)).astype(np.int32)}
+        state, m = runner.train(state, frozen, runner.put_batch(batch))
+        losses.append(float(runner.get(m)["loss"]))
+    return state, losses, batch
+
+
 def tiny_vit_config(**overrides):
     """The tiny ViT used across the tests (keyword overrides allowed)."""
     import jax_peft
@@ -133,16 +146,3 @@ def golden():
 
     return load
 
-
-# Modules that take a minute or more each (notebook kernels, CLI processes): collected first, so that
-# with two test processes (`pytest -n`, a module per process) they start at once instead of being
-# the last thing one process runs while the other waits.
-_LONG_MODULES = ("test_notebooks.py", "test_distributed.py", "test_demo.py")
-
-
-def pytest_collection_modifyitems(config, items):
-    def rank(item) -> int:
-        name = Path(str(item.fspath)).name
-        return _LONG_MODULES.index(name) if name in _LONG_MODULES else len(_LONG_MODULES)
-
-    items.sort(key=rank)  # stable: every module keeps its own order

@@ -24,7 +24,7 @@ def run(method_name: str, mesh: tuple[int, int], scan: bool = False, steps: int 
     """Losses of `steps` steps (tiny ViT, width 64, batch 16) and the frozen bytes per device; all
     frozen leaves are sharded (`shard_min_bytes=0`), whatever their size."""
     import jax
-    from conftest import tiny_vit_config
+    from conftest import tiny_vit_config, train_on_random_batches
 
     import jax_peft
     from jax_peft import scan as scan_lib
@@ -41,13 +41,7 @@ def run(method_name: str, mesh: tuple[int, int], scan: bool = False, steps: int 
     runner = step_lib.make_runner(jax_peft.ViT(cfg), method, tx, seed=0, mesh=mesh, shard_min_bytes=0)
     state = runner.put_state(step_lib.init_state(trainable, tx))
     frozen = runner.put_frozen(scan_lib.stack_blocks(frozen) if scan else frozen)
-    rng = np.random.default_rng(0)
-    losses = []
-    for _ in range(steps):
-        batch = {"image": rng.uniform(-1, 1, (16, 32, 32, 3)).astype(np.float32),
-                 "label": rng.integers(0, 5, (16,)).astype(np.int32)}
-        state, m = runner.train(state, frozen, runner.put_batch(batch))
-        losses.append(float(runner.get(m)["loss"]))
+    state, losses, _ = train_on_random_batches(runner, state, frozen, steps)
     per_device = sharding.bytes_per_device(frozen)
     return {"losses": losses, "max_bytes": max(per_device.values()),
             "total_bytes": sum(x.nbytes for x in jax.tree_util.tree_leaves(frozen))}

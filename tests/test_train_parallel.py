@@ -19,7 +19,7 @@ TESTS = Path(__file__).resolve().parent
 def run_losses(parallel: str, dropout: float = 0.0, steps: int = 3) -> dict:
     """Losses of `steps` bitfit steps (1-block tiny ViT, batch 16) and the final eval counts."""
     import jax
-    from conftest import tiny_vit_config
+    from conftest import tiny_vit_config, train_on_random_batches
 
     import jax_peft
     from jax_peft.train import optimizer
@@ -33,13 +33,7 @@ def run_losses(parallel: str, dropout: float = 0.0, steps: int = 3) -> dict:
     tx = optimizer.build_optimizer(default_config().optimizer, 1e-2, decay_mask=method.decay_mask(trainable))
     runner = step_lib.make_runner(jax_peft.ViT(cfg), method, tx, seed=0, parallel=parallel)
     state, frozen = runner.put_state(step_lib.init_state(trainable, tx)), runner.put_frozen(frozen)
-    rng = np.random.default_rng(0)
-    losses = []
-    for _ in range(steps):
-        batch = {"image": rng.uniform(-1, 1, (16, 32, 32, 3)).astype(np.float32),
-                 "label": rng.integers(0, 5, (16,)).astype(np.int32)}
-        state, m = runner.train(state, frozen, runner.put_batch(batch))
-        losses.append(float(runner.get(m)["loss"]))
+    state, losses, batch = train_on_random_batches(runner, state, frozen, steps)
     ev = runner.get(runner.eval(runner.merge(state, frozen), runner.put_batch(dict(batch, mask=np.ones(16, np.float32)))))
     return {"devices": runner.num_devices, "losses": losses, "correct": float(ev["correct"]),
             "loss_sum": float(ev["loss_sum"])}
