@@ -215,6 +215,14 @@ def test_epoch_order_is_the_documented_function_of_seed_and_epoch():
     other_seed.close()
 
 
+def test_example_rng_is_the_documented_list_seeded_stream():
+    # the uint32-array fast path must give default_rng([seed, epoch, index, 1])'s numbers, and
+    # values outside uint32 fall back to the list
+    for seed, epoch, index in [(0, 0, 0), (3, 7, 22), (2**32 - 1, 1, 5), (2**32, 0, 1), (5, 2**40, 9)]:
+        got = pipeline.example_rng(seed, epoch, index).random(4)
+        assert got.tolist() == np.random.default_rng([seed, epoch, index, 1]).random(4).tolist()
+
+
 def test_epochs_are_permutations_and_deterministic():
     it = _train()
     batches = [next(it) for _ in range(10)]
