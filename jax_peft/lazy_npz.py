@@ -161,6 +161,7 @@ class _Member:
             header = _read_header(f)
             if header is not None:
                 shape, fortran, dtype = header
+                decoded = self._decoded(dtype)  # refuses pickles first
                 self.offset = f.tell()
                 if self.offset - start + _nbytes(shape, dtype) != info.compress_size:
                     raise self.npz.error(
@@ -168,7 +169,7 @@ class _Member:
                         f"its header says {_nbytes(shape, dtype)} ({tuple(shape)} {dtype})")
                 if self.offset + _nbytes(shape, dtype) > self.npz.file_size:
                     raise self.npz.error(f"member {info.filename!r} ends after the end of the file")
-                return tuple(shape), self._decoded(dtype), bool(fortran)
+                return tuple(shape), decoded, bool(fortran)
         # compressed (or an unusual stored member): the header is read through zipfile
         with zipfile.ZipFile(self.npz.path) as z, z.open(info) as g:
             header = _read_header(g)

@@ -19,6 +19,7 @@ import scipy.special
 import jax_peft
 from jax_peft import checkpoint as ckpt
 from jax_peft import download, paths
+from jax_peft.lazy_npz import LazyArray
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -247,8 +248,12 @@ def test_every_layout_loads_to_the_same_tree(tmp_path, zero_cls_row_params, layo
         flat["params/txt/Embed_0/embedding"] = np.zeros((3, 2), np.float32)
     if "opt/target/cls" in flat:  # optimizer state outside the target is ignored
         flat["opt/state/step"] = np.zeros((), np.int32)
-    loaded = jax_peft.load_checkpoint(_save_flat(tmp_path / "x.npz", flat))
-    _assert_same_tree(loaded, zero_cls_row_params)
+    path = _save_flat(tmp_path / "x.npz", flat)
+    _assert_same_tree(jax_peft.load_checkpoint(path), zero_cls_row_params)
+    # read lazily (memory maps, cast and block-sliced on read): the same values, nothing read up front
+    lazy = jax_peft.load_checkpoint(path, lazy=True)
+    assert all(isinstance(v, LazyArray) for k, v in paths.flatten(lazy).items() if not k.endswith("pos_embedding"))
+    _assert_same_tree(lazy, zero_cls_row_params)
 
 
 @pytest.mark.parametrize("scan", [False, True])
