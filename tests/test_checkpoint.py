@@ -312,6 +312,8 @@ def test_renumbering_rule_is_per_prefix_and_natural_sorted():
 
 
 def test_load_with_config_drops_pre_logits_resets_head_and_resizes(tmp_path, tiny_params, tiny_config):
+    import jax
+
     d = tiny_config.hidden_size
     rng = np.random.default_rng(1)
     tiny_params["pre_logits"] = {"kernel": rng.standard_normal((d, d)).astype(np.float32),
@@ -333,7 +335,10 @@ def test_load_with_config_drops_pre_logits_resets_head_and_resizes(tmp_path, tin
     assert pe.shape == (1, 1 + 36, d)
     np.testing.assert_array_equal(pe[:, 0], tiny_params["Transformer"]["posembed_input"]["pos_embedding"][:, 0])
     jax_peft.validate_params(params, cfg)
-    assert _logits(params, np.zeros((1, 48, 48, 3), np.float32), cfg).shape == (1, 7)
+    # the adapted tree fits the model at the new resolution (traced, not compiled: shapes are the point)
+    out = jax.eval_shape(lambda p, x: jax_peft.ViT(cfg).apply({"params": p}, x, train=False), params,
+                         jax.ShapeDtypeStruct((1, 48, 48, 3), np.float32))
+    assert out.shape == (1, 7)
 
     kept = jax_peft.load_checkpoint(path, config=tiny_config.replace(num_classes=11))
     np.testing.assert_array_equal(kept["head"]["bias"], np.ones(11))  # matching head kept ("auto")
