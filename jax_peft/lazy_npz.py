@@ -193,11 +193,17 @@ class _Member:
 
     def read(self, idx: Index) -> np.ndarray:
         if self.offset is None:
-            return self.npz.whole(self)[idx]
+            return np.array(self.npz.whole(self)[idx])  # a copy: the cached array stays intact
         if 0 in self.shape:
             return np.empty(self.shape, self.dtype)[idx]
+        order = "F" if self.fortran else "C"
         with self.npz.lock:  # np.memmap seeks the shared file object
-            mm = np.memmap(self.npz.file, self.dtype, "r", self.offset, self.shape, "F" if self.fortran else "C")
+            try:
+                mm = np.memmap(self.npz.file, self.dtype, "r", self.offset, self.shape, order)
+            except (OSError, ValueError):  # a file system without mmap: read the member's bytes
+                self.npz.file.seek(self.offset)
+                data = self.npz.file.read(_nbytes(self.shape, self.dtype))
+                return np.frombuffer(data, self.dtype).reshape(self.shape, order=order)[idx].copy()
         try:
             return np.array(mm[idx])  # a copy: the mapping is closed with `mm`
         finally:

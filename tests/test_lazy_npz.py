@@ -84,6 +84,20 @@ def test_slices_casts_blocks_and_stacks_read_only_what_is_asked(npz, index):
     np.testing.assert_array_equal(x[np.array([2, 0])], full[np.array([2, 0])])  # fancy: read, then index
 
 
+def test_without_mmap_members_are_read_from_the_file(tmp_path, monkeypatch):
+    path = tmp_path / "a.npz"
+    np.savez(path, **_arrays())
+    lazy = lazy_npz.open_npz(path)
+
+    def no_mmap(*args, **kwargs):
+        raise OSError("mmap is not supported here")
+
+    monkeypatch.setattr(np, "memmap", no_mmap)
+    full = _arrays()["f16_fortran"]
+    np.testing.assert_array_equal(lazy["f16_fortran"][1:3, :, 2], full[1:3, :, 2])
+    np.testing.assert_array_equal(np.asarray(lazy["f32"]), _arrays()["f32"])
+
+
 def test_streamed_placement_reads_each_distinct_slice_once_and_equals_the_eager_load(tmp_path, tiny_params):
     calls = []
     full = np.arange(24, dtype=np.float32).reshape(4, 6)
