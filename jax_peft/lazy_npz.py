@@ -262,7 +262,7 @@ class LazyNpz(dict):
         self.lock = threading.RLock()
         self._whole: tuple[str, np.ndarray] | None = None
         try:
-            self.file = open(self.path, "rb")  # noqa: SIM115 (closed when the arrays are garbage)
+            self.file = open(self.path, "rb")  # closed when the last of its arrays is garbage-collected
             self.file_size = os.fstat(self.file.fileno()).st_size
             with zipfile.ZipFile(self.file) as z:
                 infos = z.infolist()

@@ -59,6 +59,7 @@ def streamed_placement() -> dict:
     import jax_peft
     from jax_peft import paths
     from jax_peft import scan as scan_lib
+    from jax_peft.lazy_npz import LazyArray, to_device
 
     out = {}
     with tempfile.TemporaryDirectory() as d:
@@ -80,6 +81,12 @@ def streamed_placement() -> dict:
                 out[f"{data}x{fsdp} scan={scanned}"] = {
                     "same": same, "max_bytes": max(per_device.values()),
                     "total_bytes": sum(x.nbytes for x in jax.tree_util.tree_leaves(streamed))}
+            # the callback reads each distinct slice once (data replicas share it), 1/fsdp of the leaf
+            reads = []
+            full = np.arange(16 * 64, dtype=np.float32).reshape(16, 64)
+            leaf = LazyArray(full.shape, np.float32, lambda idx: reads.append(full[idx].size) or full[idx])
+            placed = to_device(leaf, jax.sharding.NamedSharding(mesh, P(None, "fsdp")))
+            out[f"{data}x{fsdp} reads"] = {"sizes": reads, "same": bool(np.array_equal(np.asarray(placed), full))}
     return out
 
 
@@ -129,7 +136,10 @@ def check_streamed(res: dict) -> None:
     for key, got in res.items():
         fsdp = int(key.split("x")[1].split(" ")[0])
         assert got["same"], key
-        assert got["max_bytes"] <= got["total_bytes"] / fsdp * 1.05, (key, got)
+        if key.endswith("reads"):
+            assert got["sizes"] == [16 * 64 // fsdp] * fsdp, (key, got)
+        else:
+            assert got["max_bytes"] <= got["total_bytes"] / fsdp * 1.05, (key, got)
 
 
 def test_fsdp_matches_data_parallel_divides_memory_and_streams_checkpoints():
