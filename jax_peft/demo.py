@@ -162,7 +162,8 @@ def merge_and_check(method: str, backbone: str, run_dir: str, out_path: str, *, 
     if restored is None:
         raise FileNotFoundError(f"no checkpoint in {run_dir}/checkpoints; the {method} run did not finish")
     trainable = jax.device_get(restored[0]["trainable"])
-    params = step_lib.join_params(s.frozen, trainable)
+    frozen = jax.tree_util.tree_map(np.asarray, s.frozen)  # the run's frozen leaves are read from disk lazily
+    params = step_lib.join_params(frozen, trainable)
     merged = merge(params, s.method, trainable["adapter"], spec=restored[1].get(checkpointing.SPEC_KEY))
     ck.save_checkpoint(out_path, jax.device_get(merged))
     reloaded = ck.load_checkpoint(out_path)

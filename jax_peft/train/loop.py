@@ -124,7 +124,7 @@ def setup(config: Any) -> Setup:
     method = model_setup.build_method(config)
     rng = jax.random.PRNGKey(int(config.seed))
     r_params, r_adapter = jax.random.split(rng)
-    vcfg, params = model_setup.build_params(config, method, num_classes, r_params)
+    vcfg, params = model_setup.build_params(config, method, num_classes, r_params, lazy=True)
     adapter = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), method.init(r_adapter, params))
     trainable, frozen = step_lib.split_params(params, adapter)
 

@@ -147,9 +147,12 @@ def _swin_params(config: Any, params: Any, num_classes: int, rng: jax.Array) -> 
     return cfg, swin.adapt_to_config(params, cfg, head="reset")
 
 
-def build_params(config: Any, method: Method, num_classes: int, rng: jax.Array) -> tuple[Any, dict]:
+def build_params(config: Any, method: Method, num_classes: int, rng: jax.Array, *,
+                 lazy: bool = False) -> tuple[Any, dict]:
     """(model config, params) with a fresh `method.init_head` head for `num_classes` classes: a
-    `ViTConfig`, or a `SwinConfig` for a Swin name or checkpoint."""
+    `ViTConfig`, or a `SwinConfig` for a Swin name or checkpoint. Leaves are numpy arrays; with
+    `lazy=True` an `.npz` file's leaves stay `lazy_npz.LazyArray`s on disk (the training loop places
+    them on the devices slice by slice); `np.asarray(leaf)` reads one."""
     r_init, r_head = jax.random.split(rng)
     ckpt = config.model.checkpoint
     image_size = _check_image_sizes(config)
@@ -169,7 +172,7 @@ def build_params(config: Any, method: Method, num_classes: int, rng: jax.Array) 
         from jax_peft.swin import is_swin_params
 
         # lazily: the frozen leaves are read slice by slice when placed on the devices (Setup.device_frozen)
-        params = ck.load_checkpoint(ckpt, lazy=True)
+        params = ck.load_checkpoint(ckpt, lazy=lazy)
         if is_swin_params(params):
             cfg, params = _swin_params(config, params, num_classes, r_init)
         elif swin is not None:
