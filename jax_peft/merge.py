@@ -8,6 +8,8 @@ frozen leaf read, e.g. from a lazily loaded checkpoint, and its site's edit appl
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import threading
 from collections.abc import Mapping
 from typing import Any
@@ -140,15 +142,74 @@ class _LazyMerge:
                     return _read(key, x)  # a fresh array already
                 return np.asarray(_at_least_f32(_read(key, x)))
             leaves, edits = self.groups[self.group_of[key]]
-            sub = paths.unflatten({k: _at_least_f32(_read(k, self.flat[k])) for k in leaves})
+            values = [_read(k, self.flat[k]) for k in leaves]
             try:
-                out = paths.flatten(apply_edits(sub, edits, self.site_map))
-                merged = {k: np.asarray(_at_least_f32(out[k])) for k in leaves}
+                sites, specs, payloads = self._local(leaves, edits)
+                out = _merge_group(sites, specs, [_at_least_f32(v) for v in values], payloads)
+                del values
+                merged = {k: np.asarray(v) for k, v in zip(leaves, out)}
             except Exception as e:
                 raise ValueError(f"cannot compute the merged leaf {key!r} (edits {list(edits)}): "
                                  f"{type(e).__name__}: {e}") from e
             self.done.update((k, v) for k, v in merged.items() if k != key)
             return merged[key]
+
+
+    def _local(self, leaves: list[str], edits: Mapping[str, Any]) -> tuple[tuple, tuple, list]:
+        """A group's computation with its leaves and sites renamed by position (`l0`, `s0`, ...): the
+        same static structure in every block, so `_merge_group` compiles once per kind of group.
+        Returns (local sites, edit specs, edit payload arrays)."""
+        leaf = {k: f"l{i}" for i, k in enumerate(leaves)}
+        names: dict[str, str] = {}
+        local: dict[str, Site] = {}
+
+        def add(real: str) -> str:
+            if real not in names:
+                names[real] = name = f"s{len(names)}"
+                s = self.site_map[real]
+                for other in (*s.parts, *([s.parent] if s.parent else [])):
+                    add(other)
+                local[name] = Site(name, s.kind, name, leaf[s.kernel] if s.kernel else None,
+                                   leaf[s.bias] if s.bias else None, s.d_in, s.d_out,
+                                   parts=tuple(names[p] for p in s.parts),
+                                   parent=names[s.parent] if s.parent else None, offset=s.offset)
+            return names[real]
+
+        specs, payloads = [], []
+        for key, edit in edits.items():
+            fields = []
+            for f in dataclasses.fields(edit):
+                v = getattr(edit, f.name)
+                if isinstance(v, (tuple, list)):  # LowRank's factors
+                    fields.append((f.name, len(v)))
+                    payloads.extend(v)
+                elif isinstance(v, (bool, int, float, str)) or v is None:
+                    fields.append((f.name, ("const", v)))
+                else:
+                    fields.append((f.name, None))
+                    payloads.append(v)
+            specs.append((leaf[key] if isinstance(edit, Replace) else add(key), type(edit), tuple(fields)))
+        return tuple(local.items()), tuple(specs), payloads
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _merge_group(sites: tuple, specs: tuple, leaves: list, payloads: list) -> list:
+    """The merged leaves `l0, l1, ...` of one group (see `_LazyMerge._local`), in the wider of float32
+    and their dtypes: `apply_edits` under jit, as `merge` computes the whole tree (same fusions)."""
+    payloads = list(payloads)
+    edits = {}
+    for key, kind, fields in specs:
+        kw = {}
+        for name, how in fields:
+            if how is None:
+                kw[name] = payloads.pop(0)
+            elif isinstance(how, int):
+                kw[name] = tuple(payloads.pop(0) for _ in range(how))
+            else:
+                kw[name] = how[1]
+        edits[key] = kind(**kw)
+    out = apply_edits({f"l{i}": x for i, x in enumerate(leaves)}, edits, dict(sites))
+    return [_at_least_f32(out[f"l{i}"]) for i in range(len(leaves))]
 
 
 def _read(path: str, x: Any) -> Any:
