@@ -41,10 +41,11 @@ def merge(params: Mapping[str, Any], method: Method, adapter: Mapping[str, Any],
 
     lazy=True: nothing is computed yet; the leaves are `LazyArray`s (shape and dtype known) whose
     values are computed when read (`np.asarray(leaf)`): the frozen leaf is read (a `LazyArray`, a
-    numpy or jax array) and the edits touching it applied eagerly, one site at a time; the site's
-    other merged leaves (e.g. its bias, or k and v beside q) are kept until they are read once. The
-    values equal the eager merge's. Needs a method whose weight form is its edits (every ViT method;
-    not the Swin variants that add leaves, e.g. rlrr_swin: merge those with lazy=False).
+    numpy or jax array) and the edits touching it applied under jit, one group of leaves at a time
+    (a site's kernel and bias; q, k and v for a fused-qkv edit); the group's other merged leaves are
+    kept until they are read once. The values equal the eager merge's, bit for bit. Needs a method
+    whose weight form is its edits (every ViT method, Swin LoRA / SSF; not rlrr_swin, which adds
+    leaves: merge it with lazy=False).
     """
     if spec is not None:
         method.check_spec(spec, params)
