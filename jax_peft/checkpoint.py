@@ -29,12 +29,13 @@ leaf by leaf, each device reading only its own slice from the file, so the host 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
 import tempfile
 import warnings
 import zipfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -559,6 +560,22 @@ def load_checkpoint(path_or_url: str | os.PathLike, *, config: ViTConfig | None 
 
 def to_pre_linen(params: Tree) -> dict[str, np.ndarray]:
     """Canonical tree -> flat {original pre-Linen key: float32 numpy array} (inverse of `normalize`)."""
+    return {k: get() for k, get in _pre_linen_members(params).items()}
+
+
+def to_big_vision(params: Tree) -> dict[str, np.ndarray]:
+    """Canonical tree -> flat {big_vision key: float32 array}: a `params/` prefix, Linen names and a
+    top-level `pos_embedding` without the CLS slot (the CLS row is folded into `cls`, which keeps the
+    function: the CLS token only ever sees its own row)."""
+    return {k: get() for k, get in _big_vision_members(params).items()}
+
+
+Member = Callable[[], np.ndarray]
+
+
+def _pre_linen_members(params: Tree) -> dict[str, Member]:
+    """{pre-Linen key: function returning the float32 array}: names checked now, values read (a
+    LazyArray, a zero-argument callable) only when called."""
     flat = paths.flatten(params)
     if "embedding/kernel" not in flat or not any(k.startswith("Transformer/encoderblock_") for k in flat):
         raise ValueError(
@@ -566,15 +583,12 @@ def to_pre_linen(params: Tree) -> dict[str, np.ndarray]:
             f"got keys like {list(flat)[:4]}. Merge adapters first (jax_peft.merge) and save the merged "
             "params; save adapters with orbax."
         )
-    out: dict[str, np.ndarray] = {}
+    out: dict[str, Member] = {}
     for k, v in flat.items():
         parts = k.split("/")
         if len(parts) > 2 and parts[0] == "Transformer" and parts[1].startswith("encoderblock_"):
             parts[2] = _TO_PRE_LINEN.get(parts[2], parts[2])
-        arr = np.asarray(v)
-        if _is_float(arr):
-            arr = arr.astype(np.float32)
-        out["/".join(parts)] = arr
+        out["/".join(parts)] = functools.partial(_float32_leaf, k, v)
     back = set(paths.flatten(_renumber(paths.unflatten({k: None for k in out}))))
     if back != set(flat):
         odd = sorted(set(flat) - back)[:5]
@@ -583,23 +597,63 @@ def to_pre_linen(params: Tree) -> dict[str, np.ndarray]:
     return out
 
 
-def to_big_vision(params: Tree) -> dict[str, np.ndarray]:
-    """Canonical tree -> flat {big_vision key: float32 array}: a `params/` prefix, Linen names and a
-    top-level `pos_embedding` without the CLS slot (the CLS row is folded into `cls`, which keeps the
-    function: the CLS token only ever sees its own row)."""
-    flat = {k: np.asarray(v) for k, v in to_pre_linen(params).items()}  # validates, casts to float32
+def _float32_leaf(path: str, leaf: Any) -> np.ndarray:
+    """A leaf's values as numpy (float leaves as float32); a LazyArray is read, a zero-argument
+    callable called. An error computing it names the leaf."""
+    try:
+        arr = np.asarray(leaf() if callable(leaf) and not hasattr(leaf, "shape") else leaf)
+    except Exception as e:
+        if repr(path) in str(e):  # already names the leaf (e.g. a lazily merged one)
+            raise
+        raise ValueError(f"cannot compute the leaf {path!r} to save it ({type(e).__name__}: {e})") from e
+    return arr.astype(np.float32) if _is_float(arr) else arr
+
+
+def _big_vision_members(params: Tree) -> dict[str, Member]:
+    """`to_big_vision`'s {key: function returning the array}, values read only when called."""
+    flat = _pre_linen_members(params)  # validates; casts to float32 when called
     flat = paths.flatten(_renumber(paths.unflatten(flat)))  # back to the Linen names
     pe = flat.pop("Transformer/posembed_input/pos_embedding")
     if "cls" in flat:
-        flat["cls"] = flat["cls"] + pe[:, :1]
-        pe = pe[:, 1:]
-    flat["pos_embedding"] = pe
+        cls = flat["cls"]
+        flat["cls"] = lambda: cls() + pe()[:, :1]
+        flat["pos_embedding"] = lambda: pe()[:, 1:]
+    else:
+        flat["pos_embedding"] = pe
     return {f"params/{k}": v for k, v in flat.items()}
+
+
+def write_npz(path: str | os.PathLike, members: Mapping[str, Any]) -> Path:
+    """Writes an `.npz` (what `numpy.savez(path, **arrays)` writes: a stored zip of `.npy` members)
+    atomically, member by member: a value that is a zero-argument callable is called just before
+    its member is written and dropped after, so only one array is held at a time. Returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp.npz")
+    public_mode(fd)
+    try:
+        with os.fdopen(fd, "wb") as f, zipfile.ZipFile(f, "w", zipfile.ZIP_STORED, allowZip64=True) as z:
+            for key, value in members.items():
+                arr = np.asanyarray(value() if callable(value) and not hasattr(value, "shape") else value)
+                with z.open(key + ".npy", "w", force_zip64=True) as member:  # as numpy.savez
+                    np.lib.format.write_array(member, arr, allow_pickle=False)
+                del arr
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    return path
 
 
 def save_checkpoint(path: str | os.PathLike, params: Tree, *,
                     layout: Literal["vit_jax", "big_vision"] = "vit_jax") -> Path:
     """Writes `params` as a Google `.npz` (float32), atomically. Returns the path.
+
+    The file is written member by member: leaves may be lazy (`jax_peft.lazy_npz.LazyArray`s, e.g.
+    of `jax_peft.merge(..., lazy=True)` or `load_checkpoint(..., lazy=True)`, or zero-argument
+    callables returning an array), each read just before it is written, so the host holds about one
+    leaf at a time, never the tree (an error computing a leaf names it; no file is left behind).
 
     layout="vit_jax" (default): the original pre-Linen layout, which loads with vit_jax, with timm's
     npz loader (`model.load_pretrained(path)`; timm loads the head only when its class count
@@ -623,16 +677,5 @@ def save_checkpoint(path: str | os.PathLike, params: Tree, *,
                          f"(a timm state dict), got {path}")
     if layout not in ("vit_jax", "big_vision"):
         raise ValueError(f"layout must be 'vit_jax' or 'big_vision', got {layout!r}")
-    arrays = to_pre_linen(params) if layout == "vit_jax" else to_big_vision(params)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp.npz")
-    public_mode(fd)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return path
+    members = _pre_linen_members(params) if layout == "vit_jax" else _big_vision_members(params)
+    return write_npz(path, members)

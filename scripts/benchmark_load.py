@@ -15,8 +15,21 @@ On CPU the devices' memory is host memory, so the sharded tree itself (`tree_byt
 peak: `overhead = peak - baseline - tree_bytes` is the copy the loader adds on top (baseline: the
 process after importing JAX and building the mesh). The file is deleted afterwards.
 
+With `--export`, the merged export (`export_merged`) instead: the frozen tree is the training CLI's
+(`load_checkpoint(path, lazy=True)`, a new head), a random adapter of `--method` is merged and the
+merged model written as a Google `.npz`, on one CPU device:
+
+    export_eager     what `export_state` did before: merge the whole tree (`jax_peft.merge`), convert it
+                     (`to_pre_linen`) and `numpy.savez` it
+    export_streamed  `save_checkpoint(out, merge(frozen, method, adapter, lazy=True))`: each merged
+                     leaf computed from its frozen leaf just before it is written
+
+Both outputs are compared member by member (name, size and CRC-32 of every `.npy`) and deleted;
+`overhead = peak - baseline` (nothing stays placed here).
+
     python scripts/benchmark_load.py --model ViT-L/16 --mesh 1,8 --json docs/benchmarks/load_vit_l16.json
     python scripts/benchmark_load.py --model ViT-L/16 --mesh 1,8 --scan --json docs/benchmarks/load_vit_l16_scan.json
+    python scripts/benchmark_load.py --model ViT-L/16 --export --method rlrr --json docs/benchmarks/export_vit_l16.json
 """
 
 from __future__ import annotations
@@ -33,6 +46,7 @@ import zipfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODES = ("eager", "streamed", "streamed_noverify")
+EXPORT_MODES = ("export_eager", "export_streamed")
 
 
 def write_npz(path: str, model: str, layout: str = "vit_jax", seed: int = 0) -> int:
@@ -118,11 +132,50 @@ def child(path: str, mode: str, mesh_shape: tuple[int, int], scan: bool = False)
             "max_device_bytes": max(per_device.values()), "devices": len(per_device)}
 
 
-def _run_child(path: str, mode: str, mesh: tuple[int, int], scan: bool) -> dict:
+def child_export(path: str, mode: str, method_name: str, out: str) -> dict:
+    """One merged export in this process (run in a fresh subprocess by `main`)."""
+    import jax
+    import numpy as np
+
+    import jax_peft
+    from jax_peft import checkpoint as ck
+    from jax_peft.merge import merge
+
+    jax.block_until_ready(jax.device_put(0.0))
+    frozen = jax_peft.load_checkpoint(path, lazy=True)  # the training CLI's frozen tree (Setup.frozen)
+    frozen = ck.adapt_to_config(frozen, jax_peft.vit_config(frozen, num_classes=100), head="reset")
+    method = jax_peft.get_method(method_name)
+    shapes = jax.eval_shape(lambda p: method.init(jax.random.PRNGKey(0), p), frozen)
+    rng = np.random.default_rng(1)
+    adapter = jax.tree_util.tree_map(lambda s: 0.01 * rng.standard_normal(s.shape).astype(np.float32), shapes)
+    baseline = _current_rss()
+    t0 = time.perf_counter()
+    if mode == "export_eager":  # export_state before streaming: merged tree, converted copy, np.savez
+        merged = jax.device_get(merge(frozen, method, adapter))
+        np.savez(out, **ck.to_pre_linen(merged))
+    else:
+        ck.save_checkpoint(out, merge(frozen, method, adapter, lazy=True))
+    seconds = time.perf_counter() - t0
+    return {"mode": mode, "method": method_name, "seconds": seconds, "peak_rss_bytes": _rss(),
+            "baseline_rss_bytes": baseline, "rss_after_bytes": _current_rss(),
+            "tree_bytes": sum(np.dtype(x.dtype).itemsize * int(np.prod(x.shape))
+                              for x in jax.tree_util.tree_leaves(frozen)),
+            "adapter_bytes": sum(x.nbytes for x in jax.tree_util.tree_leaves(adapter))}
+
+
+def _members(path: str) -> dict[str, tuple[int, int]]:
+    """{name: (size, CRC-32)} of every member of a zip file (read from its directory)."""
+    with zipfile.ZipFile(path) as z:
+        return {i.filename: (i.file_size, i.CRC) for i in z.infolist()}
+
+
+def _run_child(path: str, mode: str, mesh: tuple[int, int], scan: bool, method: str = "", out: str = "") -> dict:
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]),
                XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={mesh[0] * mesh[1]}")
+    call = f"b.child_export({path!r}, {mode!r}, {method!r}, {out!r})" if mode in EXPORT_MODES else \
+        f"b.child({path!r}, {mode!r}, {tuple(mesh)!r}, {scan!r})"
     code = (f"import json, sys; sys.path.insert(0, {os.path.join(ROOT, 'scripts')!r}); import benchmark_load as b; "
-            f"print('RESULT' + json.dumps(b.child({path!r}, {mode!r}, {tuple(mesh)!r}, {scan!r})))")
+            f"print('RESULT' + json.dumps({call}))")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     if out.returncode:
         raise RuntimeError(out.stderr[-3000:])
@@ -134,12 +187,17 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--model", default="ViT-L/16")
     p.add_argument("--layout", default="vit_jax", choices=("vit_jax", "big_vision-scan"))
     p.add_argument("--mesh", default="1,8", help="data,fsdp (their product of simulated CPU devices)")
-    p.add_argument("--modes", default=",".join(MODES))
+    p.add_argument("--modes", default=None, help=f"default {','.join(MODES)}; with --export {','.join(EXPORT_MODES)}")
+    p.add_argument("--export", action="store_true", help="benchmark the merged export instead of the load")
+    p.add_argument("--method", default="rlrr", help="the adapter merged by --export")
     p.add_argument("--scan", action="store_true", help="stack the blocks (model.scan=True) before placing them")
     p.add_argument("--dir", default=tempfile.gettempdir(), help="where the .npz is written (and deleted)")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
     mesh = tuple(int(x) for x in args.mesh.split(","))
+    modes = (args.modes or ",".join(EXPORT_MODES if args.export else MODES)).split(",")
+    if args.export:
+        mesh = (1, 1)
     sys.path.insert(0, ROOT)
     import numpy as np
 
@@ -148,11 +206,12 @@ def main(argv: list[str] | None = None) -> None:
 
     n = paths.count(jax_peft.param_shapes(jax_peft.vit_config(args.model)))
     free = shutil.disk_usage(args.dir).free
-    if free < 3 * n * 4:
+    if free < (5 if args.export else 3) * n * 4:
         sys.exit(f"{args.dir} has {free / 2**30:.1f} GiB free; the {args.model} file needs {n * 4 / 2**30:.1f} GiB "
                  "(with margin, 3x): pass --dir on a larger disk")
     fd, path = tempfile.mkstemp(dir=args.dir, suffix=".npz", prefix="benchmark_load_")
     os.close(fd)
+    outputs: dict[str, str] = {}
     try:
         t0 = time.perf_counter()
         params = write_npz(path, args.model, args.layout)
@@ -160,16 +219,36 @@ def main(argv: list[str] | None = None) -> None:
         size = os.path.getsize(path)
         print(f"wrote {path}: {args.model}, {params:,} parameters, {size / 2**30:.2f} GiB in {write_s:.0f} s")
         rows = []
-        for mode in args.modes.split(","):
-            r = _run_child(path, mode, mesh, args.scan)
-            r["overhead_bytes"] = r["peak_rss_bytes"] - r["baseline_rss_bytes"] - r["tree_bytes"]
+        for mode in modes:
+            if mode in EXPORT_MODES:
+                outputs[mode] = out = f"{path[:-4]}_{mode}.npz"
+                r = _run_child(path, mode, mesh, args.scan, args.method, out)
+                r["overhead_bytes"] = r["peak_rss_bytes"] - r["baseline_rss_bytes"]
+                print(f"{mode:18} {r['seconds']:6.1f} s  peak RSS {r['peak_rss_bytes'] / 2**30:5.2f} GiB = baseline "
+                      f"{r['baseline_rss_bytes'] / 2**30:.2f} + overhead {r['overhead_bytes'] / 2**30:5.2f} GiB "
+                      f"({r['overhead_bytes'] / r['tree_bytes']:.2f}x the model)")
+            else:
+                r = _run_child(path, mode, mesh, args.scan)
+                r["overhead_bytes"] = r["peak_rss_bytes"] - r["baseline_rss_bytes"] - r["tree_bytes"]
+                print(f"{mode:18} {r['seconds']:6.1f} s  peak RSS {r['peak_rss_bytes'] / 2**30:5.2f} GiB = baseline "
+                      f"{r['baseline_rss_bytes'] / 2**30:.2f} + tree {r['tree_bytes'] / 2**30:.2f} + overhead "
+                      f"{r['overhead_bytes'] / 2**30:5.2f} GiB  (largest device {r['max_device_bytes'] / 2**20:.0f} MiB)")
             rows.append(r)
-            print(f"{mode:18} {r['seconds']:6.1f} s  peak RSS {r['peak_rss_bytes'] / 2**30:5.2f} GiB = baseline "
-                  f"{r['baseline_rss_bytes'] / 2**30:.2f} + tree {r['tree_bytes'] / 2**30:.2f} + overhead "
-                  f"{r['overhead_bytes'] / 2**30:5.2f} GiB  (largest device {r['max_device_bytes'] / 2**20:.0f} MiB)")
+        if len(outputs) == 2:
+            a, b = _members(outputs["export_eager"]), _members(outputs["export_streamed"])
+            differ = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+            same = not differ
+            print(f"outputs {'identical' if same else 'DIFFER'} member by member (name, size, CRC-32; "
+                  f"{len(a)} members){'' if same else ': ' + ', '.join(differ[:5])}")
+            for r in rows:
+                r["outputs_identical"] = same
     finally:
         os.unlink(path)
+        for out in outputs.values():
+            if os.path.exists(out):
+                os.unlink(out)
     out = {"model": args.model, "layout": args.layout, "scan": args.scan, "parameters": params, "file_bytes": size,
+           **({"export_method": args.method} if args.export else {}),
            "mesh": {"data": mesh[0], "fsdp": mesh[1]}, "numpy": np.__version__, "results": rows}
     if args.json:
         with open(args.json + ".tmp", "w") as f:

@@ -554,7 +554,11 @@ def evaluate(config: Any, workdir: str, *, split: str | None = None) -> dict:
 
 def export_state(s: Setup, state: Any, path: str) -> str:
     """Writes the merged model of a train state (process 0 writes): a ViT as a Google-layout `.npz`, a
-    Swin as `.safetensors` / `.pth` in timm's layout (`jax_peft.save_checkpoint`)."""
+    Swin as `.safetensors` / `.pth` in timm's layout (`jax_peft.save_checkpoint`).
+
+    A ViT `.npz` is streamed: each merged leaf is computed (its frozen leaf read from the checkpoint
+    file, its site's edit applied) just before it is written, so the host holds about one leaf, not
+    the model (`jax_peft.merge(..., lazy=True)`). A Swin is merged whole, then written."""
     from jax_peft import checkpoint as ck
     from jax_peft.merge import merge
 
@@ -563,8 +567,10 @@ def export_state(s: Setup, state: Any, path: str) -> str:
         # Merged on the host's CPU backend from the host copy of the frozen tree: no accelerator has to
         # hold a whole (possibly fsdp-sharded) model, and nothing is gathered from the devices.
         with jax.default_device(jax.local_devices(backend="cpu")[0]):
-            merged = merge(step_lib.join_params(s.frozen, trainable), s.method, trainable["adapter"])
-            ck.save_checkpoint(path, jax.device_get(merged))
+            params = step_lib.join_params(s.frozen, trainable)
+            stream = isinstance(s.vit_config, ViTConfig) and os.fspath(path).endswith(".npz")
+            merged = merge(params, s.method, trainable["adapter"], lazy=stream)
+            ck.save_checkpoint(path, merged if stream else jax.device_get(merged))
     distributed.sync("export_state")  # the file exists on every process's return
     return path
 
