@@ -21,8 +21,12 @@ layout (`folder/bench`), VTAB preprocessing (bicubic resize to 224, random flip,
                  after the first (process start-up reported apart), `--repeats` times with the
                  settings interleaved; the median counts, `scaling` = median(w) / median(1).
                  Each run also records where the CPU went (`cpu`): the worker processes' and the
-                 parent's CPU seconds per image, and the share of the machine's 2 cores used by
-                 other processes and stolen by the hypervisor during the run (/proc/stat).
+                 parent's CPU time per image, and the cores used by other processes and stolen by
+                 the hypervisor during the run (/proc/stat). A run during which others held more
+                 than `--max-other-cores` is repeated (up to `--retries` times; the least contended
+                 one is kept and flagged `contended`). `scaling_cpu_bound` = w x CPU per image
+                 with 1 worker / CPU per image with w (parent included): the scaling on w free
+                 cores that the pipeline's own overheads allow, independent of the load.
 
 The machine's load average is recorded before and after (other processes share the cores).
 """
@@ -121,6 +125,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--cached-batches", type=int, default=200, help="batches timed for cached reads")
     p.add_argument("--decode-batches", type=int, default=24, help="batches timed per decode run")
     p.add_argument("--repeats", type=int, default=3, help="decode runs per setting (median)")
+    p.add_argument("--retries", type=int, default=6,
+                   help="attempts per decode run while other processes hold more than --max-other-cores")
+    p.add_argument("--max-other-cores", type=float, default=0.25,
+                   help="a decode run counts when other processes (and steal) used at most this many cores")
     p.add_argument("--dir", default=None, help="where to write the JPEGs and cache (default: a temp dir)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
@@ -215,30 +223,48 @@ def main(argv: list[str] | None = None) -> dict:
     # --- decoding ---------------------------------------------------------------------------------
     settings = [0] + workers
     runs: dict[int, list[dict]] = {w: [] for w in settings}
+    discarded = 0
     for r in range(args.repeats):  # interleaved, so a change of the machine's load hits every setting
         for w in settings:
-            runs[w].append(decode_run(source, transform, plan, args.image_size, w, args.decode_batches))
-            run = runs[w][-1]
-            print(f"decode run {r + 1}/{args.repeats}, {'threads_2' if w == 0 else f'processes_{w}'}: "
-                  f"{run['images_per_s']:.0f} images/s (start-up {run['startup_s']:.1f}s; cores: ours "
-                  f"{run['cpu']['ours_cores']:.2f}, other processes {run['cpu']['other_processes_cores']:.2f}, "
-                  f"steal {run['cpu']['steal_cores']:.2f})", flush=True)
+            tries = []
+            for _ in range(args.retries):  # until a run where other processes left the cores alone
+                tries.append(decode_run(source, transform, plan, args.image_size, w, args.decode_batches))
+                run = tries[-1]
+                print(f"decode run {r + 1}/{args.repeats}, {'threads_2' if w == 0 else f'processes_{w}'}: "
+                      f"{run['images_per_s']:.0f} images/s (start-up {run['startup_s']:.1f}s; cores: ours "
+                      f"{run['cpu']['ours_cores']:.2f}, other processes {run['cpu']['other_processes_cores']:.2f}, "
+                      f"steal {run['cpu']['steal_cores']:.2f})", flush=True)
+                if run["cpu"]["other_processes_cores"] + run["cpu"]["steal_cores"] <= args.max_other_cores:
+                    break
+                time.sleep(2.0)
+            best = min(tries, key=lambda t: t["cpu"]["other_processes_cores"] + t["cpu"]["steal_cores"])
+            runs[w].append(dict(best, contended=best["cpu"]["other_processes_cores"] + best["cpu"]["steal_cores"]
+                                > args.max_other_cores))
+            discarded += len(tries) - 1
     res["decode"] = {}
     for w in settings:
         rates = [run["images_per_s"] for run in runs[w]]
+        cpu_ms = [run["cpu"]["parent_ms_per_image"] + (run["cpu"]["workers_ms_per_image"] or 0) for run in runs[w]]
         res["decode"]["threads_2" if w == 0 else f"processes_{w}"] = {
-            "images_per_s": statistics.median(rates), "runs": runs[w],
-            "spread": (max(rates) - min(rates)) / statistics.median(rates)}
-    one = res["decode"].get("processes_1", {}).get("images_per_s")
+            "images_per_s": statistics.median(rates), "spread": (max(rates) - min(rates)) / statistics.median(rates),
+            "cpu_ms_per_image": statistics.median(cpu_ms), "runs": runs[w]}
+    res["decode_runs_discarded_for_load"] = discarded
+    res["decode_runs_contended"] = sum(run["contended"] for rs in runs.values() for run in rs)
+    one = res["decode"].get("processes_1", {})
     if one:
-        res["decode_scaling"] = {str(w): res["decode"][f"processes_{w}"]["images_per_s"] / one for w in workers}
+        res["decode_scaling"] = {str(w): res["decode"][f"processes_{w}"]["images_per_s"] / one["images_per_s"]
+                                 for w in workers}
+        # w x (CPU per image with 1 worker) / (CPU per image with w, parent included): the scaling on w
+        # free cores, what the pipeline's own overheads (IPC, the parent) allow, whatever the load
+        res["decode_scaling_cpu_bound"] = {str(w): w * one["cpu_ms_per_image"] /
+                                           res["decode"][f"processes_{w}"]["cpu_ms_per_image"] for w in workers}
     res["loadavg_1m_end"] = os.getloadavg()[0]
     res["targets"] = {"cached_uint8_min_images_per_s": 5000,
                       "cached_uint8_pass": res["cached_uint8_images_per_s"] >= 5000,
                       "decode_scaling_1_to_2_min": 1.7,
                       "decode_scaling_pass": res.get("decode_scaling", {}).get("2", 0) >= 1.7}
-    print(json.dumps({k: res[k] for k in ("decode_scaling", "targets", "loadavg_1m_start", "loadavg_1m_end")
-                      if k in res}))
+    print(json.dumps({k: res[k] for k in ("decode_scaling", "decode_scaling_cpu_bound", "decode_runs_contended",
+                                          "targets", "loadavg_1m_start", "loadavg_1m_end") if k in res}))
     if args.json:
         with open(args.json + ".tmp", "w") as f:
             json.dump(res, f, indent=1)
