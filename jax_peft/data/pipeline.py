@@ -29,11 +29,11 @@ bits; `jax_peft.train.step.make_runner(normalization=...)`). Padded slots are ze
 batch's dtype either way (masked out).
 
 Work: with a staged transform (`Preprocess`), each example goes through `geometry` (decode, resize,
-crop, flip: uint8) and whole batches through `normalize` (skipped with normalize=False); a source with `load_examples` (the decoded
-cache, `jax_peft.data.cache`) does the per-example stage for a batch at once. Batch k is a pure
-function of k, so worker processes (`worker_processes`) can each compute whole batches and the
-result is bit-identical to a single thread's. Workers send the uint8 examples back; the
-normalization (if any) runs in the parent.
+crop, flip: uint8) and whole batches through `normalize` (skipped with normalize=False); a source
+with `load_examples` (the decoded cache, `jax_peft.data.cache`) does the per-example stage for a
+batch at once. Batch k is a pure function of k, so worker processes (`worker_processes`) can each
+compute whole batches and the result is bit-identical to a single thread's. Workers send the uint8
+examples back (a batch of 32 at 224 px: 4.6 MB); the normalization, if any, runs in the parent.
 """
 
 from __future__ import annotations
