@@ -18,7 +18,10 @@ timm state dicts (`.safetensors`, `.pth`, `hf-hub:timm/...`) go through `jax_pef
 An `opt/target/` prefix (Flax optimizer state) is stripped; bfloat16 stored as raw 2-byte void
 (`|V2`) is decoded; hybrid GroupNorm scale/bias of shape (1, 1, 1, C) are squeezed to (C,).
 
-`load_checkpoint` returns numpy float32 arrays (host memory; jax moves them on first use).
+`load_checkpoint` returns numpy float32 arrays (host memory; jax moves them on first use). With
+`lazy=True` it returns `jax_peft.lazy_npz.LazyArray`s instead (nothing read until used: each leaf is
+a memory map of the file, cast as it is read), and with `sharding=` the arrays are placed on devices
+leaf by leaf, each device reading only its own slice from the file, so the host never holds the tree.
 `save_checkpoint` writes the original pre-Linen layout, which both vit_jax and timm's npz loader read
 (`layout="big_vision"`: big_vision's; a `.safetensors` path: a timm state dict).
 """
@@ -37,8 +40,9 @@ from typing import Any, Literal
 
 import numpy as np
 
-from jax_peft import paths
+from jax_peft import lazy_npz, paths
 from jax_peft.download import check_zip, fetch, public_mode
+from jax_peft.lazy_npz import CheckpointError, LazyArray
 from jax_peft.vit import ViTConfig, param_shapes, vit_config
 
 Tree = Mapping[str, Any]
@@ -55,10 +59,6 @@ _INLINED_MAP = ("probe", "MlpBlock_0", "MultiHeadDotProductAttention_0", "LayerN
 _KEEP_INDEX = ("encoderblock",)
 
 
-class CheckpointError(ValueError):
-    """A checkpoint file is unreadable, or its contents are not a ViT parameter tree."""
-
-
 # ----------------------------------------------------------------------------------------- reading
 
 
@@ -71,13 +71,14 @@ def _decode(arr: np.ndarray) -> np.ndarray:
     return arr
 
 
-def _is_float(arr: np.ndarray) -> bool:
+def _is_float(arr: Any) -> bool:
     return arr.dtype.kind == "f" or "float" in arr.dtype.name  # includes ml_dtypes' bfloat16
 
 
-def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
+def read_npz(path: str | os.PathLike, *, lazy: bool = False) -> dict[str, Any]:
     """Every array of an `.npz` file under its stored key (bf16 decoded, dtypes otherwise kept).
 
+    lazy=True: `jax_peft.lazy_npz.LazyArray`s (headers parsed, no data read; see `lazy_npz.open_npz`).
     Raises CheckpointError (a ValueError) naming the file when it is truncated or not an npz.
     """
     path = os.fspath(path)
@@ -89,6 +90,8 @@ def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
         check_zip(path)
     except ValueError as e:
         raise CheckpointError(str(e)) from None
+    if lazy:
+        return lazy_npz.open_npz(path)
     try:
         with np.load(path, allow_pickle=False) as z:
             out = {}
@@ -162,7 +165,9 @@ def detect_layout(flat_keys: Iterable[str]) -> str:
 def normalize(flat: Mapping[str, Any], *, dtype: Any = np.float32) -> dict:
     """Flat stored arrays (any layout above) -> the canonical nested tree.
 
-    Floating arrays are cast to `dtype` (None keeps the stored dtypes).
+    Floating arrays are cast to `dtype` (None keeps the stored dtypes). LazyArrays stay lazy (cast
+    when read; a scanned file's blocks are lazy slices of its stacked arrays), except the few small
+    leaves that are reshaped or concatenated (GroupNorm scales, a big_vision position embedding).
     """
     prefix = split_prefix(flat)
     inner = {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}
@@ -181,12 +186,12 @@ def normalize(flat: Mapping[str, Any], *, dtype: Any = np.float32) -> dict:
     out: dict[str, np.ndarray] = {}
     scanned: dict[str, np.ndarray] = {}
     for k, v in inner.items():
-        v = np.asarray(_decode(np.asarray(v)))
+        v = v if isinstance(v, LazyArray) else np.asarray(_decode(np.asarray(v)))
         if dtype is not None and _is_float(v):
             v = v.astype(dtype, copy=False)
         name = k.rsplit("/", 1)[-1]
         if name in ("scale", "bias") and v.ndim == 4 and v.shape[:3] == (1, 1, 1):
-            v = v.reshape(v.shape[-1])  # hybrid GroupNorm
+            v = np.asarray(v).reshape(v.shape[-1])  # hybrid GroupNorm
         if k.startswith("Transformer/encoderblock/"):
             scanned[k[len("Transformer/encoderblock/"):]] = v
         else:
@@ -201,7 +206,7 @@ def normalize(flat: Mapping[str, Any], *, dtype: Any = np.float32) -> dict:
         depth = depths.pop()
         for rest, v in scanned.items():
             for i in range(depth):
-                out[f"Transformer/encoderblock_{i}/{rest}"] = v[i]
+                out[f"Transformer/encoderblock_{i}/{rest}"] = v.take(i) if isinstance(v, LazyArray) else v[i]
     if "pos_embedding" in out:  # big_vision: no CLS slot, added before the CLS token
         if "Transformer/posembed_input/pos_embedding" in out:
             raise CheckpointError("checkpoint has both 'pos_embedding' and "
@@ -450,26 +455,34 @@ def check_finite(params: Tree, source: str = "the checkpoint", on_nonfinite: str
     if on_nonfinite == "ignore":
         return
     bad = [k for k, v in paths.flatten(params).items()
-           if _is_float(np.asarray(v)) and not np.all(np.isfinite(np.asarray(v, np.float32)))]
+           if _is_float(v) and not np.all(np.isfinite(np.asarray(v, np.float32)))]
+    _report_nonfinite(bad, source, on_nonfinite, stacklevel=4)
+
+
+def _report_nonfinite(bad: list[str], source: str, on_nonfinite: str, stacklevel: int = 3) -> None:
     if bad:
         msg = (f"{source} holds NaN/Inf values in {len(bad)} array(s): {', '.join(bad[:5])}"
                f"{' ...' if len(bad) > 5 else ''}; outputs computed from them are NaN. Use another file "
                "(or pass on_nonfinite='ignore' if that is intended)")
         if on_nonfinite == "raise":
             raise CheckpointError(msg)
-        warnings.warn(msg, stacklevel=3)
+        warnings.warn(msg, stacklevel=stacklevel)
 
 
 def _cast_integer_leaves(params: Tree, dtype: Any) -> dict:
     """Integer arrays where the ViT has float parameters (every leaf) -> `dtype` (float32 by default)."""
-    return paths.map_with_path(lambda _, v: np.asarray(v).astype(dtype or np.float32)
-                               if np.asarray(v).dtype.kind in "iub" else v, params)
+    def cast(_: str, v: Any) -> Any:
+        v = v if isinstance(v, LazyArray) else np.asarray(v)
+        return v.astype(dtype or np.float32) if v.dtype.kind in "iub" else v
+
+    return paths.map_with_path(cast, params)
 
 
 def load_checkpoint(path_or_url: str | os.PathLike, *, config: ViTConfig | None = None,
                     cache_dir: str | os.PathLike | None = None, head: str = "auto",
                     dtype: Any = np.float32, progress: bool = True, force_download: bool = False,
-                    verify: bool = True, on_nonfinite: str = "warn", num_heads: int | None = None) -> dict:
+                    verify: bool = True, on_nonfinite: str = "warn", num_heads: int | None = None,
+                    lazy: bool = False, sharding: Any = None) -> dict:
     """Loads a ViT checkpoint as the canonical nested tree of numpy arrays.
 
     PyTorch Swin Transformer files (Microsoft's `.pth`, timm's `.pth` / `.safetensors`, short names
@@ -491,12 +504,23 @@ def load_checkpoint(path_or_url: str | os.PathLike, *, config: ViTConfig | None 
       progress, force_download, verify: download progress bar, re-download even if cached, check
         the cached file's SHA-256 against the one recorded at download.
       on_nonfinite: NaN/Inf values in the file: "warn" (default), "raise" or "ignore".
+      lazy: an `.npz` is read lazily: the leaves are `jax_peft.lazy_npz.LazyArray`s (memory maps of
+        the file, cast to `dtype` as they are read; `np.asarray(leaf)` reads one). The file is read
+        once in 16 MiB chunks to check each member's CRC-32 and the values' finiteness (skipped with
+        verify=False and on_nonfinite="ignore").
+      sharding: place the tree on devices leaf by leaf (implies `lazy` for an `.npz`): a
+        `jax.sharding.Sharding` for every leaf, a function `(path, leaf) -> Sharding` or a tree of
+        shardings (after `config` adaptation). Each leaf is built with
+        `jax.make_array_from_callback`, each addressable device reading only its own slice from the
+        file, so no process holds the whole tree in host memory
+        (`jax_peft.train.sharding.load_sharded` builds fsdp shardings by path rules).
 
     Encoder blocks must be numbered without gaps (CheckpointError otherwise). With `config`, integer
     arrays (a file written with the wrong dtype) are cast to `dtype`.
     """
     path = fetch(path_or_url, cache_dir=cache_dir, progress=progress, force_download=force_download,
                  verify=verify)
+    stored: Mapping[str, Any] = {}
     if path.suffix in (".safetensors", ".pth", ".pt", ".bin") or is_torch_file(path):
         from jax_peft import swin_checkpoint, timm_vit
 
@@ -512,11 +536,21 @@ def load_checkpoint(path_or_url: str | os.PathLike, *, config: ViTConfig | None 
         heads = num_heads or (config.num_heads if config is not None else None)
         params = timm_vit.from_timm(state_dict, num_heads=heads)
     else:
-        params = normalize(read_npz(path), dtype=dtype)
+        stored = read_npz(path, lazy=lazy or sharding is not None)
+        params = normalize(stored, dtype=dtype)
     check_blocks(params, f"checkpoint {path}")
-    check_finite(params, f"checkpoint {path}", on_nonfinite)
+    if isinstance(stored, lazy_npz.LazyNpz):  # one chunked pass over the file instead of the arrays
+        if on_nonfinite not in ("warn", "raise", "ignore"):
+            check_finite(params, on_nonfinite=on_nonfinite)  # raises the usual error
+        if verify or on_nonfinite != "ignore":
+            bad = stored.verify()
+            _report_nonfinite(bad if on_nonfinite != "ignore" else [], f"checkpoint {path}", on_nonfinite)
+    else:
+        check_finite(params, f"checkpoint {path}", on_nonfinite)
     if config is not None:
         params = adapt_to_config(_cast_integer_leaves(params, dtype), config, head=head)  # type: ignore[arg-type]
+    if sharding is not None:
+        params = lazy_npz.place(params, sharding)
     return params
 
 

@@ -22,6 +22,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_peft.lazy_npz import LazyArray
+from jax_peft.lazy_npz import stack as lazy_stack
+
 STACKED = "encoderblock"
 _BLOCK = re.compile(r"encoderblock_(\d+)")
 
@@ -35,7 +38,10 @@ def _block_names(transformer: Mapping[str, Any]) -> list[str]:
 
 
 def _stack(*xs: Any) -> Any:
-    """numpy leaves stay numpy (float64 kept without x64); anything else goes through jnp."""
+    """numpy leaves stay numpy (float64 kept without x64), lazily read ones lazy; anything else
+    goes through jnp."""
+    if any(isinstance(x, LazyArray) for x in xs):
+        return lazy_stack(xs)
     if all(isinstance(x, np.ndarray) for x in xs):
         return np.stack(xs)
     return jnp.stack(xs)

@@ -4,6 +4,7 @@
     python scripts/benchmark.py --model ViT-B_16 --batch 8 [--dtype bf16] --json OUT
     python scripts/benchmark.py --quick --json OUT          # tiny model, smoke test (seconds)
     python scripts/benchmark.py --cost-only --json OUT      # XLA cost analysis only: compile, no timing
+    python scripts/benchmark.py --model Swin-B --cost-only --json OUT   # the same on a Swin (its variants)
 
 Measured (random weights with the model's shapes; no download):
 
@@ -83,14 +84,19 @@ METHODS: dict[str, dict[str, Any]] = {
     "linear": {},
     "full": {},
 }
+# On a Swin (--model Swin-B): each paper's Swin setting where it differs (FacT Table 2's FacT-TT16;
+# EFFT's released stage ranks); the rest as on the ViT. The method names dispatch to the Swin variants.
+SWIN_OVERRIDES: dict[str, dict[str, Any]] = {"fact_tt": dict(rank=16, scale=10.0, dropout=0.1), "efft": {}}
 LOW_RANK = ("fact_tt", "fact_tk", "efft", "lora")
 RESCALE = ("rlrr", "ssf", "bitfit")
 # (methods, yardstick, max ratio) from issue 6
 TARGETS = [(LOW_RANK, "floor", 1.10), (RESCALE, "full", 1.05), (("linear",), "forward", 1.05)]
 TORCH_SPEEDUP = 2.0
 # (methods, yardstick, cost figure, max ratio) from issue 17: XLA's cost analysis, deterministic
+# "full fine-tuning's bytes" = the full fine-tuning train step's (its AdamW update included), the step
+# each rescaling method replaces; the ratio to full_grads (no optimizer) is reported beside it.
 COST_TARGETS = [(LOW_RANK, "floor", "flops", 1.05), (LOW_RANK, "floor", "bytes", 1.15),
-                (RESCALE, "full", "bytes", 1.0)]
+                (RESCALE, "full_step", "bytes", 1.0)]
 
 
 @dataclasses.dataclass
@@ -183,8 +189,17 @@ def make_step(model: Any, method: Any, tx: optax.GradientTransformation, form: s
     return step
 
 
+def is_swin(args: argparse.Namespace) -> bool:
+    return args.model.lower().startswith("swin")
+
+
 def model_config(args: argparse.Namespace):
     dtype = {"fp32": "float32", "float32": "float32", "bf16": "bfloat16", "bfloat16": "bfloat16"}[args.dtype]
+    if is_swin(args):
+        if args.quick or args.layers or args.scan:
+            raise SystemExit("--quick, --layers and --scan are ViT options; a Swin is benchmarked at its named size")
+        return jax_peft.swin_config(args.model, num_classes=args.num_classes, image_size=args.image_size,
+                                    dtype=dtype)
     if args.quick:
         return jax_peft.vit_config(None, patch_size=8, hidden_size=32, num_layers=1, num_heads=2,
                                    mlp_dim=128, num_classes=10, image_size=16, dtype=dtype, name="quick",
@@ -201,12 +216,19 @@ def quick_hparams(name: str, hp: dict) -> dict:
 
 def build(args: argparse.Namespace, methods: list[str]) -> tuple[list[Timed], dict]:
     cfg = model_config(args)
-    model = jax_peft.ViT(cfg)
+    swin = is_swin(args)
+    model = jax_peft.Swin(cfg) if swin else jax_peft.ViT(cfg)
     key = jax.random.PRNGKey(args.seed)
     k_init, k_head, k_x, k_y, k_m = jax.random.split(key, 5)
-    params = jax_peft.init_params(cfg, k_init)  # stacked blocks with --scan (jax_peft.scan layout)
-    params["head"] = init_head(k_head, cfg.hidden_size, cfg.num_classes, "torch_linear")
-    canonical = unstack_blocks(params) if cfg.scan else params  # what methods are built on
+    if swin:
+        params = dict(jax_peft.swin.init_params(cfg, k_init))
+        width = cfg.stage_dim(len(cfg.depths) - 1)
+    else:
+        params = jax_peft.init_params(cfg, k_init)  # stacked blocks with --scan (jax_peft.scan layout)
+        width = cfg.hidden_size
+    params["head"] = init_head(k_head, width, cfg.num_classes, "torch_linear")
+    scanned = getattr(cfg, "scan", False)
+    canonical = unstack_blocks(params) if scanned else params  # what methods are built on
     images = jax.random.uniform(k_x, (args.batch, cfg.image_size, cfg.image_size, 3), jnp.float32, -1, 1)
     labels = jax.random.randint(k_y, (args.batch,), 0, cfg.num_classes)
     info = {"model": cfg.name, "config": dataclasses.asdict(cfg), "batch": args.batch}
@@ -228,7 +250,7 @@ def build(args: argparse.Namespace, methods: list[str]) -> tuple[list[Timed], di
     frozen = {k: v for k, v in params.items() if k != "head"}
     forms = {}
     for i, name in enumerate(methods):
-        hp = METHODS[name]
+        hp = SWIN_OVERRIDES.get(name, METHODS[name]) if swin else METHODS[name]
         method = get_method(name, **(quick_hparams(name, hp) if args.quick else hp))
         key = jax.random.fold_in(k_m, i)
         abstract = {"adapter": jax.eval_shape(method.init, key, canonical), "head": params["head"]}
@@ -308,7 +330,7 @@ def cost_figures(fns: list[Timed]) -> dict:
     targets = []
     for names, base, figure, limit in COST_TARGETS:
         for n in names:
-            if n in rows and n in by and rows[n][f"{figure}_over_{base}"] is not None:
+            if n in rows and n in by and rows[n].get(f"{figure}_over_{base}") is not None:  # full_step: with "full" only
                 r = rows[n][f"{figure}_over_{base}"]
                 targets.append({"method": n, "figure": figure, "vs": base, "ratio": r, "max": limit,
                                 "pass": r <= limit})
@@ -486,6 +508,8 @@ def main(argv: list[str] | None = None) -> dict:
         info["loadavg"] = [load0, os.getloadavg()[0]]
         if args.no_torch:
             torch_res = {"skipped": "--no-torch"}
+        elif is_swin(args):
+            torch_res = {"skipped": "the PyTorch formulations are timed on the ViT only"}
         elif args.quick:  # the tiny model is not compared; still say so when torch is not there at all
             absent = importlib.util.find_spec("torch") is None or importlib.util.find_spec("timm") is None
             torch_res = {"skipped": "torch/timm not installed" if absent else "--quick (compared at full size only)"}

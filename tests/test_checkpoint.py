@@ -19,6 +19,7 @@ import scipy.special
 import jax_peft
 from jax_peft import checkpoint as ckpt
 from jax_peft import download, paths
+from jax_peft.lazy_npz import LazyArray
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -247,8 +248,12 @@ def test_every_layout_loads_to_the_same_tree(tmp_path, zero_cls_row_params, layo
         flat["params/txt/Embed_0/embedding"] = np.zeros((3, 2), np.float32)
     if "opt/target/cls" in flat:  # optimizer state outside the target is ignored
         flat["opt/state/step"] = np.zeros((), np.int32)
-    loaded = jax_peft.load_checkpoint(_save_flat(tmp_path / "x.npz", flat))
-    _assert_same_tree(loaded, zero_cls_row_params)
+    path = _save_flat(tmp_path / "x.npz", flat)
+    _assert_same_tree(jax_peft.load_checkpoint(path), zero_cls_row_params)
+    # read lazily (memory maps, cast and block-sliced on read): the same values, nothing read up front
+    lazy = jax_peft.load_checkpoint(path, lazy=True)
+    assert all(isinstance(v, LazyArray) for k, v in paths.flatten(lazy).items() if not k.endswith("pos_embedding"))
+    _assert_same_tree(lazy, zero_cls_row_params)
 
 
 @pytest.mark.parametrize("scan", [False, True])
@@ -307,6 +312,8 @@ def test_renumbering_rule_is_per_prefix_and_natural_sorted():
 
 
 def test_load_with_config_drops_pre_logits_resets_head_and_resizes(tmp_path, tiny_params, tiny_config):
+    import jax
+
     d = tiny_config.hidden_size
     rng = np.random.default_rng(1)
     tiny_params["pre_logits"] = {"kernel": rng.standard_normal((d, d)).astype(np.float32),
@@ -328,7 +335,10 @@ def test_load_with_config_drops_pre_logits_resets_head_and_resizes(tmp_path, tin
     assert pe.shape == (1, 1 + 36, d)
     np.testing.assert_array_equal(pe[:, 0], tiny_params["Transformer"]["posembed_input"]["pos_embedding"][:, 0])
     jax_peft.validate_params(params, cfg)
-    assert _logits(params, np.zeros((1, 48, 48, 3), np.float32), cfg).shape == (1, 7)
+    # the adapted tree fits the model at the new resolution (traced, not compiled: shapes are the point)
+    out = jax.eval_shape(lambda p, x: jax_peft.ViT(cfg).apply({"params": p}, x, train=False), params,
+                         jax.ShapeDtypeStruct((1, 48, 48, 3), np.float32))
+    assert out.shape == (1, 7)
 
     kept = jax_peft.load_checkpoint(path, config=tiny_config.replace(num_classes=11))
     np.testing.assert_array_equal(kept["head"]["bias"], np.ones(11))  # matching head kept ("auto")

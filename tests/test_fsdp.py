@@ -48,6 +48,49 @@ def run(method_name: str, mesh: tuple[int, int], scan: bool = False, steps: int 
             "total_bytes": sum(x.nbytes for x in jax.tree_util.tree_leaves(frozen))}
 
 
+def streamed_placement() -> dict:
+    """A Google .npz placed on 8 devices from the lazy reader (each device reads its slice from the
+    file) against the eager load placed the same way: shardings and every shard's values, per mesh
+    (fsdp=8, data=2 x fsdp=4) and layout (per-block, scan-stacked)."""
+    import tempfile
+
+    import jax
+    from conftest import random_params, tiny_vit_config
+
+    import jax_peft
+    from jax_peft import paths
+    from jax_peft import scan as scan_lib
+    from jax_peft.lazy_npz import LazyArray, to_device
+
+    out = {}
+    with tempfile.TemporaryDirectory() as d:
+        path = jax_peft.save_checkpoint(f"{d}/vit.npz", random_params(tiny_vit_config(hidden_size=64, mlp_dim=128,
+                                                                                     num_heads=4), 0))
+        for data, fsdp in ((1, 8), (2, 4)):
+            mesh = sharding.make_mesh(data, fsdp)
+            for scanned in (False, True):
+                trees = [jax_peft.load_checkpoint(path, lazy=lazy) for lazy in (False, True)]
+                if scanned:
+                    trees = [scan_lib.stack_blocks(t) for t in trees]
+                specs = sharding.frozen_specs(trees[0], fsdp, min_bytes=0,
+                                              stacked_prefix="Transformer/encoderblock/" if scanned else None)
+                eager, streamed = (paths.flatten(sharding.put_sharded(t, mesh, specs)) for t in trees)
+                same = all(streamed[k].sharding == v.sharding and all(
+                    a.index == b.index and np.array_equal(a.data, b.data)
+                    for a, b in zip(v.addressable_shards, streamed[k].addressable_shards)) for k, v in eager.items())
+                per_device = sharding.bytes_per_device(streamed)
+                out[f"{data}x{fsdp} scan={scanned}"] = {
+                    "same": same, "max_bytes": max(per_device.values()),
+                    "total_bytes": sum(x.nbytes for x in jax.tree_util.tree_leaves(streamed))}
+            # the callback reads each distinct slice once (data replicas share it), 1/fsdp of the leaf
+            reads = []
+            full = np.arange(16 * 64, dtype=np.float32).reshape(16, 64)
+            leaf = LazyArray(full.shape, np.float32, lambda idx: reads.append(full[idx].size) or full[idx])
+            placed = to_device(leaf, jax.sharding.NamedSharding(mesh, P(None, "fsdp")))
+            out[f"{data}x{fsdp} reads"] = {"sizes": reads, "same": bool(np.array_equal(np.asarray(placed), full))}
+    return out
+
+
 # CI runs the lora pair (plain data parallel vs fsdp=4 x data=2); `python tests/test_fsdp.py --full`
 # runs every row (also fsdp=8, RLRR in weight form and FacT-TT on the scanned encoder), about 3 CPU
 # minutes. tests/test_distributed.py runs fsdp=8 across two processes (RLRR) against one process.
@@ -59,17 +102,21 @@ _CHILD = """
 import json, sys
 sys.path.insert(0, {tests!r})
 from test_fsdp import run
+from test_fsdp import streamed_placement
 print("RESULT" + json.dumps({{f"{{m}} {{mesh}} {{scan}}": run(m, tuple(mesh), scan) for m, mesh, scan in {rows!r}}}))
+print("STREAMED" + json.dumps(streamed_placement()))
 """
 
 
-def run_matrix(rows) -> dict:
+def run_matrix(rows) -> tuple[dict, dict]:
     env = dict(os.environ, XLA_FLAGS=xla_flags_with_cpu_devices(8), JAX_PLATFORMS="cpu",
                PYTHONPATH=os.pathsep.join([str(TESTS.parent), os.environ.get("PYTHONPATH", "")]))
     out = subprocess.run([sys.executable, "-c", _CHILD.format(tests=str(TESTS), rows=rows)], env=env,
                          capture_output=True, text=True, timeout=1800)
     assert out.returncode == 0, out.stderr[-3000:]
-    return json.loads(next(line for line in out.stdout.splitlines() if line.startswith("RESULT"))[6:])
+    lines = out.stdout.splitlines()
+    return (json.loads(next(line for line in lines if line.startswith("RESULT"))[6:]),
+            json.loads(next(line for line in lines if line.startswith("STREAMED"))[8:]))
 
 
 def check_matrix(res: dict) -> None:
@@ -85,8 +132,21 @@ def check_matrix(res: dict) -> None:
         assert got["max_bytes"] <= ref["total_bytes"] / fsdp * 1.05, (key, got, ref)
 
 
-def test_fsdp_matches_data_parallel_and_divides_memory():
-    check_matrix(run_matrix(QUICK))
+def check_streamed(res: dict) -> None:
+    """The streamed placement equals the eager one shard for shard and divides the bytes by fsdp."""
+    for key, got in res.items():
+        fsdp = int(key.split("x")[1].split(" ")[0])
+        assert got["same"], key
+        if key.endswith("reads"):
+            assert got["sizes"] == [16 * 64 // fsdp] * fsdp, (key, got)
+        else:
+            assert got["max_bytes"] <= got["total_bytes"] / fsdp * 1.05, (key, got)
+
+
+def test_fsdp_matches_data_parallel_divides_memory_and_streams_checkpoints():
+    rows, streamed = run_matrix(QUICK)
+    check_matrix(rows)
+    check_streamed(streamed)
 
 
 def test_leaf_spec_picks_the_largest_divisible_axis():
@@ -126,8 +186,9 @@ if __name__ == "__main__":
     import time
 
     t0 = time.time()
-    results = run_matrix(FULL if "--full" in sys.argv else QUICK)
+    results, streamed = run_matrix(FULL if "--full" in sys.argv else QUICK)
     check_matrix(results)
+    check_streamed(streamed)
     for k, v in results.items():
         print(f"{k:28} losses {v['losses']}  frozen bytes/device {v['max_bytes']:,} of {v['total_bytes']:,}")
     print(f"all rows agree ({time.time() - t0:.0f} s)")

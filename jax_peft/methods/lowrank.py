@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jax_peft.dropout import inverted_dropout
 from jax_peft.sites import Site
 from jax_peft.sites import sites as sites_of
 
@@ -77,11 +78,8 @@ def need_params(params: Any, method: str) -> Any:
 
 def dropout(key: jax.Array, x: jax.Array, rate: float) -> jax.Array:
     """Inverted dropout (torch.nn.Dropout in training): zero with probability `rate`, scale the
-    kept entries by 1/(1 - rate)."""
-    if rate == 0.0:
-        return x
-    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
-    return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+    kept entries by 1/(1 - rate); masks from `jax_peft.dropout` (16-bit draws)."""
+    return inverted_dropout(key, x, rate)
 
 
 # --- official state dicts ---------------------------------------------------------------------

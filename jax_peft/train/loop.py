@@ -84,7 +84,7 @@ class Setup:
     method: Method
     vit_config: ViTConfig   # the model's config (a SwinConfig for a Swin)
     model: ViT              # or a jax_peft.Swin
-    params: dict            # host (numpy) base params with the fresh head
+    params: dict            # host base params with the fresh head (numpy; a .npz file's leaves are LazyArrays)
     trainable: dict         # {"adapter", "head"}
     frozen: dict            # params without the head
     schedule: Any

@@ -1,6 +1,7 @@
 """From a training config to (model, method, base parameters, data sources).
 
-* Parameters: `jax_peft.load_checkpoint(config.model.checkpoint)` (a short name, path or URL), or a
+* Parameters: `jax_peft.load_checkpoint(config.model.checkpoint, lazy=True)` (a short name, path or
+  URL; an `.npz` stays on disk until the frozen leaves are placed, each device reading its slice), or a
   random initialization when `config.model.checkpoint` is "" or "random" (architecture from
   `config.model.name` and/or the explicit `patch_size`, `hidden_size`, ... fields). The head is
   always replaced by a fresh one for the dataset's classes, initialized the method's official way
@@ -23,6 +24,7 @@ import jax
 import numpy as np
 
 from jax_peft import vit
+from jax_peft.lazy_npz import LazyArray
 from jax_peft.methods.base import Method, get_method
 from jax_peft.train import distributed
 
@@ -169,7 +171,8 @@ def build_params(config: Any, method: Method, num_classes: int, rng: jax.Array) 
         from jax_peft import checkpoint as ck  # written by another module; imported on use
         from jax_peft.swin import is_swin_params
 
-        params = ck.load_checkpoint(ckpt)
+        # lazily: the frozen leaves are read slice by slice when placed on the devices (Setup.device_frozen)
+        params = ck.load_checkpoint(ckpt, lazy=True)
         if is_swin_params(params):
             cfg, params = _swin_params(config, params, num_classes, r_init)
         elif swin is not None:
@@ -191,5 +194,6 @@ def build_params(config: Any, method: Method, num_classes: int, rng: jax.Array) 
     width = getattr(cfg, "representation_size", None) or cfg.hidden_size
     params = dict(params)
     params["head"] = method.init_head(r_head, width, num_classes)
-    params = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), params)
+    params = jax.tree_util.tree_map(
+        lambda x: x.astype(np.float32) if isinstance(x, LazyArray) else np.asarray(x, np.float32), params)
     return dataclasses.replace(cfg, num_classes=num_classes), params

@@ -32,6 +32,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jax_peft import paths
+from jax_peft.lazy_npz import to_device
 
 log = logging.getLogger(__name__)
 
@@ -129,18 +130,24 @@ def frozen_specs(tree: Mapping[str, Any], fsdp: int, rules: Iterable[tuple[str, 
 
 def put_sharded(tree: Mapping[str, Any], mesh: jax.sharding.Mesh, specs: Mapping[str, Any]) -> dict:
     """Places a host tree (the same on every process) on `mesh` with `specs`; each device receives only
-    its own slice (`jax.make_array_from_callback`), so no device ever holds a whole sharded leaf."""
+    its own slice (`jax.make_array_from_callback`), so no device ever holds a whole sharded leaf. A
+    lazily loaded leaf (`load_checkpoint(..., lazy=True)`) is read slice by slice from its file, so the
+    host never holds it whole either (`jax_peft.lazy_npz.to_device`)."""
+    return jax.tree_util.tree_map(lambda x, spec: to_device(x, NamedSharding(mesh, spec)), tree, specs,
+                                  is_leaf=lambda s: isinstance(s, P))
 
-    def one(x: Any, spec: P) -> jax.Array:
-        sharding = NamedSharding(mesh, spec)
-        if isinstance(x, jax.Array) and x.sharding == sharding:
-            return x
-        if isinstance(x, jax.Array) and not x.is_fully_addressable:
-            raise ValueError(f"cannot reshard a global array with sharding {x.sharding}")
-        host = np.asarray(x)
-        return jax.make_array_from_callback(host.shape, sharding, lambda idx: host[idx])
 
-    return jax.tree_util.tree_map(one, tree, specs, is_leaf=lambda s: isinstance(s, P))
+def load_sharded(path_or_url: str, mesh: jax.sharding.Mesh, rules: Iterable[tuple[str, str]] = DEFAULT_RULES, *,
+                 min_bytes: int = DEFAULT_MIN_BYTES, **load_kwargs: Any) -> dict:
+    """`load_checkpoint` streamed onto `mesh`: leaves sharded over its fsdp axis by `rules` (see
+    `frozen_specs`; replicated on a mesh without one), each device reading only its slice of the file.
+
+    `load_kwargs` go to `jax_peft.load_checkpoint` (config=, head=, dtype=, ...)."""
+    from jax_peft.checkpoint import load_checkpoint
+
+    params = load_checkpoint(path_or_url, lazy=True, **load_kwargs)
+    specs = frozen_specs(params, dict(mesh.shape).get(FSDP, 1), rules, min_bytes=min_bytes)
+    return put_sharded(params, mesh, specs)
 
 
 def bytes_per_device(tree: Any) -> dict[str, int]:
