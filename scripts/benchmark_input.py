@@ -25,7 +25,8 @@ layout (`folder/bench`), VTAB preprocessing (bicubic resize to 224, random flip,
                  the hypervisor during the run (/proc/stat). A run during which others held more
                  than `--max-other-cores` of the cores the setting can use (w processes: w cores;
                  threads: all) is repeated (up to `--retries` times; the least contended one is
-                 kept and flagged `contended`). `scaling_cpu_bound` = w x CPU per image
+                 kept and flagged `contended`; `scaling_uncontended` uses only the others).
+                 `scaling_cpu_bound` = w x CPU per image
                  with 1 worker / CPU per image with w (parent included): the scaling on w free
                  cores that the pipeline's own overheads allow, independent of the load.
 
@@ -258,6 +259,10 @@ def main(argv: list[str] | None = None) -> dict:
     if one:
         res["decode_scaling"] = {str(w): res["decode"][f"processes_{w}"]["images_per_s"] / one["images_per_s"]
                                  for w in workers}
+        # the same ratio over the runs that had their cores (None when a setting has no such run)
+        free = {w: [r["images_per_s"] for r in runs[w] if not r["contended"]] for w in workers}
+        res["decode_scaling_uncontended"] = {str(w): statistics.median(free[w]) / statistics.median(free[1])
+                                             if free[w] and free[1] else None for w in workers}
         # w x (CPU per image with 1 worker) / (CPU per image with w, parent included): the scaling on w
         # free cores, what the pipeline's own overheads (IPC, the parent) allow, whatever the load
         res["decode_scaling_cpu_bound"] = {str(w): w * one["cpu_ms_per_image"] /
@@ -267,7 +272,8 @@ def main(argv: list[str] | None = None) -> dict:
                       "cached_uint8_pass": res["cached_uint8_images_per_s"] >= 5000,
                       "decode_scaling_1_to_2_min": 1.7,
                       "decode_scaling_pass": res.get("decode_scaling", {}).get("2", 0) >= 1.7}
-    print(json.dumps({k: res[k] for k in ("decode_scaling", "decode_scaling_cpu_bound", "decode_runs_contended",
+    print(json.dumps({k: res[k] for k in ("decode_scaling", "decode_scaling_uncontended", "decode_scaling_cpu_bound",
+                                          "decode_runs_contended",
                                           "targets", "loadavg_1m_start", "loadavg_1m_end") if k in res}))
     if args.json:
         with open(args.json + ".tmp", "w") as f:
