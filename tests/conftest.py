@@ -43,12 +43,13 @@ def xla_flags_with_cpu_devices(n: int) -> str:
 
 
 def train_on_random_batches(runner, state, frozen, steps: int):
-    """`steps` training steps of `runner` (jax_peft.train.step) on random (16, 32, 32, 3) batches with
-    5 classes (seed 0): (state, losses, last host batch). Shared by the multi-device child processes."""
+    """`steps` training steps of `runner` (jax_peft.train.step) on random uint8 (16, 32, 32, 3) batches
+    with 5 classes (seed 0), as the training loop sends them (the runner needs `normalization=`):
+    (state, losses, last host batch). Shared by the multi-device child processes."""
     rng = np.random.default_rng(0)
     losses, batch = [], None
     for _ in range(steps):
-        batch = {"image": rng.uniform(-1, 1, (16, 32, 32, 3)).astype(np.float32),
+        batch = {"image": rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8),
                  "label": rng.integers(0, 5, (16,)).astype(np.int32)}
         state, m = runner.train(state, frozen, runner.put_batch(batch))
         losses.append(float(runner.get(m)["loss"]))

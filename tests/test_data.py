@@ -275,6 +275,26 @@ def test_train_without_drop_remainder_keeps_last_partial_batch():
         _train(n=3)
 
 
+def test_normalize_false_gives_the_same_batches_as_uint8():
+    """The training loop's form (normalized on the device): uint8 images, zero in padded slots, which
+    `Preprocess.normalize` turns into the float32 batches bit for bit."""
+    ev = dict(batch_size=4, image_size=8, train=False, source=IndexSource(10), normalization="imagenet", **KW)
+    for floats, uint8 in [(_train(n=10, drop_remainder=False, hflip=True, normalization="imagenet"),
+                           _train(n=10, drop_remainder=False, hflip=True, normalization="imagenet",
+                                  normalize=False)),
+                          (D.make_dataset("folder/x", "test", **ev), D.make_dataset("folder/x", "test",
+                                                                                  normalize=False, **ev))]:
+        for _ in range(3):  # the third batch is padded in both
+            f, u = next(floats), next(uint8)
+            assert u["image"].dtype == np.uint8 and set(f) == set(u) == {"image", "label", "mask"}
+            real = f["mask"] > 0
+            np.testing.assert_array_equal(preprocess.normalize(u["image"][real], "imagenet"), f["image"][real])
+            assert not u["image"][~real].any() and not f["image"][~real].any()
+            np.testing.assert_array_equal(f["label"], u["label"])
+        floats.close()
+        uint8.close()
+
+
 def test_eval_pass_covers_every_record_once_across_hosts():
     n = 11
     per_host = []

@@ -38,7 +38,8 @@ def run(method_name: str, mesh: tuple[int, int], scan: bool = False, steps: int 
     method = jax_peft.get_method(method_name)
     trainable, frozen = step_lib.split_params(params, method.init(jax.random.PRNGKey(0), params))
     tx = optimizer.build_optimizer(default_config().optimizer, 1e-2, decay_mask=method.decay_mask(trainable))
-    runner = step_lib.make_runner(jax_peft.ViT(cfg), method, tx, seed=0, mesh=mesh, shard_min_bytes=0)
+    runner = step_lib.make_runner(jax_peft.ViT(cfg), method, tx, seed=0, mesh=mesh, shard_min_bytes=0,
+                                  normalization="imagenet")  # uint8 batches over the (data, fsdp) mesh
     state = runner.put_state(step_lib.init_state(trainable, tx))
     frozen = runner.put_frozen(scan_lib.stack_blocks(frozen) if scan else frozen)
     state, losses, _ = train_on_random_batches(runner, state, frozen, steps)

@@ -193,7 +193,7 @@ def test_eval_merges_the_adapter_once_per_pass():
     params = loop.step_lib.join_params(s.frozen, trainable)
     correct = loss = 0.0
     weight_form = jax.jit(lambda p, a, x: activation.forward(s.model, s.method, p, a, x, form="weight"))
-    for batch in model_setup.make_dataset(s.config, "val", train=False):
+    for batch in model_setup.make_dataset(s.config, "val", train=False, normalize=True):  # float32
         logits = weight_form(params, trainable["adapter"], batch["image"])
         correct += float(np.sum(np.argmax(logits, -1) == batch["label"]))
         loss += float(np.sum(loop.step_lib.cross_entropy(logits, batch["label"])))

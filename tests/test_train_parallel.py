@@ -31,7 +31,8 @@ def run_losses(parallel: str, dropout: float = 0.0, steps: int = 3) -> dict:
     method = jax_peft.get_method("bitfit")
     trainable, frozen = step_lib.split_params(params, method.init(jax.random.PRNGKey(0), params))
     tx = optimizer.build_optimizer(default_config().optimizer, 1e-2, decay_mask=method.decay_mask(trainable))
-    runner = step_lib.make_runner(jax_peft.ViT(cfg), method, tx, seed=0, parallel=parallel)
+    runner = step_lib.make_runner(jax_peft.ViT(cfg), method, tx, seed=0, parallel=parallel,
+                                  normalization="minus_one_one")  # uint8 batches, sharded as the loop's
     state, frozen = runner.put_state(step_lib.init_state(trainable, tx)), runner.put_frozen(frozen)
     state, losses, batch = train_on_random_batches(runner, state, frozen, steps)
     ev = runner.get(runner.eval(runner.merge(state, frozen), runner.put_batch(dict(batch, mask=np.ones(16, np.float32)))))

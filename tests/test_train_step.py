@@ -8,6 +8,7 @@ import pytest
 
 import jax_peft
 from jax_peft import paths
+from jax_peft.data import preprocess
 from jax_peft.train import optimizer
 from jax_peft.train import step as step_lib
 from jax_peft.train.config import default_config
@@ -30,12 +31,13 @@ def _batch(n=8, classes=5, seed=0):
     return {"image": x, "label": y}
 
 
-def _setup(name, params, cfg, *, lr=1e-2, parallel="jit", opt=None, **hp):
+def _setup(name, params, cfg, *, lr=1e-2, parallel="jit", opt=None, normalization=None, **hp):
     method = jax_peft.get_method(name, **hp)
     trainable, frozen = step_lib.split_params(params, method.init(jax.random.PRNGKey(0), params))
     oc = opt or default_config().optimizer
     tx = optimizer.build_optimizer(oc, lr, decay_mask=method.decay_mask(trainable))
-    runner = step_lib.make_runner(jax_peft.ViT(cfg), method, tx, seed=0, parallel=parallel)
+    runner = step_lib.make_runner(jax_peft.ViT(cfg), method, tx, seed=0, parallel=parallel,
+                                  normalization=normalization)
     return method, runner, runner.put_state(step_lib.init_state(trainable, tx)), runner.put_frozen(frozen), frozen
 
 
@@ -207,3 +209,31 @@ def test_padded_last_batch_equals_the_short_batch(one_block):
     a = jax.device_get(runner_a.get_state(state_a)["trainable"])
     b = jax.device_get(runner_b.get_state(state_b)["trainable"])
     jax.tree_util.tree_map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-6), a, b)
+
+
+def test_uint8_batches_normalized_on_the_device_are_bit_identical_to_host_normalization(one_block):
+    """The training loop sends uint8 images; the steps normalize them with the recipe's normalization
+    (a lookup of numpy's values, since XLA's float division does not round like numpy's), so the
+    losses and the trained state equal those of host-normalized float32 batches bitwise, padded
+    (masked) slots included: zeros of either dtype. (The eval step: test_train_loop's
+    test_eval_merges_the_adapter_once_per_pass, uint8 batches against a host-normalized forward.)"""
+    every = np.repeat(np.arange(256, dtype=np.uint8)[:, None], 3, axis=1)
+    on_device = jax.jit(preprocess.normalize_on_device, static_argnums=1)
+    for kind in preprocess.NORMALIZATIONS:
+        np.testing.assert_array_equal(on_device(every, kind), preprocess.normalize(every, kind))
+    cfg, params = one_block
+    raw = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
+    raw[6:] = 0  # padded slots, as the pipeline fills them
+    mask = np.asarray([1, 1, 1, 1, 1, 1, 0, 0], np.float32)
+    uint8 = {"image": raw, "label": (np.arange(8) % 5).astype(np.int32), "mask": mask}
+    host = dict(uint8, image=preprocess.normalize(raw, "imagenet"))
+    host["image"][6:] = 0.0
+    _, runner, state, frozen, _ = _setup("linear", params, cfg, normalization="imagenet")
+    state_host = runner.put_state(jax.device_get(runner.get_state(state)))
+    state, loss_u = _train(runner, state, frozen, uint8, 2)
+    state_host, loss_f = _train(runner, state_host, frozen, host, 2)
+    assert loss_u == loss_f, (loss_u, loss_f)
+    jax.tree_util.tree_map(np.testing.assert_array_equal, *jax.device_get((state, state_host)))
+    _, plain, plain_state, *_ = _setup("linear", params, cfg)  # built without a normalization
+    with pytest.raises(ValueError, match="uint8 images but the step was built without"):
+        plain.train(plain_state, frozen, plain.put_batch(uint8))

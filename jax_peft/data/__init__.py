@@ -3,6 +3,7 @@
     it = jax_peft.data.make_dataset("vtab/cifar100", "train800val200", batch_size=32, image_size=224,
                                     train=True, seed=42, normalization="minus_one_one", hflip=False)
     batch = next(it)   # {"image": float32 (B, 224, 224, 3), "label": int32 (B,)}
+                       # (normalize=False: uint8 images, normalized later on the device)
     it.stats           # {"batches", "wait_s", "load_s"}: input time as seen by the step loop
 
 Names are `<family>/<dataset>`:
@@ -101,8 +102,9 @@ def make_dataset(name: str, split: str, *, batch_size: int, image_size: int, tra
                  crop_fraction: float | None | str = "default", num_workers: int | None = None,
                  source: Any = None, num_classes: int | None = None, cache: bool = False,
                  cache_dir: str | None = None, cache_max_gb: float = 4.0,
-                 worker_processes: int | None = None) -> BatchIterator:
-    """Batches {"image": float32 (B, H, W, 3), "label": int32 (B,)} (+ "mask": float32 (B,) in eval).
+                 worker_processes: int | None = None, normalize: bool = True) -> BatchIterator:
+    """Batches {"image": float32 (B, H, W, 3), "label": int32 (B,)} (+ "mask": float32 (B,) in eval);
+    with `normalize=False` "image" is uint8 (B, H, W, 3) (see `jax_peft.data.pipeline`).
 
     Args:
       name, split: dataset name (module docstring) and split (e.g. "train800val200", "test").
@@ -131,6 +133,9 @@ def make_dataset(name: str, split: str, *, batch_size: int, image_size: int, tra
         else ~/.cache/jax_peft/decoded).
       worker_processes: processes decoding what is not cached, and building the cache (whole
         batches each; same batches as 0). None: min(8, cpu count) for splits of >= 512 records, else 0.
+      normalize: True: float32 images with `normalization` applied on the host. False: the uint8
+        images, 4x smaller, for steps that normalize on the device (the training loop does:
+        `jax_peft.data.preprocess.normalize_on_device`, bit-identical to the host's).
     """
     family, name = _split_name(name)
     if process_index is None or process_count is None:
@@ -167,7 +172,8 @@ def make_dataset(name: str, split: str, *, batch_size: int, image_size: int, tra
                      drop_remainder=drop_remainder)
     it = BatchIterator(source, transform, plan, image_size=image_size, start_batch=start_batch,
                        prefetch=prefetch, num_workers=num_workers, num_classes=num_classes,
-                       name=f"{name} split {split!r}", worker_processes=procs if prefetch > 0 else 0)
+                       name=f"{name} split {split!r}", worker_processes=procs if prefetch > 0 else 0,
+                       normalize=normalize)
     it.notes = notes  # what the decoded cache did (the training loop prints them)
     return it
 

@@ -19,11 +19,21 @@ Evaluation: one pass in stored order; global batch j holds records [j*G, (j+1)*G
 [p*B, (p+1)*B); slots past the end are zero images with `mask` 0, so every batch has the static
 shape (B, H, W, 3) and accuracy = sum(correct * mask) / sum(mask) is exact.
 
+Batch contract: {"image": (B, H, W, 3), "label": int32 (B,)} plus "mask": float32 (B,) in eval (and in
+training with drop_remainder=False). `normalize=True` (the default of `BatchIterator` and
+`jax_peft.data.make_dataset`, for notebooks and custom loops): "image" is float32, normalized by the
+recipe (`Preprocess.normalize`). `normalize=False` (what the training loop asks for): "image" is the
+uint8 output of the per-example stage, 4x fewer bytes through worker pipes and host-to-device copies;
+the jitted train and eval steps normalize it on the device (`preprocess.normalize_on_device`, the same
+bits; `jax_peft.train.step.make_runner(normalization=...)`). Padded slots are zero images in the
+batch's dtype either way (masked out).
+
 Work: with a staged transform (`Preprocess`), each example goes through `geometry` (decode, resize,
-crop, flip: uint8) and whole batches through `normalize`; a source with `load_examples` (the decoded
-cache, `jax_peft.data.cache`) does the per-example stage for a batch at once. Batch k is a pure
-function of k, so worker processes (`worker_processes`) can each compute whole batches and the
-result is bit-identical to a single thread's.
+crop, flip: uint8) and whole batches through `normalize` (skipped with normalize=False); a source
+with `load_examples` (the decoded cache, `jax_peft.data.cache`) does the per-example stage for a
+batch at once. Batch k is a pure function of k, so worker processes (`worker_processes`) can each
+compute whole batches and the result is bit-identical to a single thread's. Workers send the uint8
+examples back (a batch of 32 at 224 px: 4.6 MB); the normalization, if any, runs in the parent.
 """
 
 from __future__ import annotations
@@ -126,13 +136,16 @@ class BatchPlan:
 
 def _worker_iterator(source: Sequence, transform: Transform, plan: BatchPlan, image_size: int,
                      num_classes: int | None, name: str) -> BatchIterator:
-    """A worker process's synchronous copy of an iterator (see `worker_processes`)."""
+    """A worker process's synchronous copy of an iterator (see `worker_processes`; it only computes
+    `batch_examples`, which normalization does not touch)."""
     return BatchIterator(source, transform, plan, image_size=image_size, prefetch=0, num_workers=1,
                          num_classes=num_classes, name=name)
 
 
 class BatchIterator:
-    """Iterator of batches {"image": float32 (B, H, W, 3), "label": int32 (B,)[, "mask": float32 (B,)]}.
+    """Iterator of batches {"image": (B, H, W, 3), "label": int32 (B,)[, "mask": float32 (B,)]}: "image"
+    float32 normalized by `transform.normalize` (`normalize=True`), or as the per-example stage gives
+    it (`normalize=False`: uint8 for a `Preprocess`, to be normalized on the device).
 
     Batches are produced by a background thread (`prefetch` batches ahead; 0 = synchronous) whose
     examples are decoded and transformed by a small thread pool, or, with `worker_processes` > 0,
@@ -145,12 +158,13 @@ class BatchIterator:
     def __init__(self, source: Sequence, transform: Transform, plan: BatchPlan, *,
                  image_size: int, start_batch: int = 0, prefetch: int = 2,
                  num_workers: int | None = None, num_classes: int | None = None, name: str = "dataset",
-                 worker_processes: int = 0):
+                 worker_processes: int = 0, normalize: bool = True):
         if start_batch < 0:
             raise ValueError(f"start_batch must be >= 0, got {start_batch}")
         self.source, self.transform, self.plan = source, transform, plan
         self.num_classes, self.name = num_classes, name  # labels are checked against num_classes
         self.image_size = image_size
+        self.normalize = bool(normalize)
         self.steps_per_epoch = plan.batches_per_epoch
         self.num_batches = plan.num_batches
         self.stats: dict[str, float] = {"batches": 0, "wait_s": 0.0, "load_s": 0.0}
@@ -227,19 +241,21 @@ class BatchIterator:
         t0 = time.perf_counter()
         plan = self.plan
         images, labels = self.batch_examples(k) if examples is None else examples
-        norm = getattr(self.transform, "normalize", None)
+        norm = getattr(self.transform, "normalize", None) if self.normalize else None
         images = norm(images) if norm is not None else images
-        images = np.asarray(images).astype(np.float32, copy=False)
+        images = np.asarray(images)
+        if self.normalize:
+            images = images.astype(np.float32, copy=False)
         n, pad = len(labels), plan.batch_size - len(labels)
         if plan.train:
             batch = {"image": images, "label": labels}
             if not plan.drop_remainder:  # static shapes: pad the epoch's last batch and mask it
-                batch = {"image": np.concatenate([images, np.zeros((pad,) + images.shape[1:], np.float32)]),
+                batch = {"image": np.concatenate([images, np.zeros((pad,) + images.shape[1:], images.dtype)]),
                          "label": np.concatenate([labels, np.zeros((pad,), np.int32)]),
                          "mask": np.concatenate([np.ones((n,), np.float32), np.zeros((pad,), np.float32)])}
         else:
             s = self.image_size
-            image = np.zeros((plan.batch_size, s, s, 3), np.float32)
+            image = np.zeros((plan.batch_size, s, s, 3), images.dtype)
             label = np.zeros((plan.batch_size,), np.int32)
             image[:n], label[:n] = images, labels
             batch = {"image": image, "label": label, "mask": plan.eval_batch(k)[1]}

@@ -141,7 +141,8 @@ def setup(config: Any) -> Setup:
                                   schedule=sched, train_form=config.train_form,
                                   mesh=(int(config.mesh.data), int(config.mesh.fsdp)),
                                   shard_rules=tuple(tuple(r) for r in config.mesh.rules),
-                                  shard_min_bytes=int(config.mesh.min_bytes))
+                                  shard_min_bytes=int(config.mesh.min_bytes),
+                                  normalization=config.data.normalization)
     if int(config.mesh.fsdp) > 1 and not vcfg.remat:
         log.warning("mesh.fsdp=%d without model.remat: the backward pass keeps every layer's gathered frozen "
                     "weights, which can cost as much memory as fsdp saves; add --config.model.remat=True "

@@ -52,9 +52,11 @@ def dataset_info(config: Any, split: str) -> dict:
 
 
 def make_dataset(config: Any, split: str, *, train: bool, start_batch: int = 0,
-                 batch_size: int | None = None) -> Iterator[dict]:
+                 batch_size: int | None = None, normalize: bool = False) -> Iterator[dict]:
     """This process's batches of `split`: `batch_size` (default `config.batch_size`) is the GLOBAL
-    batch; each of the `jax.process_count()` processes loads its disjoint share of every batch."""
+    batch; each of the `jax.process_count()` processes loads its disjoint share of every batch.
+    Images are uint8, normalized by the jitted steps (`make_runner(normalization=...)`); pass
+    `normalize=True` for float32 images normalized on the host (`config.data.normalization`)."""
     d = config.data
     kwargs = dict(
         batch_size=distributed.per_process_batch_size(int(batch_size or config.batch_size)),
@@ -64,6 +66,7 @@ def make_dataset(config: Any, split: str, *, train: bool, start_batch: int = 0,
         data_dir=d.data_dir, start_batch=int(start_batch), prefetch=int(d.prefetch),
         cache=bool(d.cache), cache_dir=d.cache_dir or None, cache_max_gb=float(d.cache_max_gb),
         worker_processes=None if int(d.worker_processes) < 0 else int(d.worker_processes),
+        normalize=bool(normalize),
     )
     if train and not bool(d.drop_remainder):
         kwargs["drop_remainder"] = False

@@ -39,6 +39,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jax_peft import scan
+from jax_peft.data.preprocess import normalize_on_device
 from jax_peft.methods.activation import forward, supports_activation_form
 from jax_peft.methods.base import Method
 from jax_peft.train import distributed, sharding
@@ -100,6 +101,19 @@ def init_state(trainable: Tree, tx: optax.GradientTransformation) -> dict:
 TRAIN_FORMS = ("auto", "weight", "activation")
 
 
+def input_images(images: jax.Array, normalization: str | None) -> jax.Array:
+    """The model input of a batch's "image": uint8 images normalized on the device by `normalization`
+    (`preprocess.normalize_on_device`); float images (already normalized) unchanged."""
+    if images.dtype != jnp.uint8:
+        return images
+    if normalization is None:
+        raise ValueError("the batch holds uint8 images but the step was built without their normalization; "
+                         "pass make_runner(..., normalization=config.data.normalization) (or "
+                         "normalization= to make_train_fn / make_eval_fn), or feed float32 images "
+                         "normalized on the host (make_dataset(..., normalize=True))")
+    return normalize_on_device(images, normalization)
+
+
 def use_activation_form(method: Method, train_form: str = "auto") -> bool:
     """Whether training runs the method in activation form (low-rank side paths beside the frozen
     kernels, with the official activation dropout) rather than in weight form (`method.apply`).
@@ -116,10 +130,12 @@ def use_activation_form(method: Method, train_form: str = "auto") -> bool:
 
 def make_train_fn(model: Any, method: Method, tx: optax.GradientTransformation, *, seed: int,
                   label_smoothing: float = 0.0, axis_name: str | None = None,
-                  schedule: Callable | None = None, train_form: str = "auto") -> Callable:
+                  schedule: Callable | None = None, train_form: str = "auto",
+                  normalization: str | None = None) -> Callable:
     """`train(state, frozen, batch) -> (state, metrics)` (un-jitted). Metrics: loss, accuracy,
     grad_norm, and lr (the rate this update used) when `schedule` is given. `train_form` picks the
-    weight or activation form of the method (`use_activation_form`)."""
+    weight or activation form of the method (`use_activation_form`); `normalization` is that of
+    uint8 batch images (`input_images`)."""
     activation = use_activation_form(method, train_form)
 
     def train(state: dict, frozen: Tree, batch: Mapping[str, jax.Array]):
@@ -127,11 +143,12 @@ def make_train_fn(model: Any, method: Method, tx: optax.GradientTransformation, 
         if axis_name is not None:
             rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
         form = "activation" if activation else "weight"
+        images = input_images(batch["image"], normalization)
 
         def loss_fn(trainable):
             # rng is split into the model's dropout key and the method's key (EFFT factor dropout).
             logits = forward(model, method, join_params(frozen, trainable), trainable["adapter"],
-                             batch["image"], train=True, rng=rng, form=form)
+                             images, train=True, rng=rng, form=form)
             loss = _masked_mean(cross_entropy(logits, batch["label"], label_smoothing), weights, count)
             return loss, logits
 
@@ -198,13 +215,13 @@ def make_merge_fn(model: Any, method: Method) -> Callable:
     return merge
 
 
-def make_eval_fn(model: Any, *, axis_name: str | None = None) -> Callable:
+def make_eval_fn(model: Any, *, axis_name: str | None = None, normalization: str | None = None) -> Callable:
     """`evaluate(params, batch) -> {"correct", "count", "loss_sum"}` summed over the batch, a plain
     forward of the merged `params` (`make_merge_fn`); `batch["mask"]` (optional, (B,)) marks real
-    examples in a padded batch."""
+    examples in a padded batch; `normalization` is that of uint8 batch images (`input_images`)."""
 
     def evaluate(params: Tree, batch: Mapping[str, jax.Array]):
-        logits = model.apply({"params": params}, batch["image"], train=False)
+        logits = model.apply({"params": params}, input_images(batch["image"], normalization), train=False)
         mask = batch.get("mask", jnp.ones(batch["label"].shape, jnp.float32))
         out = {
             "correct": jnp.sum((jnp.argmax(logits, -1) == batch["label"]) * mask),
@@ -250,14 +267,18 @@ def make_runner(model: Any, method: Method, tx: optax.GradientTransformation, *,
                 devices: list | None = None, schedule: Callable | None = None,
                 train_form: str = "auto", mesh: tuple[int, int] | None = None,
                 shard_rules: tuple[tuple[str, str], ...] = sharding.DEFAULT_RULES,
-                shard_min_bytes: int = sharding.DEFAULT_MIN_BYTES) -> Runner:
+                shard_min_bytes: int = sharding.DEFAULT_MIN_BYTES,
+                normalization: str | None = None) -> Runner:
     """Builds the jitted (or pmapped) train/eval steps over `devices` (default: `jax.devices()`,
     i.e. every process's devices when `jax.distributed` is initialized; `put_batch` then takes this
     process's rows and assembles the global batch, see `jax_peft.train.distributed`).
 
     `mesh=(data, fsdp)` with fsdp > 1 (jit only) shards the frozen parameters over an "fsdp" axis by
     `shard_rules` (see `jax_peft.train.sharding`); the batch is split over data x fsdp and the
-    train state stays replicated. `data=-1` takes the devices that fsdp leaves."""
+    train state stays replicated. `data=-1` takes the devices that fsdp leaves.
+
+    `normalization` ("minus_one_one", "imagenet", "zero_one") normalizes uint8 batch images inside the
+    steps (`input_images`); None accepts float32 (host-normalized) images only."""
     if parallel not in PARALLEL:
         raise ValueError(f"unknown parallel mode {parallel!r}; use one of {PARALLEL}")
     if parallel == "pmap" and jax.process_count() > 1:
@@ -271,16 +292,17 @@ def make_runner(model: Any, method: Method, tx: optax.GradientTransformation, *,
             raise ValueError(f"mesh.fsdp={fsdp} needs parallel='jit' (pmap replicates every parameter)")
         return _fsdp_runner(model, method, tx, devices, data_size, fsdp, shard_rules, shard_min_bytes,
                             seed=seed, label_smoothing=label_smoothing, schedule=schedule,
-                            train_form=train_form)
+                            train_form=train_form, normalization=normalization)
     if parallel == "jit":
         # Auto axes: XLA propagates the sharding (make_mesh defaults to Explicit axes in new JAX).
         mesh = jax.make_mesh((n,), (AXIS,), devices=devices, axis_types=(jax.sharding.AxisType.Auto,))
         repl, data = NamedSharding(mesh, P()), NamedSharding(mesh, P(AXIS))
         train = jax.jit(make_train_fn(model, method, tx, seed=seed, label_smoothing=label_smoothing,
-                                      schedule=schedule, train_form=train_form),
+                                      schedule=schedule, train_form=train_form, normalization=normalization),
                         in_shardings=(repl, repl, data), out_shardings=(repl, repl), donate_argnums=(0,))
         merge = jax.jit(make_merge_fn(model, method), in_shardings=(repl, repl), out_shardings=repl)
-        evaluate = jax.jit(make_eval_fn(model), in_shardings=(repl, data), out_shardings=repl)
+        evaluate = jax.jit(make_eval_fn(model, normalization=normalization), in_shardings=(repl, data),
+                           out_shardings=repl)
 
         put_batch = functools.partial(distributed.global_batch, sharding=data)
         put = functools.partial(distributed.replicate, sharding=repl)
@@ -289,10 +311,12 @@ def make_runner(model: Any, method: Method, tx: optax.GradientTransformation, *,
     mesh = jax.sharding.Mesh(np.asarray(devices), (AXIS,))
     stacked = NamedSharding(mesh, P(AXIS))
     train = jax.pmap(make_train_fn(model, method, tx, seed=seed, label_smoothing=label_smoothing,
-                                   axis_name=AXIS, schedule=schedule, train_form=train_form),
+                                   axis_name=AXIS, schedule=schedule, train_form=train_form,
+                                   normalization=normalization),
                      axis_name=AXIS, devices=devices, donate_argnums=(0,))
     merge = jax.pmap(make_merge_fn(model, method), axis_name=AXIS, devices=devices)
-    evaluate = jax.pmap(make_eval_fn(model, axis_name=AXIS), axis_name=AXIS, devices=devices)
+    evaluate = jax.pmap(make_eval_fn(model, axis_name=AXIS, normalization=normalization), axis_name=AXIS,
+                        devices=devices)
 
     def replicate(tree):
         def one(x):
@@ -339,19 +363,20 @@ class _ShardedStep:
 
 def _fsdp_runner(model: Any, method: Method, tx: optax.GradientTransformation, devices: list, data_size: int,
                  fsdp: int, rules: tuple[tuple[str, str], ...], min_bytes: int, *, seed: int,
-                 label_smoothing: float, schedule: Callable | None, train_form: str) -> Runner:
+                 label_smoothing: float, schedule: Callable | None, train_form: str,
+                 normalization: str | None) -> Runner:
     """jit steps over a (data, fsdp) mesh: frozen leaves sharded by `rules`, state replicated, the
     batch over both axes (each device computes its own rows, as in plain data parallelism)."""
 
     mesh = sharding.make_mesh(data_size, fsdp, devices)
     repl, data = NamedSharding(mesh, P()), NamedSharding(mesh, sharding.BATCH)
     train = _ShardedStep(make_train_fn(model, method, tx, seed=seed, label_smoothing=label_smoothing,
-                                       schedule=schedule, train_form=train_form),
+                                       schedule=schedule, train_form=train_form, normalization=normalization),
                          repl, (data,), (repl, repl), donate=True)
     # The merged eval parameters keep the frozen leaves' sharding (XLA propagates it); the eval
     # forward then reads them as committed arrays.
     merge = _ShardedStep(make_merge_fn(model, method), repl, (), None, donate=False)
-    evaluate = jax.jit(make_eval_fn(model), out_shardings=repl)
+    evaluate = jax.jit(make_eval_fn(model, normalization=normalization), out_shardings=repl)
 
     def put_frozen(tree: Tree) -> Tree:
         stacked = "Transformer" in tree and scan.STACKED in tree["Transformer"]
