@@ -143,6 +143,8 @@ def test_weight_form_methods_raise_a_clear_error():
             activation_form(method, params, {})
 
 
+# A smoke test of a developer script (20 s of CI in a subprocess): `pytest -m extended`.
+@pytest.mark.extended
 def test_benchmark_runs_and_writes_json(tmp_path):
     """The benchmark's code path in seconds: the tiny --quick model, scanned, one method (activation
     form), one timed round. (`python scripts/benchmark.py --quick` runs every method,
