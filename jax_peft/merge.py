@@ -22,7 +22,7 @@ from jax_peft import paths
 from jax_peft.lazy_npz import LazyArray
 from jax_peft.methods import base
 from jax_peft.methods.base import Method
-from jax_peft.methods.edits import Replace, apply_edits
+from jax_peft.methods.edits import Replace, apply_edits, leaf_sites
 from jax_peft.sites import Site
 from jax_peft.sites import sites as sites_of
 
@@ -108,9 +108,7 @@ class _LazyMerge:
         if site is None:
             raise ValueError(f"the edit targets site {key!r}, which this model does not have; sites look like "
                              f"{', '.join(list(self.site_map)[:6])}")
-        leaf_sites = [self.site_map[site.parent]] if site.parent is not None else \
-            [self.site_map[n] for n in site.parts] if site.parts else [site]
-        return [k for s in leaf_sites for k in (s.kernel, s.bias) if k is not None]
+        return [k for s in leaf_sites(site, self.site_map) for k in (s.kernel, s.bias) if k is not None]
 
     def _join(self, touched: list[str], key: str, edit: Any) -> None:
         """Adds an edit, merging the groups of the leaves it touches (edits keep their order)."""

@@ -324,10 +324,9 @@ def _with_side(module: nn.Module, y: Array, x: Array, side: Mapping[str, Any], k
     `SidePath` on x, or a tuple of them: e.g. LoRA's q and v paths on the fused qkv layer, each with
     its own input-dropout mask) and `side[key + "_ssf"]` (SSF's `ScaleShift` on the output)."""
     paths = side.get(key)
-    extra = None
-    for path in paths if isinstance(paths, tuple) else (paths,):
-        out = _side(module, path, x, deterministic)
-        extra = out if extra is None else (extra if out is None else extra + out)
+    outs = [_side(module, p, x, deterministic) for p in (paths if isinstance(paths, tuple) else (paths,))
+            if p is not None]
+    extra = sum(outs[1:], outs[0]) if outs else None
     return _scale_shift(y if extra is None else y + extra, side.get(f"{key}_ssf"))
 
 

@@ -128,18 +128,25 @@ def _columns(x: Any, start: int, n: int) -> Any:
     return x[..., start:start + n]
 
 
+def leaf_sites(site: Site, site_map: Mapping[str, Site]) -> list[Site]:
+    """The sites whose kernel/bias leaves an edit on `site` changes: a slice site's parent, a composite
+    site's parts, or the site itself."""
+    if site.parent is not None:
+        return [site_map[site.parent]]
+    return [site_map[name] for name in site.parts] if site.parts else [site]
+
+
 def _parts(site: Site, edit: Edit, site_map: Mapping[str, Site]) -> list[tuple[Site, Any]]:
     """[(leaf site, payload)]: a composite site's edit split along d_out; LowRank becomes its dense
     increment."""
     payload: Any = lowrank_delta(edit, site.d_in) if isinstance(edit, LowRank) else edit
+    targets = leaf_sites(site, site_map)
     if site.parent is not None:
-        parent = site_map[site.parent]
-        return [(parent, _widen(payload, site.offset, site.d_out, parent.d_out))]
+        return [(targets[0], _widen(payload, site.offset, site.d_out, targets[0].d_out))]
     if not site.parts:
         return [(site, payload)]
     out, start = [], 0
-    for name in site.parts:
-        part = site_map[name]
+    for part in targets:
         n = part.d_out
         if isinstance(payload, OutputAffine):
             piece: Any = OutputAffine(_columns(payload.scale, start, n), _columns(payload.shift, start, n))
