@@ -292,12 +292,17 @@ class SidePath:
     of the k consecutive width-a chunks, i.e. as the block-diagonal kron(I_k, F) (k·a, k·b), without
     building it: FacT's chunked MLP paths, fc1 `(x U T1) → drop → kron(I_k, V)` and fc2
     `h kron(I_k, U) → T2 → drop → V`, are factors (U, T1, V) and (U, T2, V).
+
+    `columns=(offset, width)` places the path's d_out output columns at [offset, offset + d_out) of
+    a width-wide layer output, zero elsewhere (a path on a slice of a fused layer: the Swin's q or v
+    inside its qkv). The path stays d_out wide; the zeros are only in the sum's index arithmetic.
     """
 
     factors: tuple
     scale: float = flax.struct.field(pytree_node=False, default=1.0)
     dropout: float = flax.struct.field(pytree_node=False, default=0.0)
     dropout_after: int = flax.struct.field(pytree_node=False, default=-1)
+    columns: tuple[int, int] | None = flax.struct.field(pytree_node=False, default=None)
 
     def increment(self, d_in: int | None = None) -> Array:
         """The equivalent dense increment (d_in, d_out) (for tests and merging). `d_in` is needed
@@ -308,7 +313,20 @@ class SidePath:
             out, rest = jnp.eye(d_in, dtype=self.factors[0].dtype), self.factors
         for f in rest:
             out = _chunked_matmul(out, f)
-        return self.scale * out
+        return _place_columns(self.scale * out, self.columns)
+
+
+def _place_columns(y: Array, columns: tuple[int, int] | None) -> Array:
+    """y (..., d) as columns [offset, offset + d) of a (..., width) array of zeros, for columns =
+    (offset, width); y itself for None. A pad: inside the consumer's fusion it costs no traffic."""
+    if columns is None:
+        return y
+    offset, width = columns
+    d = y.shape[-1]
+    if offset < 0 or offset + d > width:
+        raise ValueError(f"SidePath columns {columns}: a {d}-wide output does not fit at offset {offset} "
+                         f"of width {width}")
+    return jnp.pad(y, [(0, 0)] * (y.ndim - 1) + [(offset, width - offset - d)])
 
 
 @flax.struct.dataclass
@@ -388,6 +406,10 @@ def _side(module: nn.Module, path: SidePath | None, x: Array, deterministic: boo
     else:  # column block j of the last factor
         outs = [_chunked_matmul(h, f) for f in jnp.split(last, split, axis=-1)]
     outs = tuple(o.reshape(lead + (o.shape[-1],)) for o in outs)
+    if path.columns is not None:
+        if split > 1:
+            raise ValueError("a SidePath with columns= cannot also be split into column blocks")
+        return _place_columns(outs[0], path.columns)
     return outs if split > 1 else outs[0]
 
 

@@ -69,3 +69,26 @@ def test_side_path_dropout_only_in_training_and_keyed():
     np.testing.assert_array_equal(a, b)
     assert not np.allclose(a, ev)
     assert not np.allclose(a, c)
+
+
+def test_side_path_placed_at_columns_of_a_fused_output():
+    """`SidePath(columns=(offset, width))` adds its d_out-wide term at [offset, offset + d_out) of a
+    width-wide output: the Swin's fused qkv takes it part by part (aligned with a part or straddling
+    two), and `increment` gives the placed (d_in, width) matrix."""
+    from jax_peft.swin import _qkv_with_side
+
+    d, r = 8, 3
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(2, 5, d)).astype(np.float32)
+    y = rng.normal(size=(2, 5, 3 * d)).astype(np.float32)
+    for offset, d_out in ((d, d), (d - 3, d + 5), (0, 3 * d)):
+        a = rng.normal(size=(d, r)).astype(np.float32)
+        b = rng.normal(size=(r, d_out)).astype(np.float32)
+        path = SidePath((a, b), scale=0.5, columns=(offset, 3 * d))
+        placed = path.increment()
+        assert placed.shape == (d, 3 * d)
+        np.testing.assert_array_equal(np.delete(np.asarray(placed), np.s_[offset:offset + d_out], axis=1), 0.0)
+        parts = _qkv_with_side(None, y, x, {"qkv": path}, deterministic=True)
+        np.testing.assert_allclose(np.concatenate(parts, -1), y + x @ np.asarray(placed), rtol=1e-5, atol=1e-5)
+    with np.testing.assert_raises_regex(ValueError, "does not fit at offset 20 of width 24"):
+        SidePath((a, b[:, :d]), columns=(20, 3 * d)).increment()

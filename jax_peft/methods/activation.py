@@ -14,7 +14,8 @@ It is built from `method.edits` with no knowledge of the method (see `jax_peft.m
 * a `LowRank` edit on a site with a hook becomes a `vit.SidePath` (factors, scale, dropout position);
   factors whose rows divide the width act chunk-wise (FacT's MLP blocks; FacT's fused q|k|v path);
   one on a *slice* site (the Swin's q, k, v: columns of its fused qkv layer) becomes a path on the
-  parent's hook whose last factor is zero outside the slice's columns (paths sharing a hook are summed);
+  parent's hook that keeps its own width and is placed at the slice's columns (`SidePath.columns`;
+  paths sharing a hook are summed);
 * an `OutputAffine` edit on a site with a hook becomes a `vit.ScaleShift` (key "<hook>_ssf"): γ and β
   get their gradients from the outputs, so no weight gradient is formed;
 * every other edit (output affine on norms / the patch embedding, ...) is folded into the parameters
@@ -70,14 +71,13 @@ def activation_form(method: Method, params: Tree, adapter: Tree, *,
         site = site_map.get(key)
         hook = site.hook if site is not None else None
         factors = tuple(edit.factors) if isinstance(edit, LowRank) else ()
+        columns = None
         if hook is None and factors and site.parent is not None and site_map[site.parent].hook is not None:
             parent = site_map[site.parent]
-            hook, last = parent.hook, factors[-1]
-            padded = jax.numpy.zeros((last.shape[0], parent.d_out), last.dtype)
-            factors = factors[:-1] + (padded.at[:, site.offset:site.offset + site.d_out].set(last),)
+            hook, columns = parent.hook, (site.offset, parent.d_out)
         if hook is not None and isinstance(edit, LowRank):
             path = SidePath(factors, scale=float(edit.scale), dropout=float(edit.dropout),
-                            dropout_after=int(edit.dropout_after))
+                            dropout_after=int(edit.dropout_after), columns=columns)
             hooks = side.setdefault(hook[0], {})
             hooks[hook[1]] = path if hook[1] not in hooks else _as_tuple(hooks[hook[1]]) + (path,)
         elif hook is not None and isinstance(edit, OutputAffine):
