@@ -164,10 +164,30 @@ def test_benchmark_runs_and_writes_json(tmp_path):
             assert row[key] > 0, (name, key)
         assert row["page_faults"] >= 0
     assert res["targets"] and res["config"]["scan"] is True
+    assert res["cost"]["functions"]["fact_tt"]["side_forward_gflops"] > 0  # the scanned blocks' products
     import importlib.util  # the real reason the PyTorch comparison is skipped, not "--no-torch"
     torch_there = all(importlib.util.find_spec(m) is not None for m in ("torch", "timm"))
     assert res["torch"]["skipped"] == ("--quick (compared at full size only)" if torch_there
                                        else "torch/timm not installed")
+
+
+def test_benchmark_counts_the_products_of_a_jaxpr():
+    """scripts/benchmark.py's matmul_flops (the side paths' products, for the FLOPs figures): 2 per
+    multiply-add, inside jit and custom_vjp, a scan's body times its length, no element-wise op."""
+    code = """
+import sys, jax, jax.numpy as jnp
+sys.path.insert(0, "scripts")
+from benchmark import matmul_flops
+x, w, v = jnp.ones((5, 3)), jnp.ones((3, 4)), jnp.ones((4, 2))
+def f(x, w):
+    h = jax.jit(lambda a, b: jnp.tanh(a @ b))(x, w)
+    return jax.lax.scan(lambda c, _: (c @ jnp.eye(4), None), h, None, length=3)[0] @ v
+print(matmul_flops(f, x, w))
+"""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert float(proc.stdout.split()[-1]) == 2 * (5 * 3 * 4 + 3 * 5 * 4 * 4 + 5 * 4 * 2)
 
 
 def test_efft_factor_dropout_matches_weight_form_with_the_same_key():
