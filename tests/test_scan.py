@@ -64,13 +64,13 @@ def test_scanned_encoder_equals_the_unrolled_one():
     inferred = jax_peft.vit_config(stacked)
     assert inferred.scan and inferred.num_layers == 3
     x = jax.random.normal(jax.random.PRNGKey(1), (2, 32, 32, 3))
-    np.testing.assert_allclose(scanned.apply({"params": stacked}, x), model.apply({"params": params}, x),
+    np.testing.assert_allclose(jax.jit(scanned.apply)({"params": stacked}, x), model.apply({"params": params}, x),
                                rtol=1e-5, atol=1e-5)
 
     def loss(m):
         return lambda p: jnp.sum(m.apply({"params": p}, x) ** 2)
 
-    g_scan, g_loop = jax.grad(loss(scanned))(stacked), jax.grad(loss(model))(params)
+    g_scan, g_loop = jax.jit(jax.grad(loss(scanned)))(stacked), jax.jit(jax.grad(loss(model)))(params)
     ref = jax.tree_util.tree_leaves(stack_blocks(g_loop))
     scale = max(float(np.abs(b).max()) for b in ref)  # leaves near zero are round-off in both
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(g_scan), ref):
@@ -90,6 +90,8 @@ def test_method_forward_on_a_scanned_model(name, hp):
     adapter = method.init(jax.random.PRNGKey(0), params)
     adapter = jax.tree_util.tree_map(lambda a: a + 0.1, adapter)
     x = jax.random.normal(jax.random.PRNGKey(1), (2, 32, 32, 3))
+    # jitted (one compile per model, params layout and mode) instead of op-by-op: 2-3x less test time
+    forward = jax.jit(forward, static_argnames=("train",), static_argnums=(0, 1))
     ref = forward(model, method, params, adapter, x)
     for p in (stacked, params):
         np.testing.assert_allclose(forward(scanned, method, p, adapter, x), ref, rtol=1e-5, atol=1e-5)
