@@ -335,9 +335,9 @@ def _qkv_with_side(module: nn.Module, y: Array, x: Array, side: Mapping[str, Any
 
     Each side path is added to the parts it covers, never as a (..., 3D) sum: every consumer of a
     part (the attention products read q, k and v in two layouts each) then reads y and that part's
-    (..., D) term, not y and a whole 3D-wide side output (on Swin-B's stage 1 that was 0.23 GB per
-    block for LoRA's fused path). A full-width path is split into its three column blocks; a slice
-    path (`SidePath.columns`: LoRA's separate q or v) is added to its part."""
+    (..., D) term, not y and a whole 3D-wide side output (Swin-B at batch 8: 0.24 GB of a LoRA train
+    step's traffic, 2.8 GB of a FacT-TT step's). A full-width path is split into its three column
+    blocks; a slice path (`SidePath.columns`: LoRA's separate q or v) is added to its part."""
     d = y.shape[-1] // 3
     parts = [y[..., j * d:(j + 1) * d] for j in range(3)]
     paths = side.get("qkv")
