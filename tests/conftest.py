@@ -26,17 +26,6 @@ if os.environ.get("JAX_PEFT_TEST_XLA_OPT", "fast") != "default" and \
         "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0").strip()
 
-# One persistent XLA compilation cache for the whole run, shared by both test processes and every
-# child process they start (CLI runs, notebooks): the tests build the same tiny programs again and
-# again, and a cached executable is the same program. Set JAX_COMPILATION_CACHE_DIR to choose it.
-if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
-    import tempfile
-
-    _run = os.environ.get("PYTEST_XDIST_TESTRUNUID") or str(os.getpid())
-    os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(tempfile.gettempdir(), f"jax_peft_tests_xla_{_run}")
-    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
-    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
-
 import numpy as np
 import pytest
 
